@@ -1,0 +1,127 @@
+"""Command line: ``finetune run RECIPE``, ``finetune validate RECIPE``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import click
+
+# Quiet TensorFlow's C++ start-up chatter before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from finetune import __version__  # noqa: E402
+from finetune.errors import FinetuneError  # noqa: E402
+
+SET_HELP = (
+    "Override a recipe value: a dotted path, phases addressed by name "
+    "(phases.head.epochs=1); VALUE is read as YAML (null, 3, 1e-4, [96, 96]). Repeatable."
+)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Hide what C++ libraries print on stderr (TensorFlow's start-up logging).
+
+    TensorFlow 2.21 logs its CUDA probing before ``TF_CPP_MIN_LOG_LEVEL`` is
+    read. What was printed is shown after all if the block fails.
+    """
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def load_backend_quietly() -> None:
+    """Import Keras and let TensorFlow probe for GPUs with its chatter hidden."""
+    with native_stderr_silenced():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Recipe, data and usage problems: one line on stderr, exit code 2."""
+    try:
+        yield
+    except FinetuneError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the run folder keeps history.csv and the last epoch's checkpoint", err=True)
+        sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="finetune")
+def main():
+    """Fine-tune keras.applications backbones from a YAML recipe.
+
+    \b
+    finetune validate recipes/xception_fmnist.yaml
+    finetune run recipes/xception_fmnist.yaml --set data.train_limit=2000
+    """
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (must not exist or be empty). "
+              "Default: runs/<recipe name>-<time>.")
+def run(recipe, overrides, out):
+    """Train and evaluate RECIPE, then export the model.
+
+    Writes recipe.yaml, history.csv, metrics.json, model.keras and
+    saved_model/ into the run folder.
+    """
+    with user_errors():
+        from finetune.recipe import load_recipe
+        from finetune.runner import run as run_recipe
+
+        load_backend_quietly()
+        run_recipe(load_recipe(recipe, list(overrides)), out=out, log=lambda line: click.echo(line, err=True))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def validate(recipe, overrides):
+    """Check RECIPE without training; print what it would do."""
+    with user_errors():
+        from finetune.recipe import load_recipe
+
+        load_backend_quietly()
+        loaded = load_recipe(recipe, list(overrides))
+        height, width = loaded.data.image_hw
+        backbone = loaded.model.backbone
+        click.echo(
+            f"{recipe}: valid. {loaded.data.source} -> {backbone.name} "
+            f"({backbone.weights or 'random init'}) at {height}x{width}, precision {loaded.precision}"
+        )
+        for phase in loaded.phases:
+            trainable = phase.trainable if isinstance(phase.trainable, str) else f"top {phase.trainable.top_blocks} blocks"
+            click.echo(
+                f"  phase {phase.name}: {phase.epochs} epochs, backbone trainable: {trainable}, "
+                f"{phase.optimizer.name} lr {phase.optimizer.learning_rate:g}"
+            )
+
+
+if __name__ == "__main__":
+    main()

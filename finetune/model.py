@@ -1,0 +1,95 @@
+"""The model: raw pixels -> backbone input -> backbone -> new classification head."""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+
+from finetune import backbones, data
+from finetune.layers import BackboneInput
+from finetune.recipe import Recipe, load_recipe
+
+
+def resolve_precision(setting: str) -> str:
+    """``auto`` is mixed_float16 with a GPU and float32 without one."""
+    if setting != "auto":
+        return setting
+    return "mixed_float16" if gpu_available() else "float32"
+
+
+def gpu_available() -> bool:
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+        if backend == "jax":
+            import jax
+
+            return any(device.platform == "gpu" for device in jax.devices())
+        if backend == "torch":
+            import torch
+
+            return torch.cuda.is_available()
+    except Exception:  # a broken driver means no usable GPU
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Build layers under ``name`` without changing the caller's global policy."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | None = None) -> keras.Model:
+    """The full classifier for a recipe, taking raw uint8 images.
+
+    The backbone is called with ``training=False`` so its BatchNorm layers
+    keep their moving statistics even when unfrozen; a recipe with a
+    ``train_bn: true`` phase instead lets each BatchNorm layer's trainable
+    flag decide (a frozen one always runs in inference mode).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    source = data.get(recipe.data.source)
+    input_shape = tuple(input_shape or source.input_shape)
+    num_classes = num_classes or source.num_classes
+    spec = backbones.get(recipe.model.backbone.name)
+    height, width = recipe.data.image_hw
+    head = recipe.model.head
+    backbone_training = None if any(phase.train_bn for phase in recipe.phases) else False
+
+    with dtype_policy(resolve_precision(recipe.precision)):
+        images = keras.Input(shape=input_shape, dtype="uint8", name="images")
+        # Preprocessing stays in float32: it is cheap and keeps pixel maths exact.
+        x = BackboneInput(height, width, spec.preprocessing, name="backbone_input", dtype="float32")(images)
+        backbone = backbones.build_backbone(
+            spec, (height, width), recipe.model.backbone.weights, recipe.model.backbone.options
+        )
+        x = backbone(x, training=backbone_training)
+        pooling = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+        x = pooling(name="head_pool")(x)
+        for index, units in enumerate(head.dense, start=1):
+            x = keras.layers.Dense(units, activation=head.activation, name=f"head_dense_{index}")(x)
+        if head.dropout > 0:
+            x = keras.layers.Dropout(head.dropout, name="head_dropout")(x)
+        # Softmax in float32: under mixed_float16 it would overflow or underflow.
+        outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+        model = keras.Model(images, outputs, name="finetune")
+    return model
+
+
+def get_backbone(model: keras.Model) -> keras.Model:
+    """The backbone sub-model inside a model built by :func:`build_model`."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(nested) != 1:
+        raise ValueError(f"expected one backbone inside {model.name!r}, found {len(nested)}")
+    return nested[0]

@@ -1,0 +1,352 @@
+"""Recipes: the YAML file that drives a run, validated as a whole up front.
+
+``load_recipe(path, overrides)`` reads the YAML (``safe_load`` only), applies
+``--set`` style overrides (dotted paths; phases addressed by name) and
+validates everything that can be checked without heavy work: unknown keys,
+types, value ranges, backbone names, image sizes against the backbone's
+minimum, weight files, optimizer names and settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from finetune.errors import RecipeError
+
+Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    source: str = "fashion_mnist"
+    data_dir: str | None = None
+    image_size: int | tuple[int, int] = Field(96, description="backbone input size: N or [height, width]")
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0)
+    train_limit: int | None = Field(None, gt=0, description="stratified subset of the training images")
+    test_limit: int | None = Field(None, gt=0, description="stratified subset of the test images")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value):
+        sizes = (value, value) if isinstance(value, int) else value
+        if min(sizes) <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+
+class BackboneConfig(_Strict):
+    name: str = "xception"
+    weights: str | None = Field("imagenet", description="imagenet, null (random init) or a weights file")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments, e.g. alpha")
+
+
+class HeadConfig(_Strict):
+    pooling: Literal["avg", "max"] = "avg"
+    dense: list[int] = Field(default_factory=list, description="units of hidden dense layers")
+    activation: str = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("dense")
+    @classmethod
+    def _positive_units(cls, value):
+        if any(units <= 0 for units in value):
+            raise ValueError("units must be positive")
+        return value
+
+
+class ModelConfig(_Strict):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+
+class TopBlocks(_Strict):
+    top_blocks: int = Field(gt=0)
+
+
+class OptimizerConfig(BaseModel):
+    """An optimizer name and its settings (any Keras optimizer argument)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "adam"
+    learning_rate: float = Field(1e-3, gt=0.0)
+
+    def as_identifier(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class PhaseConfig(_Strict):
+    name: str
+    epochs: int = Field(ge=0, description="0 skips the phase")
+    trainable: Literal["none", "all"] | TopBlocks = "none"
+    train_bn: bool = Field(False, description="let backbone BatchNorm layers train (batch statistics)")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    batch_size: int | None = Field(None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", value):
+            raise ValueError("use letters, digits, '_' and '-' (it names files and --set paths)")
+        return value
+
+
+class TrainingConfig(_Strict):
+    batch_size: int = Field(64, gt=0)
+    verbose: Literal["auto", 0, 1, 2] = "auto"
+
+
+class EvaluationConfig(_Strict):
+    batch_size: int = Field(256, gt=0)
+
+
+class ExportConfig(_Strict):
+    saved_model: bool = True
+
+
+class Recipe(_Strict):
+    """A whole fine-tuning run."""
+
+    name: str = "recipe"
+    seed: int = 42
+    precision: Precision = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    phases: list[PhaseConfig] = Field(min_length=1)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [phase.name for phase in self.phases]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"phases: duplicate phase name(s) {', '.join(duplicates)}")
+        return self
+
+    def phase(self, name: str) -> PhaseConfig:
+        for phase in self.phases:
+            if phase.name == name:
+                return phase
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- loading --------------------------------------------------------------
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """safe_load, but ``1e-5`` is a float as in YAML 1.2 (PyYAML reads it as a string)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "recipe") -> Any:
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(f"{source}:{where}: invalid YAML: {problem}") from None
+
+
+def load_recipe(
+    source: str | Path | Mapping[str, Any],
+    overrides: Mapping[str, Any] | list[str] | None = None,
+) -> Recipe:
+    """Read, override and validate a recipe.
+
+    ``source`` is a YAML file or an already parsed mapping. ``overrides`` maps
+    dotted paths to values (``{"phases.head.epochs": 1}``) or is a list of
+    ``KEY=VALUE`` strings whose values are read as YAML.
+    """
+    if isinstance(source, Mapping):
+        raw, label, default_name = copy.deepcopy(dict(source)), "recipe", "recipe"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        raw = parse_yaml(path.read_text(), str(path))
+        label, default_name = str(path), path.stem
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    raw.setdefault("name", default_name)
+    for key, value in _normalize_overrides(overrides).items():
+        set_path(raw, key, value)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError(f"{label}: {format_validation_error(error, raw)}") from None
+    check_recipe(recipe, label)
+    return recipe
+
+
+def _normalize_overrides(overrides) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    result = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. phases.head.epochs=1")
+        result[key.strip()] = parse_yaml(value, f"--set {key.strip()}") if value.strip() else None
+    return result
+
+
+def set_path(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``value`` at a dotted path; list items (phases) are addressed by name."""
+    parts = dotted.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            index = _find_item(node, part, here)
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}: {'.'.join(parts[:depth])} is not a section")
+        if last:
+            _check_known_key(raw, parts, here)
+            node[part] = value
+            return
+        if node.get(part) is None:
+            _check_known_key(raw, parts[: depth + 1], here)
+            node[part] = {}
+        node = node[part]
+
+
+def _find_item(items: list, key: str, here: str) -> int:
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == key:
+            return index
+    if key.isdigit() and int(key) < len(items):
+        return int(key)
+    names = [str(item.get("name")) for item in items if isinstance(item, dict)]
+    raise RecipeError(f"--set {here}: no item named {key!r} (have: {', '.join(names)})")
+
+
+def _check_known_key(raw: dict, parts: list[str], here: str) -> None:
+    """Reject a --set path that names no recipe field, before validation."""
+    model: Any = Recipe
+    index = 0
+    while index < len(parts) and isinstance(model, type) and issubclass(model, BaseModel):
+        if model.model_config.get("extra") == "allow":
+            return  # free-form settings (optimizer arguments) are checked by Keras
+        part = parts[index]
+        fields = model.model_fields
+        if part not in fields:
+            raise RecipeError(f"--set {here}: unknown key {part!r} (known: {', '.join(fields)})")
+        annotation = fields[part].annotation
+        if typing.get_origin(annotation) is list:
+            model = typing.get_args(annotation)[0]
+            index += 2  # skip the item's name
+        else:
+            model = annotation
+            index += 1
+
+
+def format_validation_error(error: ValidationError, raw: Mapping[str, Any]) -> str:
+    """Pydantic errors as one line, with phases named rather than numbered."""
+    messages = []
+    for item in error.errors():
+        location = _readable_location(item["loc"], raw)
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required"
+        elif "input" in item and not isinstance(item["input"], (dict, list)):
+            message = f"{message} (got {item['input']!r})"
+        messages.append(f"{location}: {message}" if location else message)
+    # Union types repeat one problem per alternative; keep the first of each location.
+    seen, unique = set(), []
+    for message in messages:
+        key = message.split(":")[0]
+        if key not in seen:
+            seen.add(key)
+            unique.append(message)
+    return "; ".join(unique)
+
+
+def _readable_location(location, raw) -> str:
+    parts: list[str] = []
+    node: Any = raw
+    for part in location:
+        if isinstance(part, int) and isinstance(node, list):
+            item = node[part] if part < len(node) else None
+            parts.append(str(item.get("name")) if isinstance(item, dict) and item.get("name") else str(part))
+            node = item
+        elif isinstance(part, str) and part in ("literal['none','all']", "TopBlocks", "int", "tuple[int, int]"):
+            continue  # union branch labels
+        else:
+            parts.append(str(part))
+            node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(parts)
+
+
+# --- checks beyond the schema ---------------------------------------------
+
+
+def check_recipe(recipe: Recipe, label: str = "recipe") -> None:
+    """Checks that need the registries: names, sizes, files, optimizer settings."""
+    from finetune import backbones, data
+
+    def fail(message: str):
+        raise RecipeError(f"{label}: {message}")
+
+    if recipe.data.source not in data.datasets:
+        fail(f"data.source: {data.datasets.unknown_message(recipe.data.source)}")
+    backbone_name = recipe.model.backbone.name
+    if backbone_name not in backbones.backbones:
+        fail(f"model.backbone.name: {backbones.backbones.unknown_message(backbone_name)}")
+    spec = backbones.get(backbone_name)
+    height, width = recipe.data.image_hw
+    if min(height, width) < spec.min_size:
+        fail(
+            f"data.image_size: {backbone_name} needs at least {spec.min_size}x{spec.min_size} "
+            f"inputs, got {height}x{width}"
+        )
+    weights = recipe.model.backbone.weights
+    if weights not in (None, "imagenet") and not Path(weights).expanduser().is_file():
+        fail(f"model.backbone.weights: file {weights!r} does not exist (use imagenet, null or a weights file)")
+    if weights == "imagenet" and spec.weights_file is None:
+        fail(f"model.backbone.weights: {backbone_name} has no ImageNet weights; use null or a weights file")
+    from finetune import optimizers
+
+    for phase in recipe.phases:
+        try:
+            optimizers.get(phase.optimizer.as_identifier())
+        except RecipeError as error:
+            fail(f"phases.{phase.name}.optimizer: {error}")

@@ -1,0 +1,156 @@
+"""The orchestrator: recipe -> data -> model -> phases -> evaluation -> export."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.errors import RunFolderError
+from finetune.recipe import Recipe, load_recipe
+
+
+@dataclass
+class RunResult:
+    """What a run produced; ``metrics["test"]`` holds the test metrics."""
+
+    run_dir: Path
+    metrics: dict
+    model: Any
+    recipe: Recipe
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.metrics["test"]["accuracy"]
+
+
+def new_run_dir(out: str | Path | None, recipe_name: str, root: Path = Path("runs")) -> Path:
+    """A fresh run folder; an existing, non-empty one is never reused."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RunFolderError(
+                f"run folder {str(path)!r} already exists and is not empty; choose another --out "
+                "(earlier runs are never overwritten)"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = root / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', recipe_name)}-{stamp}"
+    for attempt in range(1, 1000):
+        path = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise RunFolderError(f"cannot create a new run folder next to {base}")
+
+
+def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Callable[[str], None] = print) -> RunResult:
+    """Run a whole recipe and return its metrics, model and run folder.
+
+    The run folder holds ``recipe.yaml`` (resolved), ``history.csv`` (one row
+    per epoch, written as it happens), ``checkpoint.keras`` and ``state.json``
+    (after every epoch), ``model.keras``, ``metrics.json`` and ``saved_model/``.
+    """
+    import keras
+
+    from finetune import data, evaluation, export, training
+    from finetune.model import build_model, resolve_precision
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    run_dir = new_run_dir(out, recipe.name)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds"), "phases_done": []}
+    training.write_json_atomically(run_dir / "run.json", status)
+    started = time.perf_counter()
+    try:
+        keras.utils.set_random_seed(recipe.seed)
+        precision = resolve_precision(recipe.precision)
+        log(f"[finetune] run folder {run_dir}")
+        log(f"[finetune] backend {keras.backend.backend()}, precision {precision}")
+        model = build_model(recipe)
+        training.check_phases(model, recipe)
+        dataset = data.load_dataset(recipe.data, recipe.seed)
+        log(
+            f"[finetune] data {recipe.data.source} from {dataset.source}: {len(dataset.train)} train, "
+            f"{len(dataset.validation) if dataset.validation is not None else 0} validation, "
+            f"{len(dataset.test)} test images of {dataset.input_shape} -> {recipe.data.image_hw}"
+        )
+        epochs_done = 0
+        for index, phase in enumerate(recipe.phases):
+            if phase.epochs == 0:
+                log(f"[finetune] phase {phase.name}: 0 epochs, skipped")
+                continue
+            plan = training.configure_phase(model, recipe, phase)
+            optimizer = training.compile_for_phase(model, phase)
+            what = (
+                "backbone frozen" if not plan.trainable_blocks
+                else f"{len(plan.trainable_blocks)} of {plan.total_blocks} backbone blocks trainable "
+                f"({plan.trainable_backbone_weights:,} of {plan.backbone_weights:,} backbone weights)"
+            )
+            log(
+                f"[finetune] phase {phase.name} ({index + 1}/{len(recipe.phases)}): {phase.epochs} epochs, {what}, "
+                f"{phase.optimizer.name} lr {training.optimizer_learning_rate(optimizer):g}"
+            )
+            callbacks = [
+                training.HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
+                training.EpochCheckpoint(run_dir, phase.name, index, epochs_done),
+            ]
+            training.fit_phase(model, recipe, phase, dataset, initial_epoch=epochs_done, callbacks=callbacks)
+            epochs_done += phase.epochs
+            status["phases_done"].append(phase.name)
+            training.write_json_atomically(run_dir / "run.json", status)
+
+        test_metrics = evaluation.evaluate(model, dataset.test, dataset.class_names, recipe.evaluation.batch_size)
+        metrics = {
+            "test": test_metrics,
+            "recipe": recipe.name,
+            "precision": precision,
+            "backend": keras.backend.backend(),
+            "train_images": len(dataset.train),
+            "validation_images": len(dataset.validation) if dataset.validation is not None else 0,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        if dataset.validation is not None:
+            metrics["validation"] = {
+                key: value
+                for key, value in evaluation.evaluate(
+                    model, dataset.validation, dataset.class_names, recipe.evaluation.batch_size
+                ).items()
+                if key in ("loss", "accuracy", "examples")
+            }
+        training.save_model_atomically(model, run_dir / "model.keras")
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if recipe.export.saved_model:
+            export.export_saved_model(model, run_dir / "saved_model", dataset.class_names)
+        (run_dir / "checkpoint.keras").unlink(missing_ok=True)
+        status.update(status="finished", finished=datetime.now().isoformat(timespec="seconds"))
+        training.write_json_atomically(run_dir / "run.json", status)
+        log(
+            f"[finetune] test accuracy {test_metrics['accuracy']:.4f}, loss {test_metrics['loss']:.4f} "
+            f"on {test_metrics['examples']} images; {metrics['seconds']:.0f}s; results in {run_dir}"
+        )
+    except BaseException as error:
+        status.update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+                      error=str(error).splitlines()[0] if str(error) else type(error).__name__)
+        training.write_json_atomically(run_dir / "run.json", status)
+        raise
+    history = _read_history(run_dir / "history.csv")
+    return RunResult(run_dir=run_dir, metrics=metrics, model=model, recipe=recipe, history=history)
+
+
+def _read_history(path: Path) -> list[dict]:
+    import csv
+
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))

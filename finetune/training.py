@@ -1,0 +1,219 @@
+"""Training phases: set what trains, build a fresh optimizer, recompile, fit.
+
+Keras only applies a change of ``trainable`` at the next ``compile()``, so
+every phase compiles again with its own new optimizer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import keras
+
+from finetune import backbones, optimizers
+from finetune.errors import RecipeError
+from finetune.model import get_backbone
+from finetune.recipe import PhaseConfig, Recipe
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """What a phase trains, for logs and tests."""
+
+    phase: str
+    trainable_blocks: tuple[str, ...]
+    total_blocks: int
+    trainable_backbone_weights: int
+    backbone_weights: int
+
+
+def _nested_layers(layer) -> list:
+    """A layer and every layer inside it (nested models, Sequential blocks)."""
+    found = [layer]
+    for child in getattr(layer, "layers", []) or []:
+        found.extend(_nested_layers(child))
+    return found
+
+
+def configure_phase(model: keras.Model, recipe: Recipe, phase: PhaseConfig) -> PhasePlan:
+    """Set the backbone's trainable flags for ``phase``; the head always trains.
+
+    BatchNorm layers of the backbone stay frozen (and so in inference mode)
+    unless the phase says ``train_bn: true``.
+    """
+    spec = backbones.get(recipe.model.backbone.name)
+    backbone = get_backbone(model)
+    stem, blocks = backbones.split_into_blocks(backbone, spec)
+    if phase.trainable == "none":
+        chosen_blocks, chosen = [], set()
+    elif phase.trainable == "all":
+        chosen_blocks = blocks
+        chosen = {id(layer) for layer in stem} | {id(layer) for block in blocks for layer in block.layers}
+    else:
+        count = phase.trainable.top_blocks
+        if count > len(blocks):
+            raise RecipeError(
+                f"phases.{phase.name}.trainable.top_blocks: {spec.name} has {len(blocks)} blocks, got {count}"
+            )
+        chosen_blocks = blocks[-count:]
+        chosen = {id(layer) for block in chosen_blocks for layer in block.layers}
+
+    for layer in model.layers:
+        if layer is not backbone:
+            layer.trainable = True
+    backbone.trainable = True
+    for layer in backbone.layers:
+        train_layer = id(layer) in chosen
+        for inner in _nested_layers(layer):
+            is_batch_norm = isinstance(inner, keras.layers.BatchNormalization)
+            inner.trainable = train_layer and (phase.train_bn or not is_batch_norm)
+    return PhasePlan(
+        phase=phase.name,
+        trainable_blocks=tuple(block.name for block in chosen_blocks),
+        total_blocks=len(blocks),
+        trainable_backbone_weights=_count(backbone.trainable_weights),
+        backbone_weights=_count(backbone.weights),
+    )
+
+
+def _count(variables) -> int:
+    return int(sum(math.prod(variable.shape) for variable in variables))
+
+
+def check_phases(model: keras.Model, recipe: Recipe) -> None:
+    """Fail before any data is loaded if a phase asks for more blocks than exist."""
+    spec = backbones.get(recipe.model.backbone.name)
+    _, blocks = backbones.split_into_blocks(get_backbone(model), spec)
+    for phase in recipe.phases:
+        if not isinstance(phase.trainable, str) and phase.trainable.top_blocks > len(blocks):
+            raise RecipeError(
+                f"phases.{phase.name}.trainable.top_blocks: {spec.name} has {len(blocks)} blocks "
+                f"({blocks[0].name} .. {blocks[-1].name}), got {phase.trainable.top_blocks}"
+            )
+
+
+def compile_for_phase(model: keras.Model, phase: PhaseConfig) -> keras.optimizers.Optimizer:
+    optimizer = optimizers.get(phase.optimizer.as_identifier())
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return optimizer
+
+
+def fit_phase(
+    model: keras.Model,
+    recipe: Recipe,
+    phase: PhaseConfig,
+    dataset,
+    *,
+    initial_epoch: int = 0,
+    callbacks: list | None = None,
+) -> keras.callbacks.History:
+    """Configure, recompile and fit one phase; epochs are counted across phases."""
+    batch_size = phase.batch_size or recipe.training.batch_size
+    validation = dataset.validation
+    return model.fit(
+        dataset.train.images,
+        dataset.train.labels,
+        batch_size=batch_size,
+        epochs=initial_epoch + phase.epochs,
+        initial_epoch=initial_epoch,
+        validation_data=(validation.images, validation.labels) if validation is not None else None,
+        callbacks=callbacks or [],
+        verbose=resolve_verbosity(recipe.training.verbose),
+        shuffle=True,
+    )
+
+
+def resolve_verbosity(setting) -> int:
+    """``auto``: a progress bar on a terminal, one line per epoch in a log file."""
+    if setting != "auto":
+        return int(setting)
+    return 1 if sys.stdout.isatty() else 2
+
+
+def optimizer_learning_rate(optimizer) -> float:
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+# --- callbacks that keep a run safe ---------------------------------------
+
+HISTORY_FIELDS = ["phase", "epoch", "phase_epoch", "learning_rate", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """Appends one row per epoch to ``history.csv`` and flushes it at once."""
+
+    def __init__(self, path: Path, phase: str, first_epoch: int):
+        super().__init__()
+        self.path = Path(path)
+        self.phase = phase
+        self.first_epoch = first_epoch
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        row = {
+            "phase": self.phase,
+            "epoch": epoch + 1,
+            "phase_epoch": epoch + 1 - self.first_epoch,
+            "learning_rate": float(f"{optimizer_learning_rate(self.model.optimizer):.6g}"),
+            "seconds": round(time.perf_counter() - self._started, 3),
+        }
+        row.update({key: float(logs[key]) for key in HISTORY_FIELDS if key in logs})
+        new_file = not self.path.exists()
+        with self.path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the model with its optimizer state after every epoch, atomically.
+
+    ``checkpoint.keras`` and ``state.json`` say where the run stood, so an
+    interrupted run loses at most the epoch in progress.
+    """
+
+    def __init__(self, run_dir: Path, phase: str, phase_index: int, first_epoch: int,
+                 on_save: Callable[[dict], None] | None = None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.phase = phase
+        self.phase_index = phase_index
+        self.first_epoch = first_epoch
+        self.on_save = on_save
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_model_atomically(self.model, self.run_dir / "checkpoint.keras")
+        state = {
+            "phase": self.phase,
+            "phase_index": self.phase_index,
+            "phase_epochs_done": epoch + 1 - self.first_epoch,
+            "epochs_done": epoch + 1,
+        }
+        write_json_atomically(self.run_dir / "state.json", state)
+        if self.on_save is not None:
+            self.on_save(state)
+
+
+def save_model_atomically(model: keras.Model, path: Path) -> None:
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def write_json_atomically(path: Path, payload) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(partial, path)

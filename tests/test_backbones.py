@@ -1,0 +1,175 @@
+import keras
+import numpy as np
+import pytest
+
+from finetune import backbones
+from finetune.errors import WeightsError
+from finetune.layers import BackboneInput
+
+
+@pytest.mark.parametrize(
+    "mode, reference",
+    [
+        ("tf", keras.applications.xception.preprocess_input),
+        ("caffe", keras.applications.resnet50.preprocess_input),
+        ("torch", keras.applications.densenet.preprocess_input),
+        ("none", keras.applications.efficientnet.preprocess_input),
+    ],
+)
+def test_preprocessing_matches_keras_applications(mode, reference):
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3)).astype(np.uint8)
+    ours = keras.ops.convert_to_numpy(BackboneInput(8, 8, mode)(images))
+    expected = reference(images.astype("float32").copy())
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_grayscale_is_resized_then_repeated_to_rgb():
+    images = np.random.default_rng(1).integers(0, 256, size=(2, 28, 28, 1)).astype(np.uint8)
+    out = keras.ops.convert_to_numpy(BackboneInput(40, 50, "none")(images))
+    assert out.shape == (2, 40, 50, 3)
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+    resized = keras.ops.convert_to_numpy(keras.ops.image.resize(images.astype("float32"), (40, 50)))
+    np.testing.assert_allclose(out[..., :1], resized, atol=1e-4)
+
+
+def blocks_of(name, size=None):
+    spec = backbones.get(name)
+    size = size or max(spec.min_size, 32)
+    model = backbones.build_backbone(spec, (size, size), None)
+    stem, blocks = backbones.split_into_blocks(model, spec)
+    return model, stem, blocks
+
+
+@pytest.mark.parametrize(
+    "name, count, first, last",
+    [
+        ("xception", 14, "block1", "block14"),
+        ("mobilenet_v2", 17, "expanded_conv", "block_16"),
+        ("resnet50", 16, "conv2_block1", "conv5_block3"),
+        ("efficientnet_b0", 16, "block1a", "block7a"),
+        ("inception_v3", 11, "mixed0", "mixed10"),
+        ("vgg16", 5, "block1", "block5"),
+    ],
+)
+def test_block_structure_from_layer_names(name, count, first, last):
+    model, stem, blocks = blocks_of(name)
+    assert len(blocks) == count
+    assert blocks[0].name == first and blocks[-1].name == last
+    assigned = [layer for layer in stem] + [layer for block in blocks for layer in block.layers]
+    everything = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    assert len(assigned) == len(everything) == len({id(layer) for layer in assigned})
+
+
+def test_xception_residual_shortcut_belongs_to_the_block_it_bypasses():
+    model, _, blocks = blocks_of("xception", 71)
+    block13 = {layer.name for layer in blocks[-2].layers}
+    pool = model.get_layer("block13_pool")
+    # The add after block13_pool joins it with the shortcut conv + BN of block 13.
+    add = next(node.operation for node in pool._outbound_nodes)
+    shortcut = [t._keras_history.operation for t in add._inbound_nodes[0].input_tensors if
+                t._keras_history.operation is not pool][0]
+    conv = shortcut._inbound_nodes[0].input_tensors[0]._keras_history.operation
+    assert isinstance(shortcut, keras.layers.BatchNormalization) and isinstance(conv, keras.layers.Conv2D)
+    assert shortcut.name in block13 and conv.name in block13
+
+
+def test_every_keras_application_is_registered():
+    import inspect
+
+    constructors = {name for name in dir(keras.applications)
+                    if inspect.isfunction(getattr(keras.applications, name)) and name[0].isupper()}
+    registered = {backbones.get(name).notes.split(".")[-1] for name in backbones.backbones.names()}
+    assert constructors <= registered
+
+
+def save_canonical_weights(model, folder, file_name):
+    """Write ``model``'s weights in the legacy h5 layout Keras publishes its ImageNet files in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / file_name)  # a .h5 path saves the legacy format
+    return folder / file_name
+
+
+def test_imagenet_weights_resolve_from_weights_dir_without_network(tmp_path, monkeypatch, no_network):
+    spec = backbones.get("xception")
+    file_name = spec.imagenet_file((71, 71))
+    assert file_name == "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    keras.utils.set_random_seed(123)
+    reference = backbones.build_backbone(spec, (71, 71), None)
+    save_canonical_weights(reference, tmp_path / "weights", file_name)
+    monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path / "weights"))
+
+    keras.utils.set_random_seed(999)  # a different random init, so equality means loading happened
+    loaded = backbones.build_backbone(spec, (71, 71), "imagenet")
+    assert no_network == []
+    for expected, got in zip(reference.weights, loaded.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(expected), keras.ops.convert_to_numpy(got))
+
+
+def test_missing_imagenet_weights_offline_is_one_line(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(WeightsError) as caught:
+        backbones.build_backbone(backbones.get("mobilenet_v2"), (32, 32), "imagenet", {"alpha": 0.35})
+    message = str(caught.value)
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5" in message
+    assert "FINETUNE_WEIGHTS_DIR" in message and "\n" not in message
+    assert no_network  # Keras really tried its own download path
+
+
+@pytest.mark.parametrize(
+    "name, size, options",
+    [
+        ("mobilenet_v2", 96, {"alpha": 0.35}),
+        ("mobilenet_v2", 50, {"alpha": 0.5}),
+        ("mobilenet", 128, {"alpha": 0.25}),
+        ("mobilenet_v3_small", 32, {}),
+        ("resnet50", 32, {}),
+        ("resnet50_v2", 32, {}),
+        ("densenet121", 32, {}),
+        ("efficientnet_b0", 32, {}),
+        ("efficientnet_v2_b0", 32, {}),
+        ("convnext_tiny", 32, {}),
+        ("nasnet_mobile", 224, {}),
+        ("inception_v3", 75, {}),
+    ],
+)
+def test_canonical_file_names_are_the_ones_keras_asks_for(name, size, options, no_network):
+    spec = backbones.get(name)
+    with pytest.raises(WeightsError):
+        backbones.build_backbone(spec, (size, size), "imagenet", options)
+    assert no_network == [spec.imagenet_file((size, size), options)]
+
+
+def test_weights_file_path_is_loaded(tmp_path):
+    spec = backbones.get("mobilenet_v2")
+    keras.utils.set_random_seed(5)
+    reference = backbones.build_backbone(spec, (32, 32), None, {"alpha": 0.35})
+    path = tmp_path / "mine.weights.h5"
+    reference.save_weights(path)
+    keras.utils.set_random_seed(6)
+    loaded = backbones.build_backbone(spec, (32, 32), str(path), {"alpha": 0.35})
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(reference.weights[0]), keras.ops.convert_to_numpy(loaded.weights[0])
+    )
+
+
+def test_unloadable_weights_file_is_a_weights_error(tmp_path):
+    path = tmp_path / "broken.weights.h5"
+    path.write_bytes(b"not an h5 file")
+    with pytest.raises(WeightsError, match="cannot load weights"):
+        backbones.build_backbone(backbones.get("mobilenet_v2"), (32, 32), str(path), {"alpha": 0.35})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", backbones.backbones.names())
+def test_every_backbone_builds_splits_and_names_its_weights(name, no_network):
+    spec = backbones.get(name)
+    size = 331 if name == "nasnet_large" else 224 if name == "nasnet_mobile" else spec.min_size
+    with pytest.raises(WeightsError):
+        backbones.build_backbone(spec, (size, size), "imagenet")
+    assert no_network == [spec.imagenet_file((size, size))]
+    keras.backend.clear_session()
+    model = backbones.build_backbone(spec, (size, size), None)
+    stem, blocks = backbones.split_into_blocks(model, spec)
+    assert len(blocks) >= 5
+    assigned = list(stem) + [layer for block in blocks for layer in block.layers]
+    assert len(assigned) == len({id(layer) for layer in assigned}) == len(model.layers) - 1

@@ -1,0 +1,179 @@
+"""End to end: the import API, the run folder, the SavedModel and the command line."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import finetune
+from finetune.errors import RunFolderError
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_backbone_weights):
+    from conftest import TINY_RECIPE
+    import copy
+
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["model"]["backbone"]["weights"] = str(tiny_backbone_weights)
+    raw["phases"][0]["epochs"] = 2
+    recipe = finetune.load_recipe(raw)
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    return finetune.run(recipe, out=out, log=lambda line: None)
+
+
+def test_run_folder_holds_every_artifact(finished_run):
+    run_dir = finished_run.run_dir
+    for name in ("recipe.yaml", "history.csv", "metrics.json", "model.keras", "saved_model", "state.json", "run.json"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "checkpoint.keras").exists()  # replaced by model.keras at the end
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    assert finetune.load_recipe(run_dir / "recipe.yaml") == finished_run.recipe
+
+
+def test_history_has_every_epoch_of_every_phase(finished_run):
+    with (finished_run.run_dir / "history.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["phase"], row["epoch"], row["phase_epoch"]) for row in rows] == [
+        ("head", "1", "1"), ("head", "2", "2"), ("finetune", "3", "1"),
+    ]
+    assert float(rows[0]["learning_rate"]) == pytest.approx(1e-3)
+    assert float(rows[2]["learning_rate"]) == pytest.approx(1e-2)
+    assert all(0.0 <= float(row["val_accuracy"]) <= 1.0 for row in rows)
+
+
+def test_metrics_are_computed_from_the_model(finished_run):
+    from finetune import data
+
+    metrics = json.loads((finished_run.run_dir / "metrics.json").read_text())
+    test = metrics["test"]
+    assert set(test) >= {"accuracy", "loss", "per_class_accuracy", "confusion_matrix"}
+    dataset = data.load_dataset(finished_run.recipe.data, finished_run.recipe.seed)
+    predictions = finished_run.model.predict(dataset.test.images, verbose=0).argmax(axis=1)
+    assert test["accuracy"] == pytest.approx(float(np.mean(predictions == dataset.test.labels)))
+    confusion = np.array(test["confusion_matrix"])
+    assert confusion.sum() == len(dataset.test) == 100
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(test["accuracy"])
+    # 160 images and 3 epochs make no good classifier, but the training loss must fall.
+    losses = [float(row["loss"]) for row in finished_run.history]
+    assert losses[1] < losses[0]
+
+
+def test_saved_model_serves_raw_uint8_images(finished_run):
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(finished_run.run_dir / "saved_model"))
+    signature = served.signatures["serve"] if "serve" in served.signatures else None
+    rng = np.random.default_rng(0)
+    for batch in (1, 7):
+        images = rng.integers(0, 256, size=(batch, 28, 28, 1)).astype(np.uint8)
+        expected = keras.ops.convert_to_numpy(finished_run.model(images))
+        got = served.serve(tf.constant(images)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)  # graph vs eager rounding
+    if signature is not None:
+        spec = list(signature.structured_input_signature[1].values())[0]
+        assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 28, 28, 1]
+    labels = (finished_run.run_dir / "saved_model" / "labels.txt").read_text().splitlines()
+    assert labels[0] == "T-shirt/top" and len(labels) == 10
+
+
+def test_model_keras_reloads_in_safe_mode(finished_run):
+    reloaded = keras.saving.load_model(finished_run.run_dir / "model.keras", safe_mode=True)
+    images = np.random.default_rng(1).integers(0, 256, size=(5, 28, 28, 1)).astype(np.uint8)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(reloaded(images)),
+        keras.ops.convert_to_numpy(finished_run.model(images)),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+def test_an_existing_run_folder_is_never_overwritten(finished_run):
+    before = {path.name: path.stat().st_mtime_ns for path in finished_run.run_dir.iterdir()}
+    with pytest.raises(RunFolderError, match="already exists"):
+        finetune.run(finished_run.recipe, out=finished_run.run_dir, log=lambda line: None)
+    after = {path.name: path.stat().st_mtime_ns for path in finished_run.run_dir.iterdir()}
+    assert before == after
+
+
+def test_default_run_folder_is_new_each_time(tmp_path):
+    from finetune.runner import new_run_dir
+
+    first = new_run_dir(None, "my recipe", root=tmp_path)
+    second = new_run_dir(None, "my recipe", root=tmp_path)
+    assert first != second and first.parent == second.parent == tmp_path
+    assert first.name.startswith("my_recipe-")
+
+
+def cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def test_cli_validate_accepts_the_flagship_recipe():
+    result = cli("validate", "recipes/xception_fmnist.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "phase head" in result.stdout and "phase finetune" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["validate", "recipes/xception_fmnist.yaml", "--set", "data.image_size=32"], "at least 71x71"),
+        (["validate", "recipes/xception_fmnist.yaml", "--set", "phases.heads.epochs=1"], "no item named 'heads'"),
+        (["validate", "recipes/xception_fmnist.yaml", "--set", "epochs"], "expected KEY=VALUE"),
+        (["validate", "missing.yaml"], "does not exist"),
+        (["run", "recipes/xception_fmnist.yaml", "--set", "model.backbone.name=resnet"], "unknown backbone"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(args, expected):
+    result = cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_run_offline_without_imagenet_weights_fails_cleanly(tmp_path):
+    out = tmp_path / "run"
+    env_dir = tmp_path / "empty_weights"
+    env_dir.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from keras.src.utils import file_utils\n"
+         "def offline(*a, **k): raise Exception('URL fetch failure: offline')\n"
+         "file_utils.get_file = offline\n"
+         "from finetune.cli import main; sys.argv = ['finetune'] + sys.argv[1:]; main()",
+         "run", "recipes/xception_fmnist.yaml", "--set", "data.train_limit=100", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "FINETUNE_WEIGHTS_DIR": str(env_dir)},
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "xception_weights_tf_dim_ordering_tf_kernels_notop.h5" in last
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_cli_run_end_to_end(tmp_path, tiny_backbone_weights):
+    import yaml
+
+    from conftest import TINY_RECIPE
+
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(yaml.safe_dump(TINY_RECIPE))
+    out = tmp_path / "out"
+    result = cli("run", str(recipe_path), "--set", f"model.backbone.weights={tiny_backbone_weights}",
+                 "--set", "phases.finetune.epochs=0", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "phase finetune: 0 epochs, skipped" in result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    assert (out / "saved_model" / "saved_model.pb").exists()
