@@ -61,7 +61,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     """
     import keras
 
-    from finetune import data, evaluation, export, training
+    from finetune import data, evaluation, export, report, training
     from finetune.model import build_model, resolve_precision
 
     if not isinstance(recipe, Recipe):
@@ -78,6 +78,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
         log(f"[finetune] backend {keras.backend.backend()}, precision {precision}")
         model = build_model(recipe)
         training.check_phases(model, recipe)
+        for warning in training.recipe_warnings(model, recipe):
+            log(f"[finetune] warning: {warning}")
         dataset = data.load_dataset(recipe.data, recipe.seed)
         log(
             f"[finetune] data {recipe.data.source} from {dataset.source}: {len(dataset.train)} train, "
@@ -129,6 +131,10 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             }
         training.save_model_atomically(model, run_dir / "model.keras")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        report.confusion_matrix_png(
+            test_metrics["confusion_matrix"], dataset.class_names, run_dir / "confusion_matrix.png",
+            f"{recipe.name}: test split",
+        )
         if recipe.export.saved_model:
             export.export_saved_model(model, run_dir / "saved_model", dataset.class_names)
         (run_dir / "checkpoint.keras").unlink(missing_ok=True)

@@ -100,6 +100,23 @@ def check_phases(model: keras.Model, recipe: Recipe) -> None:
             )
 
 
+def recipe_warnings(model: keras.Model, recipe: Recipe) -> list[str]:
+    """Settings that are valid but probably not what the user wants."""
+    warnings = []
+    backbone = get_backbone(model)
+    has_batch_norm = any(
+        isinstance(inner, keras.layers.BatchNormalization)
+        for layer in backbone.layers for inner in _nested_layers(layer)
+    )
+    if recipe.model.backbone.weights is None and has_batch_norm and not any(p.train_bn for p in recipe.phases):
+        warnings.append(
+            "the backbone starts from random weights and its BatchNorm layers never train, so their "
+            "statistics match nothing and its features carry almost no signal; set train_bn: true on a "
+            "phase that trains the backbone (or use pretrained weights)"
+        )
+    return warnings
+
+
 def compile_for_phase(model: keras.Model, phase: PhaseConfig) -> keras.optimizers.Optimizer:
     optimizer = optimizers.get(phase.optimizer.as_identifier())
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])

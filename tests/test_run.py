@@ -177,3 +177,59 @@ def test_cli_run_end_to_end(tmp_path, tiny_backbone_weights):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
     assert (out / "saved_model" / "saved_model.pb").exists()
+
+
+def test_confusion_matrix_picture_is_written(finished_run):
+    from PIL import Image
+
+    with Image.open(finished_run.run_dir / "confusion_matrix.png") as picture:
+        assert picture.width > 400 and picture.height > 400
+
+
+def test_random_init_with_frozen_batch_norm_is_warned_about(tiny_recipe_dict):
+    from finetune import training
+
+    tiny_recipe_dict["model"]["backbone"]["weights"] = None
+    recipe = finetune.load_recipe(tiny_recipe_dict)
+    model = finetune.build_model(recipe)
+    assert any("train_bn: true" in warning for warning in training.recipe_warnings(model, recipe))
+    tiny_recipe_dict["phases"][1]["train_bn"] = True
+    recipe = finetune.load_recipe(tiny_recipe_dict)
+    assert training.recipe_warnings(finetune.build_model(recipe), recipe) == []
+
+
+class InterruptAt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_keeps_history_and_a_loadable_checkpoint(tmp_path, tiny_recipe_dict, monkeypatch):
+    from finetune import training
+
+    tiny_recipe_dict["phases"][0]["epochs"] = 3
+    recipe = finetune.load_recipe(tiny_recipe_dict)
+    original = training.fit_phase
+
+    def fit_with_interrupt(model, recipe, phase, dataset, *, initial_epoch=0, callbacks=None):
+        # Ctrl-C arrives after epoch 2, once the run's own callbacks have saved it.
+        return original(model, recipe, phase, dataset, initial_epoch=initial_epoch,
+                        callbacks=[*(callbacks or []), InterruptAt(2)])
+
+    monkeypatch.setattr(training, "fit_phase", fit_with_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(recipe, out=tmp_path / "run", log=lambda line: None)
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    assert json.loads((run_dir / "state.json").read_text()) == {
+        "phase": "head", "phase_index": 0, "phase_epochs_done": 2, "epochs_done": 2,
+    }
+    with (run_dir / "history.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+    checkpoint = keras.saving.load_model(run_dir / "checkpoint.keras", safe_mode=True)
+    assert int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) == 2 * 5  # 160 images, batch 32
+    assert not list(run_dir.glob(".*partial*"))
