@@ -17,9 +17,11 @@ from typing import Any, Callable, Sequence
 from finetune.errors import RecipeError, WeightsError
 from finetune.registry import Registry
 
-#: ``preprocessing`` values, named as in ``keras.applications.imagenet_utils``;
-#: "none" means the backbone rescales its inputs itself.
-PREPROCESSING_MODES = ("tf", "caffe", "torch", "none")
+#: ``preprocessing`` values: "tf", "caffe" and "torch" as in
+#: ``keras.applications.imagenet_utils``; "none" when the backbone rescales its
+#: inputs itself; "unit" scales to [0, 1]; "standardize" to zero mean and unit
+#: variance with statistics taken from the training images.
+PREPROCESSING_MODES = ("tf", "caffe", "torch", "none", "unit", "standardize")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,17 @@ class BackboneSpec:
     """Canonical file name of the ImageNet weights without top."""
     notes: str = ""
     default_options: dict = field(default_factory=dict)
+    channels: int | None = 3
+    """Input channels the backbone takes: 3 (RGB), or None to keep the dataset's."""
+    inference_mode: bool = True
+    """Call it with ``training=False`` (pretrained BN); False for from-scratch stacks."""
+    preprocessing_option: str | None = None
+    """An option that overrides ``preprocessing`` (the mlp's ``input_scaling``)."""
+
+    def preprocessing_for(self, options: dict | None = None) -> str:
+        if self.preprocessing_option and options and self.preprocessing_option in options:
+            return options[self.preprocessing_option]
+        return self.preprocessing
 
     def imagenet_file(self, image_size: tuple[int, int], options: dict | None = None) -> str | None:
         if self.weights_file is None:
@@ -144,7 +157,8 @@ def _parent_operations(operation) -> list:
 # --- building and weights -------------------------------------------------
 
 
-def build_backbone(spec: BackboneSpec, image_size: tuple[int, int], weights: str | None, options: dict | None = None):
+def build_backbone(spec: BackboneSpec, image_size: tuple[int, int], weights: str | None, options: dict | None = None,
+                   channels: int = 3):
     """Build ``spec`` for RGB inputs of ``image_size``, with resolved weights.
 
     ``weights`` is ``"imagenet"``, ``None`` (random init) or a file path.
@@ -153,7 +167,7 @@ def build_backbone(spec: BackboneSpec, image_size: tuple[int, int], weights: str
     download and cache (``~/.keras/models``).
     """
     options = {**spec.default_options, **(options or {})}
-    input_shape = (image_size[0], image_size[1], 3)
+    input_shape = (image_size[0], image_size[1], spec.channels or channels)
     if weights is None:
         return _construct(spec, input_shape, None, options)
     if weights == "imagenet":
@@ -325,3 +339,32 @@ def _register_applications() -> None:
 
 
 _register_applications()
+
+
+# --- mlp: the chapter's from-scratch dense networks ------------------------
+
+
+def _build_mlp(input_shape, weights, **options):
+    import keras
+
+    from finetune.dense import dense_stack
+    from finetune.recipe import MLPOptions, pydantic_error_line
+
+    try:
+        config = MLPOptions(**options)
+    except Exception as error:  # pydantic.ValidationError
+        raise RecipeError(f"model.backbone.options: {pydantic_error_line(error)}") from None
+    inputs = keras.Input(shape=input_shape, name="mlp_input")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    if config.input_batch_norm:
+        x = keras.layers.BatchNormalization(name="input_bn")(x)
+    x = dense_stack(x, config, prefix="block")
+    return keras.Model(inputs, x, name="mlp")
+
+
+backbones.register("mlp", BackboneSpec(
+    name="mlp", build=_build_mlp, preprocessing="unit", min_size=1, block_pattern=r"^(block\d+)_",
+    channels=None, inference_mode=False, preprocessing_option="input_scaling",
+    notes="Flatten + Dense stack trained from scratch (options: dense, activation, kernel_initializer, "
+          "batch_norm, dropout, regularizers, input_batch_norm, input_scaling)",
+))

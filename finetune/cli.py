@@ -117,10 +117,43 @@ def validate(recipe, overrides):
         )
         for phase in loaded.phases:
             trainable = phase.trainable if isinstance(phase.trainable, str) else f"top {phase.trainable.top_blocks} blocks"
+            schedule = phase.schedule if isinstance(phase.schedule, str) or phase.schedule is None \
+                else phase.schedule.get("name")
             click.echo(
                 f"  phase {phase.name}: {phase.epochs} epochs, backbone trainable: {trainable}, "
                 f"{phase.optimizer.name} lr {phase.optimizer.learning_rate:g}"
+                + (f", schedule {schedule}" if schedule else "")
+                + (f", backbone lr x{phase.backbone_lr_multiplier:g}" if phase.backbone_lr_multiplier != 1 else "")
             )
+        for notice in loaded.notices:
+            click.echo(f"note: {notice}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: each kind mapped to its names.")
+def plugins(as_json):
+    """List what recipes can name: optimizers, schedules, regularizers, ...
+
+    Other packages add entries through the entry-point groups finetune.<kind>.
+    """
+    import json
+    import textwrap
+
+    with user_errors():
+        load_backend_quietly()
+        from finetune.plugins import catalog
+
+        names = catalog()
+        if as_json:
+            click.echo(json.dumps(names, indent=2))
+            return
+        width = max(len(kind) for kind in names) + 6
+        for kind, items in names.items():
+            label = f"{kind} ({len(items)})"
+            lines = textwrap.wrap(", ".join(items), width=100 - width) or [""]
+            click.echo(f"{label:<{width}}{lines[0]}")
+            for line in lines[1:]:
+                click.echo(" " * width + line)
 
 
 if __name__ == "__main__":

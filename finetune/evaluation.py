@@ -8,10 +8,33 @@ import numpy as np
 _EPSILON = 1e-7
 
 
-def evaluate(model, split, class_names, batch_size: int = 256) -> dict:
-    """Metrics from a single prediction pass over ``split``."""
-    probabilities = np.asarray(model.predict(split.images, batch_size=batch_size, verbose=0), dtype=np.float64)
-    return metrics_from_probabilities(probabilities, split.labels, class_names)
+def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int = 0) -> dict:
+    """Metrics from one prediction pass over ``split``, or the mean of ``mc_samples`` passes.
+
+    With MC dropout (``mc_samples`` > 0) the dropout layers stay active, the
+    metrics are those of the averaged probabilities, and ``mc_dropout``
+    reports the predictive uncertainty: the mean entropy of the averaged
+    prediction and the mean standard deviation, across passes, of the
+    probability of the predicted class.
+    """
+    def predict():
+        return np.asarray(model.predict(split.images, batch_size=batch_size, verbose=0), dtype=np.float64)
+
+    if not mc_samples:
+        return metrics_from_probabilities(predict(), split.labels, class_names)
+    passes = np.stack([predict() for _ in range(mc_samples)])
+    mean = passes.mean(axis=0)
+    metrics = metrics_from_probabilities(mean, split.labels, class_names)
+    predicted = mean.argmax(axis=1)
+    entropy = -np.sum(mean * np.log(np.clip(mean, _EPSILON, 1.0)), axis=1)
+    spread = passes[:, np.arange(len(predicted)), predicted].std(axis=0)
+    metrics["mc_dropout"] = {
+        "samples": int(mc_samples),
+        "accuracy_single_pass": float(np.mean(passes[0].argmax(axis=1) == np.asarray(split.labels))),
+        "mean_predictive_entropy": float(entropy.mean()),
+        "mean_std_of_predicted_class": float(spread.mean()),
+    }
+    return metrics
 
 
 def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, class_names) -> dict:

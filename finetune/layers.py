@@ -24,29 +24,43 @@ class BackboneInput(keras.layers.Layer):
 
     Casts to float, resizes to ``(height, width)`` (before adding channels,
     which is three times cheaper for grayscale), repeats one channel to RGB
-    or drops alpha, then applies the backbone family's ``preprocess_input``
-    convention: "tf" (to [-1, 1]), "caffe" (BGR, ImageNet mean subtracted),
-    "torch" (to [0, 1], ImageNet mean and std) or "none" (the backbone
-    rescales by itself).
+    or drops alpha (``channels=3``; ``None`` keeps them), then applies the
+    backbone family's ``preprocess_input`` convention: "tf" (to [-1, 1]),
+    "caffe" (BGR, ImageNet mean subtracted), "torch" (to [0, 1], ImageNet
+    mean and std), "none" (the backbone rescales by itself), "unit" (to
+    [0, 1]) or "standardize" (zero mean, unit variance; see :meth:`adapt`).
     """
 
-    def __init__(self, height: int, width: int, preprocessing: str = "none", interpolation: str = "bilinear", **kwargs):
+    def __init__(self, height: int, width: int, preprocessing: str = "none", interpolation: str = "bilinear",
+                 channels: int | None = 3, **kwargs):
         super().__init__(**kwargs)
         if preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}, got {preprocessing!r}")
         self.height, self.width = int(height), int(width)
         self.preprocessing = preprocessing
         self.interpolation = interpolation
+        self.channels = channels
+        # Pixel statistics for "standardize", set by adapt() from the training images.
+        self.mean = self.add_weight(shape=(), initializer="zeros", trainable=False, name="mean")
+        self.std = self.add_weight(shape=(), initializer="ones", trainable=False, name="std")
+
+    def adapt(self, images) -> None:
+        """Take the pixel mean and standard deviation of ``images`` (for "standardize")."""
+        import numpy as np
+
+        pixels = np.asarray(images, dtype=np.float64)
+        self.mean.assign(float(pixels.mean()))
+        self.std.assign(float(pixels.std()) or 1.0)
 
     def call(self, images):
         images = ops.cast(images, self.compute_dtype)
         if tuple(images.shape[1:3]) != (self.height, self.width):
             images = ops.image.resize(images, (self.height, self.width), interpolation=self.interpolation)
-        channels = images.shape[-1]
-        if channels == 1:
-            images = ops.repeat(images, 3, axis=-1)
-        elif channels == 4:
-            images = images[..., :3]
+        if self.channels == 3:
+            if images.shape[-1] == 1:
+                images = ops.repeat(images, 3, axis=-1)
+            elif images.shape[-1] == 4:
+                images = images[..., :3]
         return self._preprocess(images)
 
     def _preprocess(self, images):
@@ -59,10 +73,14 @@ class BackboneInput(keras.layers.Layer):
             mean = ops.convert_to_tensor(_TORCH_MEAN, dtype=self.compute_dtype)
             std = ops.convert_to_tensor(_TORCH_STD, dtype=self.compute_dtype)
             return (images / 255.0 - mean) / std
+        if self.preprocessing == "unit":
+            return images / 255.0
+        if self.preprocessing == "standardize":
+            return (images - ops.cast(self.mean, self.compute_dtype)) / ops.cast(self.std, self.compute_dtype)
         return images
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.height, self.width, 3)
+        return (input_shape[0], self.height, self.width, 3 if self.channels == 3 else input_shape[-1])
 
     def get_config(self):
         return {
@@ -71,4 +89,5 @@ class BackboneInput(keras.layers.Layer):
             "width": self.width,
             "preprocessing": self.preprocessing,
             "interpolation": self.interpolation,
+            "channels": self.channels,
         }

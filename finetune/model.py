@@ -6,7 +6,7 @@ import contextlib
 
 import keras
 
-from finetune import backbones, data
+from finetune import backbones, data, dense
 from finetune.layers import BackboneInput
 from finetune.recipe import Recipe, load_recipe
 
@@ -65,24 +65,24 @@ def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | No
     spec = backbones.get(recipe.model.backbone.name)
     height, width = recipe.data.image_hw
     head = recipe.model.head
-    backbone_training = None if any(phase.train_bn for phase in recipe.phases) else False
+    options = recipe.model.backbone.options
+    # Pretrained backbones run with training=False so BatchNorm keeps its moving statistics;
+    # with a train_bn phase (or a from-scratch stack) each layer's trainable flag decides.
+    inference_only = spec.inference_mode and not any(phase.train_bn for phase in recipe.phases)
 
     with dtype_policy(resolve_precision(recipe.precision)):
         images = keras.Input(shape=input_shape, dtype="uint8", name="images")
         # Preprocessing stays in float32: it is cheap and keeps pixel maths exact.
-        x = BackboneInput(height, width, spec.preprocessing, name="backbone_input", dtype="float32")(images)
-        backbone = backbones.build_backbone(
-            spec, (height, width), recipe.model.backbone.weights, recipe.model.backbone.options
-        )
-        x = backbone(x, training=backbone_training)
-        pooling = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        x = pooling(name="head_pool")(x)
-        for index, units in enumerate(head.dense, start=1):
-            x = keras.layers.Dense(units, activation=head.activation, name=f"head_dense_{index}")(x)
-        if head.dropout > 0:
-            x = keras.layers.Dropout(head.dropout, name="head_dropout")(x)
-        # Softmax in float32: under mixed_float16 it would overflow or underflow.
-        outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+        x = BackboneInput(height, width, spec.preprocessing_for(options), channels=spec.channels,
+                          name="backbone_input", dtype="float32")(images)
+        backbone = backbones.build_backbone(spec, (height, width), recipe.model.backbone.weights, options,
+                                            channels=input_shape[-1])
+        x = backbone(x, training=False if inference_only else None)
+        if len(x.shape) == 4:
+            pooling = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+            x = pooling(name="head_pool")(x)
+        x = dense.dense_stack(x, head, prefix="head_")
+        outputs = dense.output_layer(x, head, num_classes)
         model = keras.Model(images, outputs, name="finetune")
     return model
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from finetune.errors import RecipeError
 
@@ -55,11 +55,18 @@ class BackboneConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments, e.g. alpha")
 
 
-class HeadConfig(_Strict):
-    pooling: Literal["avg", "max"] = "avg"
-    dense: list[int] = Field(default_factory=list, description="units of hidden dense layers")
-    activation: str = "relu"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+Identifier = str | dict[str, Any]
+
+
+class DenseStackConfig(_Strict):
+    """Hidden Dense layers and the chapter-11 techniques that shape them."""
+
+    dense: list[int] = Field(default_factory=list, description="units of the hidden Dense layers")
+    activation: Identifier = "relu"
+    kernel_initializer: Identifier = "glorot_uniform"
+    batch_norm: Literal["none", "before", "after"] = Field("none", description="relative to the activation")
+    dropout: float | Identifier | None = Field(None, description="a rate, or a dropout-family regularizer")
+    regularizers: list[Identifier] = Field(default_factory=list, description="l1, l2, l1_l2, max_norm, ...")
 
     @field_validator("dense")
     @classmethod
@@ -67,6 +74,18 @@ class HeadConfig(_Strict):
         if any(units <= 0 for units in value):
             raise ValueError("units must be positive")
         return value
+
+
+class HeadConfig(DenseStackConfig):
+    pooling: Literal["avg", "max"] = "avg"
+
+
+class MLPOptions(DenseStackConfig):
+    """Options of the ``mlp`` backbone."""
+
+    dense: list[int] = Field(default_factory=lambda: [300, 100])
+    input_batch_norm: bool = False
+    input_scaling: Literal["unit", "standardize"] = "unit"
 
 
 class ModelConfig(_Strict):
@@ -95,6 +114,9 @@ class PhaseConfig(_Strict):
     trainable: Literal["none", "all"] | TopBlocks = "none"
     train_bn: bool = Field(False, description="let backbone BatchNorm layers train (batch statistics)")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: Identifier | None = Field(None, description="learning-rate schedule; lr0 is optimizer.learning_rate")
+    backbone_lr_multiplier: float = Field(1.0, gt=0.0, description="backbone rate = head rate * this")
+    callbacks: list[Identifier] = Field(default_factory=list)
     batch_size: int | None = Field(None, gt=0)
 
     @field_validator("name")
@@ -108,10 +130,17 @@ class PhaseConfig(_Strict):
 class TrainingConfig(_Strict):
     batch_size: int = Field(64, gt=0)
     verbose: Literal["auto", 0, 1, 2] = "auto"
+    shuffle: bool = True
+    cache: Literal["auto", "memory", "disk", "off"] = Field(
+        "auto", description="compute the frozen part once per phase (auto: memory or disk by size)")
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    steps_per_execution: int = Field(1, gt=0)
+    jit_compile: Literal["auto", True, False] = "auto"
 
 
 class EvaluationConfig(_Strict):
     batch_size: int = Field(256, gt=0)
+    mc_samples: int = Field(0, ge=0, description="average this many stochastic passes (needs mc_dropout)")
 
 
 class ExportConfig(_Strict):
@@ -120,6 +149,8 @@ class ExportConfig(_Strict):
 
 class Recipe(_Strict):
     """A whole fine-tuning run."""
+
+    _notices: list[str] = PrivateAttr(default_factory=list)
 
     name: str = "recipe"
     seed: int = 42
@@ -138,6 +169,11 @@ class Recipe(_Strict):
         if duplicates:
             raise ValueError(f"phases: duplicate phase name(s) {', '.join(duplicates)}")
         return self
+
+    @property
+    def notices(self) -> list[str]:
+        """What loading changed or found doubtful (printed, never silent)."""
+        return self._notices
 
     def phase(self, name: str) -> PhaseConfig:
         for phase in self.phases:
@@ -199,12 +235,44 @@ def load_recipe(
     raw.setdefault("name", default_name)
     for key, value in _normalize_overrides(overrides).items():
         set_path(raw, key, value)
+    notices = _convert_decay(raw, label)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise RecipeError(f"{label}: {format_validation_error(error, raw)}") from None
+    recipe._notices.extend(notices)
     check_recipe(recipe, label)
     return recipe
+
+
+def _convert_decay(raw: dict, label: str) -> list[str]:
+    """The book's ``SGD(..., decay=d)`` becomes the power schedule it meant.
+
+    Keras 3 accepts ``decay`` with a warning and then ignores it.
+    """
+    notices = []
+    for phase in raw.get("phases") or []:
+        if not isinstance(phase, dict) or not isinstance(phase.get("optimizer"), dict):
+            continue
+        optimizer = phase["optimizer"]
+        if "decay" not in optimizer:
+            continue
+        decay = optimizer.pop("decay")
+        name = phase.get("name", "?")
+        if decay in (None, 0):
+            continue
+        if not isinstance(decay, (int, float)) or decay < 0:
+            raise RecipeError(f"{label}: phases.{name}.optimizer.decay: expected a positive number, got {decay!r}")
+        if phase.get("schedule") is not None:
+            raise RecipeError(
+                f"{label}: phases.{name}: optimizer.decay and schedule both set the learning rate; keep one"
+            )
+        phase["schedule"] = {"name": "power", "s": 1.0 / float(decay), "c": 1.0}
+        notices.append(
+            f"phases.{name}.optimizer.decay={decay} (ignored by Keras 3 optimizers) became the power schedule "
+            f"it meant: lr0 / (1 + {decay} * step), i.e. schedule: {{name: power, s: {1.0 / float(decay):g}, c: 1}}"
+        )
+    return notices
 
 
 def _normalize_overrides(overrides) -> dict[str, Any]:
@@ -277,6 +345,13 @@ def _check_known_key(raw: dict, parts: list[str], here: str) -> None:
             index += 1
 
 
+def pydantic_error_line(error: Exception) -> str:
+    """A pydantic error as one line (for option dicts validated outside the recipe)."""
+    if isinstance(error, ValidationError):
+        return format_validation_error(error, {})
+    return str(error).splitlines()[0]
+
+
 def format_validation_error(error: ValidationError, raw: Mapping[str, Any]) -> str:
     """Pydantic errors as one line, with phases named rather than numbered."""
     messages = []
@@ -343,10 +418,72 @@ def check_recipe(recipe: Recipe, label: str = "recipe") -> None:
         fail(f"model.backbone.weights: file {weights!r} does not exist (use imagenet, null or a weights file)")
     if weights == "imagenet" and spec.weights_file is None:
         fail(f"model.backbone.weights: {backbone_name} has no ImageNet weights; use null or a weights file")
-    from finetune import optimizers
+    from finetune import callbacks, dense, optimizers, regularizers, schedules
+
+    if backbone_name == "mlp":
+        try:
+            options = MLPOptions(**recipe.model.backbone.options)
+        except ValidationError as error:
+            fail(f"model.backbone.options: {format_validation_error(error, {})}")
+        dense.check_stack(options, f"{label}: model.backbone.options")
+    dense.check_stack(recipe.model.head, f"{label}: model.head")
 
     for phase in recipe.phases:
+        where = f"phases.{phase.name}"
         try:
             optimizers.get(phase.optimizer.as_identifier())
         except RecipeError as error:
-            fail(f"phases.{phase.name}.optimizer: {error}")
+            fail(f"{where}.optimizer: {error}")
+        try:
+            spec = schedules.schedule_spec(phase.schedule)
+            if phase.schedule is not None:
+                schedules.build_schedule(phase.schedule, schedules.ScheduleContext(
+                    phase.optimizer.learning_rate, steps_per_epoch=100, epochs=max(phase.epochs, 1)))
+            plateau = [item for item in phase.callbacks if callbacks.callback_name(item) == "reduce_lr_on_plateau"]
+            for item in phase.callbacks:
+                callbacks.callbacks.lookup(callbacks.callback_name(item))
+        except RecipeError as error:
+            fail(f"{where}: {error}")
+        if spec is not None and spec.step_based and plateau:
+            fail(
+                f"{where}: the {spec.name} schedule and reduce_lr_on_plateau would both own the learning rate "
+                "(Keras fails mid-run); use schedule: performance, or drop the callback"
+            )
+    if recipe.evaluation.mc_samples:
+        stacks = [recipe.model.head] + ([MLPOptions(**recipe.model.backbone.options)] if backbone_name == "mlp" else [])
+        kinds = [regularizers.resolve(stack.dropout, stack.regularizers).dropout_names for stack in stacks]
+        if not any("mc_dropout" in names for names in kinds):
+            fail("evaluation.mc_samples: needs an mc_dropout layer (dropout: {name: mc_dropout, rate: 0.2})")
+    recipe._notices.extend(technique_warnings(recipe))
+
+
+def technique_warnings(recipe: Recipe) -> list[str]:
+    """Combinations that break what a technique relies on (SELU self-normalization)."""
+    from finetune import dense, regularizers
+
+    backbone = recipe.model.backbone
+    mlp = MLPOptions(**backbone.options) if backbone.name == "mlp" else None
+    stacks = [("model.head", recipe.model.head)] + ([("model.backbone.options", mlp)] if mlp else [])
+    warnings = []
+    for where, stack in stacks:
+        if dense.activation_name(stack.activation) != "selu" or not stack.dense:
+            continue
+        broken = []
+        initializer = stack.kernel_initializer if isinstance(stack.kernel_initializer, str) else \
+            stack.kernel_initializer.get("name")
+        if initializer != "lecun_normal":
+            broken.append(f"kernel_initializer is {initializer}, not lecun_normal")
+        if mlp is None or mlp.input_scaling != "standardize":
+            broken.append("inputs are not standardized (mlp input_scaling: standardize)")
+        if stack.batch_norm != "none" or (mlp is not None and mlp.input_batch_norm):
+            broken.append("batch norm is used")
+        regularization = regularizers.resolve(stack.dropout, stack.regularizers)
+        if any(name != "alpha_dropout" for name in regularization.dropout_names):
+            broken.append(f"{regularization.dropout_names[0]} is used, not alpha_dropout")
+        if regularization.kernel_regularizer or regularization.kernel_constraint:
+            broken.append("l1/l2 or max_norm regularization is used")
+        if backbone.name != "mlp":
+            broken.append(f"the network is not a plain dense stack ({backbone.name} backbone)")
+        if broken:
+            warnings.append(f"{where}: selu will not self-normalize: " + "; ".join(broken))
+    return warnings

@@ -61,7 +61,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     """
     import keras
 
-    from finetune import data, evaluation, export, report, training
+    from finetune import data, evaluation, export, report, schedules, training
     from finetune.model import build_model, resolve_precision
 
     if not isinstance(recipe, Recipe):
@@ -78,9 +78,14 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
         log(f"[finetune] backend {keras.backend.backend()}, precision {precision}")
         model = build_model(recipe)
         training.check_phases(model, recipe)
+        for notice in recipe.notices:
+            log(f"[finetune] note: {notice}")
         for warning in training.recipe_warnings(model, recipe):
             log(f"[finetune] warning: {warning}")
         dataset = data.load_dataset(recipe.data, recipe.seed)
+        backbone_input = model.get_layer("backbone_input")
+        if backbone_input.preprocessing == "standardize":
+            backbone_input.adapt(dataset.train.images)
         log(
             f"[finetune] data {recipe.data.source} from {dataset.source}: {len(dataset.train)} train, "
             f"{len(dataset.validation) if dataset.validation is not None else 0} validation, "
@@ -92,7 +97,9 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
                 log(f"[finetune] phase {phase.name}: 0 epochs, skipped")
                 continue
             plan = training.configure_phase(model, recipe, phase)
-            optimizer = training.compile_for_phase(model, phase)
+            steps = training.steps_per_epoch(recipe, phase, len(dataset.train))
+            setup = training.compile_for_phase(model, phase, steps, run_dir, recipe.training)
+            optimizer = setup.optimizer
             what = (
                 "backbone frozen" if not plan.trainable_blocks
                 else f"{len(plan.trainable_blocks)} of {plan.total_blocks} backbone blocks trainable "
@@ -101,17 +108,22 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             log(
                 f"[finetune] phase {phase.name} ({index + 1}/{len(recipe.phases)}): {phase.epochs} epochs, {what}, "
                 f"{phase.optimizer.name} lr {training.optimizer_learning_rate(optimizer):g}"
+                + (f", schedule {schedules.schedule_spec(phase.schedule).name}" if phase.schedule else "")
+                + (f", backbone lr x{phase.backbone_lr_multiplier:g}" if phase.backbone_lr_multiplier != 1 else "")
             )
             callbacks = [
                 training.HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
-                training.EpochCheckpoint(run_dir, phase.name, index, epochs_done),
+                training.EpochCheckpoint(run_dir, phase.name, index, epochs_done, full_model=model),
+                *setup.callbacks,
             ]
-            training.fit_phase(model, recipe, phase, dataset, initial_epoch=epochs_done, callbacks=callbacks)
+            training.fit_phase(model, recipe, phase, dataset, initial_epoch=epochs_done, callbacks=callbacks,
+                               cache_dir=run_dir / "cache", log=log)
             epochs_done += phase.epochs
             status["phases_done"].append(phase.name)
             training.write_json_atomically(run_dir / "run.json", status)
 
-        test_metrics = evaluation.evaluate(model, dataset.test, dataset.class_names, recipe.evaluation.batch_size)
+        test_metrics = evaluation.evaluate(model, dataset.test, dataset.class_names, recipe.evaluation.batch_size,
+                                           recipe.evaluation.mc_samples)
         metrics = {
             "test": test_metrics,
             "recipe": recipe.name,
@@ -138,6 +150,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
         if recipe.export.saved_model:
             export.export_saved_model(model, run_dir / "saved_model", dataset.class_names)
         (run_dir / "checkpoint.keras").unlink(missing_ok=True)
+        _remove_feature_cache(run_dir / "cache")
         status.update(status="finished", finished=datetime.now().isoformat(timespec="seconds"))
         training.write_json_atomically(run_dir / "run.json", status)
         log(
@@ -151,6 +164,14 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
         raise
     history = _read_history(run_dir / "history.csv")
     return RunResult(run_dir=run_dir, metrics=metrics, model=model, recipe=recipe, history=history)
+
+
+def _remove_feature_cache(folder: Path) -> None:
+    """Cached features are large and rebuilt on demand: drop them once the run has finished."""
+    import shutil
+
+    if folder.is_dir():
+        shutil.rmtree(folder)
 
 
 def _read_history(path: Path) -> list[dict]:

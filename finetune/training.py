@@ -18,7 +18,7 @@ from typing import Callable
 
 import keras
 
-from finetune import backbones, optimizers
+from finetune import backbones, callbacks as callback_registry, optimizers, schedules
 from finetune.errors import RecipeError
 from finetune.model import get_backbone
 from finetune.recipe import PhaseConfig, Recipe
@@ -117,10 +117,55 @@ def recipe_warnings(model: keras.Model, recipe: Recipe) -> list[str]:
     return warnings
 
 
-def compile_for_phase(model: keras.Model, phase: PhaseConfig) -> keras.optimizers.Optimizer:
-    optimizer = optimizers.get(phase.optimizer.as_identifier())
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return optimizer
+@dataclass
+class PhaseSetup:
+    """A compiled phase: its optimizer and the callbacks its settings need."""
+
+    optimizer: keras.optimizers.Optimizer
+    callbacks: list
+
+
+def steps_per_epoch(recipe: Recipe, phase: PhaseConfig, train_size: int) -> int:
+    return max(1, math.ceil(train_size / (phase.batch_size or recipe.training.batch_size)))
+
+
+def compile_for_phase(model: keras.Model, phase: PhaseConfig, steps: int = 1,
+                      run_dir: Path | None = None, recipe_training=None) -> PhaseSetup:
+    """A fresh optimizer (with the phase's schedule and backbone rate), then compile.
+
+    ``steps`` is the number of optimizer steps per epoch (schedules in epochs need it).
+    """
+    context = schedules.ScheduleContext(phase.optimizer.learning_rate, steps, phase.epochs)
+    schedule = schedules.build_schedule(phase.schedule, context)
+    multipliers = None
+    if phase.backbone_lr_multiplier != 1.0:
+        multipliers = {variable.path: phase.backbone_lr_multiplier
+                       for variable in get_backbone(model).trainable_weights}
+    optimizer = optimizers.get(phase.optimizer.as_identifier(), learning_rate=schedule.learning_rate,
+                               lr_multipliers=multipliers)
+    extra = []
+    for callback in schedule.callbacks:
+        if hasattr(callback, "bind"):  # a momentum schedule waiting for its optimizer
+            callback = callback.bind(optimizer)
+        if callback is not None:
+            extra.append(callback)
+    extra.extend(callback_registry.build_callbacks(phase.callbacks, run_dir, phase.name))
+    compile_model(model, optimizer, phase_steps_per_execution(recipe_training, extra),
+                  recipe_training.jit_compile if recipe_training is not None else "auto")
+    return PhaseSetup(optimizer, extra)
+
+
+def phase_steps_per_execution(training_config, callbacks) -> int:
+    if training_config is None:
+        return 1
+    if any(isinstance(callback, schedules.OneCycleMomentum) for callback in callbacks):
+        return 1  # momentum moves between every two steps
+    return training_config.steps_per_execution
+
+
+def compile_model(model: keras.Model, optimizer, steps_per_execution: int = 1, jit_compile="auto") -> None:
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=steps_per_execution, jit_compile=jit_compile)
 
 
 def fit_phase(
@@ -131,21 +176,56 @@ def fit_phase(
     *,
     initial_epoch: int = 0,
     callbacks: list | None = None,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> keras.callbacks.History:
-    """Configure, recompile and fit one phase; epochs are counted across phases."""
+    """Fit one compiled phase; epochs are counted across phases.
+
+    When ``recipe.training.cache`` allows it and the phase trains only the top
+    of the model, the frozen bottom runs once per split (see ``caching``) and
+    the fit runs on its outputs.
+    """
+    from finetune import caching
+
     batch_size = phase.batch_size or recipe.training.batch_size
     validation = dataset.validation
-    return model.fit(
-        dataset.train.images,
+    train_x, val_x = dataset.train.images, validation.images if validation is not None else None
+    fit_model = model
+    cut = caching.plan_cut(model, recipe, phase) if recipe.training.cache != "off" else None
+    if cut is not None:
+        dtype = recipe.training.cache_dtype
+        images = len(train_x) + (len(val_x) if val_x is not None else 0)
+        storage = caching.choose_storage(recipe.training.cache, caching.feature_bytes(cut.bottom, images, dtype))
+        started = time.perf_counter()
+        folder = (cache_dir / phase.name) if cache_dir is not None else None
+        if storage == "disk" and folder is None:
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp(prefix="finetune-cache-"))
+        train_x = _single(caching.extract(cut.bottom, train_x, batch_size, dtype, storage, folder, "train"))
+        if val_x is not None:
+            val_x = _single(caching.extract(cut.bottom, val_x, batch_size, dtype, storage, folder, "validation"))
+        if log is not None:
+            log(f"[finetune] phase {phase.name}: frozen part computed once ({cut.where}), "
+                f"{caching.feature_bytes(cut.bottom, images, dtype) / 1e6:,.0f} MB in {storage}, "
+                f"{time.perf_counter() - started:.1f}s")
+        compile_model(cut.top, model.optimizer, model.steps_per_execution, recipe.training.jit_compile)
+        fit_model = cut.top
+    return fit_model.fit(
+        train_x,
         dataset.train.labels,
         batch_size=batch_size,
         epochs=initial_epoch + phase.epochs,
         initial_epoch=initial_epoch,
-        validation_data=(validation.images, validation.labels) if validation is not None else None,
+        validation_data=(val_x, validation.labels) if validation is not None else None,
         callbacks=callbacks or [],
         verbose=resolve_verbosity(recipe.training.verbose),
-        shuffle=True,
+        shuffle=recipe.training.shuffle,
     )
+
+
+def _single(arrays: list):
+    return arrays[0] if len(arrays) == 1 else arrays
 
 
 def resolve_verbosity(setting) -> int:
@@ -156,6 +236,7 @@ def resolve_verbosity(setting) -> int:
 
 
 def optimizer_learning_rate(optimizer) -> float:
+    """The rate the optimizer uses now (a schedule evaluated at the current step)."""
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
@@ -203,8 +284,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir: Path, phase: str, phase_index: int, first_epoch: int,
-                 on_save: Callable[[dict], None] | None = None):
+                 on_save: Callable[[dict], None] | None = None, full_model: keras.Model | None = None):
         super().__init__()
+        self.full_model = full_model  # the fit may run on a cached top model that shares its layers
         self.run_dir = Path(run_dir)
         self.phase = phase
         self.phase_index = phase_index
@@ -212,7 +294,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.on_save = on_save
 
     def on_epoch_end(self, epoch, logs=None):
-        save_model_atomically(self.model, self.run_dir / "checkpoint.keras")
+        save_model_atomically(self.full_model or self.model, self.run_dir / "checkpoint.keras")
         state = {
             "phase": self.phase,
             "phase_index": self.phase_index,

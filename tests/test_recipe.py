@@ -63,7 +63,6 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path, tiny_recipe_dict):
         ({"model.backbone.name": "xceptoin"}, "did you mean 'xception'"),
         ({"model.backbone.weights": "/nowhere/w.h5"}, "/nowhere/w.h5"),
         ({"phases.head.optimizer.name": "adamm"}, "unknown optimizer 'adamm'"),
-        ({"phases.head.optimizer.decay": 0.01}, "decay"),
         ({"phases.head.optimizer.momentum": 0.9}, "momentum"),
         ({"precision": "float8"}, "precision"),
     ],

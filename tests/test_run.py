@@ -215,10 +215,9 @@ def test_an_interrupted_run_keeps_history_and_a_loadable_checkpoint(tmp_path, ti
     recipe = finetune.load_recipe(tiny_recipe_dict)
     original = training.fit_phase
 
-    def fit_with_interrupt(model, recipe, phase, dataset, *, initial_epoch=0, callbacks=None):
+    def fit_with_interrupt(model, recipe, phase, dataset, *, callbacks=None, **kwargs):
         # Ctrl-C arrives after epoch 2, once the run's own callbacks have saved it.
-        return original(model, recipe, phase, dataset, initial_epoch=initial_epoch,
-                        callbacks=[*(callbacks or []), InterruptAt(2)])
+        return original(model, recipe, phase, dataset, callbacks=[*(callbacks or []), InterruptAt(2)], **kwargs)
 
     monkeypatch.setattr(training, "fit_phase", fit_with_interrupt)
     with pytest.raises(KeyboardInterrupt):

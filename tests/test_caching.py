@@ -1,0 +1,105 @@
+"""Feature caching gives the same training as running the whole model."""
+
+import keras
+import numpy as np
+import pytest
+
+import finetune
+from finetune import caching, data, training
+from finetune.model import get_backbone
+
+
+def train_phase(recipe_dict, phase_name, cache):
+    recipe_dict = {**recipe_dict, "training": {**recipe_dict["training"], "cache": cache, "shuffle": False}}
+    recipe = finetune.load_recipe(recipe_dict)
+    dataset = data.load_dataset(recipe.data, recipe.seed)
+    keras.utils.set_random_seed(0)
+    model = finetune.build_model(recipe)
+    phase = recipe.phase(phase_name)
+    training.configure_phase(model, recipe, phase)
+    setup = training.compile_for_phase(model, phase, training.steps_per_epoch(recipe, phase, len(dataset.train)),
+                                       recipe_training=recipe.training)
+    history = training.fit_phase(model, recipe, phase, dataset, callbacks=setup.callbacks)
+    return model, history
+
+
+@pytest.fixture
+def deterministic(tiny_recipe_dict):
+    tiny_recipe_dict["model"]["head"] = {"dense": [16]}  # no dropout
+    for phase in tiny_recipe_dict["phases"]:
+        phase["epochs"] = 2
+        phase["optimizer"] = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}
+    return tiny_recipe_dict
+
+
+@pytest.mark.parametrize("phase", ["head", "finetune"])
+def test_cached_and_uncached_phases_give_the_same_weights(deterministic, phase):
+    cached, cached_history = train_phase(deterministic, phase, "memory")
+    plain, plain_history = train_phase(deterministic, phase, "off")
+    for ours, theirs in zip(cached.weights, plain.weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs),
+                                   rtol=1e-4, atol=1e-5, err_msg=ours.path)
+    np.testing.assert_allclose(cached_history.history["loss"], plain_history.history["loss"], rtol=1e-4)
+    # The trained weights went back into the full model: something did train.
+    fresh = finetune.build_model(finetune.load_recipe(deterministic))
+    assert not np.allclose(keras.ops.convert_to_numpy(cached.get_layer("predictions").kernel),
+                           keras.ops.convert_to_numpy(fresh.get_layer("predictions").kernel))
+
+
+def test_cut_points(tiny_recipe):
+    model = finetune.build_model(tiny_recipe)
+    head = caching.plan_cut(model, tiny_recipe, tiny_recipe.phase("head"))
+    assert head.where == "after head_pool" and tuple(head.bottom.output.shape) == (None, 1280)
+    top = caching.plan_cut(model, tiny_recipe, tiny_recipe.phase("finetune"))
+    assert top.where == "at block_14_add"  # MobileNetV2's block_15 starts from block 14's output
+    assert {layer.name for layer in top.top.layers} >= {"predictions", "head_pool"}
+
+
+def test_xception_residual_blocks_are_cut_at_both_incoming_tensors(tiny_recipe_dict):
+    tiny_recipe_dict["model"]["backbone"] = {"name": "xception", "weights": None}
+    tiny_recipe_dict["data"]["image_size"] = 71
+    recipe = finetune.load_recipe(tiny_recipe_dict)
+    cut = caching.plan_cut(finetune.build_model(recipe), recipe, recipe.phase("finetune"))
+    assert cut.where == "at block12_sepconv3_bn, add_9" or cut.where.startswith("at block12_sepconv3_bn")
+    assert len(cut.bottom.outputs) == 2
+
+
+def test_no_cache_where_it_would_change_the_result(tiny_recipe_dict):
+    recipe = finetune.load_recipe(tiny_recipe_dict)
+    model = finetune.build_model(recipe)
+    everything = recipe.phase("finetune").model_copy(update={"trainable": "all"})
+    assert caching.plan_cut(model, recipe, everything) is None
+    with_bn = recipe.phase("finetune").model_copy(update={"train_bn": True})
+    assert caching.plan_cut(model, recipe, with_bn) is None
+    # A from-scratch mlp with dropout below the cut is random in training: no cache.
+    tiny_recipe_dict["model"]["backbone"] = {"name": "mlp", "weights": None, "options": {"dense": [8], "dropout": 0.2}}
+    tiny_recipe_dict["data"]["image_size"] = 28
+    recipe = finetune.load_recipe(tiny_recipe_dict)
+    assert caching.plan_cut(finetune.build_model(recipe), recipe, recipe.phase("head")) is None
+
+
+def test_disk_cache_matches_memory(tiny_recipe, tmp_path):
+    model = finetune.build_model(tiny_recipe)
+    cut = caching.plan_cut(model, tiny_recipe, tiny_recipe.phase("finetune"))
+    images = data.load_dataset(tiny_recipe.data, 0).train.images[:50]
+    (memory,) = caching.extract(cut.bottom, images, 16, "float32", "memory", None, "train")
+    (disk,) = caching.extract(cut.bottom, images, 16, "float32", "disk", tmp_path, "train")
+    assert isinstance(disk, np.memmap) and (tmp_path / "train_0.npy").is_file()
+    np.testing.assert_array_equal(memory, np.asarray(disk))
+    direct = keras.ops.convert_to_numpy(cut.bottom(images))
+    np.testing.assert_allclose(memory, direct, rtol=1e-3, atol=1e-3)  # graph vs eager rounding
+
+
+def test_auto_storage_goes_to_disk_when_large():
+    assert caching.choose_storage("auto", 10 * 1024**2) == "memory"
+    assert caching.choose_storage("auto", 50 * 1024**3) == "disk"
+    assert caching.choose_storage("memory", 50 * 1024**3) == "memory"
+
+
+def test_a_run_uses_the_cache_and_removes_it_at_the_end(tiny_recipe, tmp_path):
+    lines = []
+    result = finetune.run(tiny_recipe, out=tmp_path / "run", log=lines.append)
+    assert any("frozen part computed once (after head_pool)" in line for line in lines)
+    assert any("frozen part computed once (at block_14_add)" in line for line in lines)
+    assert not (result.run_dir / "cache").exists()
+    assert get_backbone(result.model).name.startswith("mobilenetv2")
