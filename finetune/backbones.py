@@ -154,6 +154,34 @@ def _parent_operations(operation) -> list:
     return parents
 
 
+def calibrate_batch_norm(backbone, images, batch_size: int = 32) -> None:
+    """Give each BatchNorm layer the statistics of its inputs on ``images``.
+
+    A backbone that starts from random weights and keeps BatchNorm in
+    inference mode has moving statistics (0, 1) that match nothing: its
+    features vanish (about 1e-5 for Xception) and no head can learn from
+    them. Layer by layer, this sets each BN layer's moving mean and variance
+    to the statistics of its inputs, as a pretrained backbone would have
+    them. ``images`` must already be the backbone's input (preprocessed).
+    """
+    import keras
+    import numpy as np
+
+    images = keras.ops.convert_to_numpy(images)
+    for layer in backbone.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        probe = keras.Model(backbone.input, layer.input)
+        total, total_sq, count = 0.0, 0.0, 0
+        for start in range(0, len(images), batch_size):
+            values = np.asarray(keras.ops.convert_to_numpy(probe(images[start:start + batch_size])), np.float64)
+            values = values.reshape(-1, values.shape[-1])
+            total, total_sq, count = total + values.sum(0), total_sq + (values ** 2).sum(0), count + len(values)
+        mean = total / count
+        layer.moving_mean.assign(mean.astype("float32"))
+        layer.moving_variance.assign(np.maximum(total_sq / count - mean ** 2, 0.0).astype("float32"))
+
+
 # --- building and weights -------------------------------------------------
 
 

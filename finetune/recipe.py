@@ -134,7 +134,16 @@ class TrainingConfig(_Strict):
     cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="compute the frozen part once per phase (auto: memory or disk by size)")
     cache_dtype: Literal["float32", "float16"] = "float32"
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` as false (and `on` as true).
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
     steps_per_execution: int = Field(1, gt=0)
+    checkpoint_seconds: float = Field(60.0, ge=0.0, description=(
+        "write the epoch checkpoint at most this often (0: every epoch); the last epoch of a phase "
+        "and an interrupted run are always saved"))
     jit_compile: Literal["auto", True, False] = "auto"
 
 

@@ -71,6 +71,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds"), "phases_done": []}
     training.write_json_atomically(run_dir / "run.json", status)
     started = time.perf_counter()
+    checkpoint = None
     try:
         keras.utils.set_random_seed(recipe.seed)
         precision = resolve_precision(recipe.precision)
@@ -92,6 +93,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             f"{len(dataset.test)} test images of {dataset.input_shape} -> {recipe.data.image_hw}"
         )
         epochs_done = 0
+        checkpoint = None
         for index, phase in enumerate(recipe.phases):
             if phase.epochs == 0:
                 log(f"[finetune] phase {phase.name}: 0 epochs, skipped")
@@ -111,9 +113,13 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
                 + (f", schedule {schedules.schedule_spec(phase.schedule).name}" if phase.schedule else "")
                 + (f", backbone lr x{phase.backbone_lr_multiplier:g}" if phase.backbone_lr_multiplier != 1 else "")
             )
+            checkpoint = training.EpochCheckpoint(
+                run_dir, phase.name, index, epochs_done, full_model=model,
+                every_seconds=recipe.training.checkpoint_seconds, last_epoch=epochs_done + phase.epochs,
+            )
             callbacks = [
                 training.HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
-                training.EpochCheckpoint(run_dir, phase.name, index, epochs_done, full_model=model),
+                checkpoint,
                 *setup.callbacks,
             ]
             training.fit_phase(model, recipe, phase, dataset, initial_epoch=epochs_done, callbacks=callbacks,
@@ -133,14 +139,12 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             "validation_images": len(dataset.validation) if dataset.validation is not None else 0,
             "seconds": round(time.perf_counter() - started, 2),
         }
-        if dataset.validation is not None:
-            metrics["validation"] = {
-                key: value
-                for key, value in evaluation.evaluate(
-                    model, dataset.validation, dataset.class_names, recipe.evaluation.batch_size
-                ).items()
-                if key in ("loss", "accuracy", "examples")
-            }
+        history = _read_history(run_dir / "history.csv")
+        if dataset.validation is not None and history and history[-1].get("val_accuracy"):
+            # The last epoch already measured the final model on the validation split.
+            metrics["validation"] = {"loss": float(history[-1]["val_loss"]),
+                                     "accuracy": float(history[-1]["val_accuracy"]),
+                                     "examples": len(dataset.validation)}
         training.save_model_atomically(model, run_dir / "model.keras")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         report.confusion_matrix_png(
@@ -158,11 +162,12 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             f"on {test_metrics['examples']} images; {metrics['seconds']:.0f}s; results in {run_dir}"
         )
     except BaseException as error:
+        if isinstance(error, KeyboardInterrupt) and checkpoint is not None:
+            checkpoint.save_now(interrupted=True)  # between two steps, the weights are consistent
         status.update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
                       error=str(error).splitlines()[0] if str(error) else type(error).__name__)
         training.write_json_atomically(run_dir / "run.json", status)
         raise
-    history = _read_history(run_dir / "history.csv")
     return RunResult(run_dir=run_dir, metrics=metrics, model=model, recipe=recipe, history=history)
 
 

@@ -277,31 +277,51 @@ class HistoryCSV(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the model with its optimizer state after every epoch, atomically.
+    """Saves the model with its optimizer state, atomically, as epochs finish.
 
-    ``checkpoint.keras`` and ``state.json`` say where the run stood, so an
-    interrupted run loses at most the epoch in progress.
+    ``checkpoint.keras`` and ``state.json`` say where the run stood. Writing a
+    large backbone takes longer than an epoch of a cached head, so saves are
+    at most ``every_seconds`` apart, the phase's last epoch is always saved,
+    and :meth:`save_now` saves an interrupted run. ``full_model`` is the model
+    to save when the fit runs on a cached top model that shares its layers.
     """
 
     def __init__(self, run_dir: Path, phase: str, phase_index: int, first_epoch: int,
-                 on_save: Callable[[dict], None] | None = None, full_model: keras.Model | None = None):
+                 on_save: Callable[[dict], None] | None = None, full_model: keras.Model | None = None,
+                 every_seconds: float = 0.0, last_epoch: int | None = None):
         super().__init__()
-        self.full_model = full_model  # the fit may run on a cached top model that shares its layers
+        self.full_model = full_model
         self.run_dir = Path(run_dir)
         self.phase = phase
         self.phase_index = phase_index
         self.first_epoch = first_epoch
         self.on_save = on_save
+        self.every_seconds = every_seconds
+        self.last_epoch = last_epoch
+        self.epochs_done = first_epoch
+        self._last_save = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
-        save_model_atomically(self.full_model or self.model, self.run_dir / "checkpoint.keras")
+        self.epochs_done = epoch + 1
+        due = time.monotonic() - self._last_save >= self.every_seconds
+        if due or self.epochs_done == self.last_epoch:
+            self.save_now()
+
+    def save_now(self, interrupted: bool = False) -> None:
+        model = self.full_model or self.model
+        if model is None:
+            return
+        save_model_atomically(model, self.run_dir / "checkpoint.keras")
         state = {
             "phase": self.phase,
             "phase_index": self.phase_index,
-            "phase_epochs_done": epoch + 1 - self.first_epoch,
-            "epochs_done": epoch + 1,
+            "phase_epochs_done": self.epochs_done - self.first_epoch,
+            "epochs_done": self.epochs_done,
         }
+        if interrupted:
+            state["interrupted_during_epoch"] = self.epochs_done + 1
         write_json_atomically(self.run_dir / "state.json", state)
+        self._last_save = time.monotonic()
         if self.on_save is not None:
             self.on_save(state)
 

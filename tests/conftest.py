@@ -40,22 +40,6 @@ def fresh_keras():
     keras.config.set_dtype_policy("float32")
 
 
-def calibrate_batch_norm(backbone, images):
-    """Give a random-init backbone the BatchNorm statistics of ``images``.
-
-    A random backbone in inference mode has moving statistics (0, 1) that
-    match nothing, and its features vanish (about 1e-10 here), so no fit step
-    could move a weight. Setting each BN layer's moving mean and variance to
-    the batch statistics of its inputs, layer by layer, makes it behave like
-    a pretrained backbone: healthy activations, frozen statistics.
-    """
-    for layer in backbone.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            inputs = keras.Model(backbone.input, layer.input)(images)
-            layer.moving_mean.assign(keras.ops.mean(inputs, axis=(0, 1, 2)))
-            layer.moving_variance.assign(keras.ops.var(inputs, axis=(0, 1, 2)))
-
-
 @pytest.fixture(scope="session")
 def tiny_backbone_weights(tmp_path_factory):
     """MobileNetV2 (alpha 0.35, 32x32) weights with calibrated BatchNorm statistics."""
@@ -68,7 +52,8 @@ def tiny_backbone_weights(tmp_path_factory):
     backbone = backbones.build_backbone(spec, (32, 32), None, {"alpha": 0.35})
     dataset = data.load_dataset(DataConfig(train_limit=256, validation_split=0.0), seed=0)
     images = BackboneInput(32, 32, spec.preprocessing)(dataset.train.images)
-    calibrate_batch_norm(backbone, images)
+    # Random weights with calibrated BatchNorm act like a pretrained backbone (healthy features).
+    backbones.calibrate_batch_norm(backbone, images)
     path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_035_32_calibrated.weights.h5"
     backbone.save_weights(path)
     keras.backend.clear_session()

@@ -160,7 +160,7 @@ def test_unloadable_weights_file_is_a_weights_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", backbones.backbones.names())
+@pytest.mark.parametrize("name", [name for name in backbones.backbones.names() if backbones.get(name).weights_file])
 def test_every_backbone_builds_splits_and_names_its_weights(name, no_network):
     spec = backbones.get(name)
     size = 331 if name == "nasnet_large" else 224 if name == "nasnet_mobile" else spec.min_size
@@ -173,3 +173,11 @@ def test_every_backbone_builds_splits_and_names_its_weights(name, no_network):
     assert len(blocks) >= 5
     assigned = list(stem) + [layer for block in blocks for layer in block.layers]
     assert len(assigned) == len({id(layer) for layer in assigned}) == len(model.layers) - 1
+
+
+def test_a_backbone_without_imagenet_weights_refuses_them(tiny_recipe_dict):
+    import finetune
+
+    tiny_recipe_dict["model"]["backbone"] = {"name": "mlp", "weights": "imagenet"}
+    with pytest.raises(finetune.RecipeError, match="mlp has no ImageNet weights"):
+        finetune.load_recipe(tiny_recipe_dict)

@@ -103,3 +103,13 @@ def test_a_run_uses_the_cache_and_removes_it_at_the_end(tiny_recipe, tmp_path):
     assert any("frozen part computed once (at block_14_add)" in line for line in lines)
     assert not (result.run_dir / "cache").exists()
     assert get_backbone(result.model).name.startswith("mobilenetv2")
+
+
+def test_yaml_off_switches_the_cache_off(tmp_path):
+    import finetune
+    from conftest import ROOT
+
+    text = (ROOT / "recipes" / "xception_fmnist.yaml").read_text().replace("training:\n", "training:\n  cache: off\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert finetune.load_recipe(path).training.cache == "off"

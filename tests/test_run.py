@@ -212,6 +212,7 @@ def test_an_interrupted_run_keeps_history_and_a_loadable_checkpoint(tmp_path, ti
     from finetune import training
 
     tiny_recipe_dict["phases"][0]["epochs"] = 3
+    tiny_recipe_dict["training"]["checkpoint_seconds"] = 0  # a checkpoint after every epoch
     recipe = finetune.load_recipe(tiny_recipe_dict)
     original = training.fit_phase
 
@@ -225,10 +226,32 @@ def test_an_interrupted_run_keeps_history_and_a_loadable_checkpoint(tmp_path, ti
     run_dir = tmp_path / "run"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     assert json.loads((run_dir / "state.json").read_text()) == {
-        "phase": "head", "phase_index": 0, "phase_epochs_done": 2, "epochs_done": 2,
+        "phase": "head", "phase_index": 0, "phase_epochs_done": 2, "epochs_done": 2, "interrupted_during_epoch": 3,
     }
     with (run_dir / "history.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 2
     checkpoint = keras.saving.load_model(run_dir / "checkpoint.keras", safe_mode=True)
     assert int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) == 2 * 5  # 160 images, batch 32
     assert not list(run_dir.glob(".*partial*"))
+
+
+def test_throttled_checkpoints_still_save_an_interrupted_run(tmp_path, tiny_recipe_dict, monkeypatch):
+    from finetune import training
+
+    tiny_recipe_dict["phases"][0]["epochs"] = 3
+    tiny_recipe_dict["training"]["checkpoint_seconds"] = 3600  # no epoch is due for a save
+    saves = []
+    original_save = training.save_model_atomically
+    monkeypatch.setattr(training, "save_model_atomically", lambda model, path: (saves.append(path.name),
+                                                                                  original_save(model, path)))
+    original = training.fit_phase
+
+    def fit_with_interrupt(model, recipe, phase, dataset, *, callbacks=None, **kwargs):
+        return original(model, recipe, phase, dataset, callbacks=[*(callbacks or []), InterruptAt(2)], **kwargs)
+
+    monkeypatch.setattr(training, "fit_phase", fit_with_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=lambda line: None)
+    assert saves == ["checkpoint.keras"]  # only the save on interrupt
+    checkpoint = keras.saving.load_model(tmp_path / "run" / "checkpoint.keras", safe_mode=True)
+    assert int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) == 2 * 5

@@ -1,0 +1,215 @@
+"""Side-by-side benchmark: the Keras transfer-learning guide's way vs finetune.
+
+    python3 scripts/bench.py [--train 2000] [--test 1000] [--sizes 71 96] [--cases head finetune both]
+
+For each image size and case, runs the same work twice, one process after the
+other: a baseline written as the Keras transfer-learning guide writes it
+(tf.data map for gray-to-RGB, resize and preprocess_input, prefetch, frozen
+Xception called with training=False, the same head and optimizers, the same
+two top blocks unfrozen with BatchNorm frozen), then `finetune` with the same
+recipe settings. Prints wall time, training images/s, peak memory and test
+accuracy of each, and the ratios, as a markdown table.
+
+Cases: head (10 epochs, backbone frozen), finetune (top 2 blocks, 5 epochs, from
+the same starting weights), both (head then finetune). Both sides start from
+the same Xception weights: random, with BatchNorm statistics calibrated on
+Fashion-MNIST images (no ImageNet weights can be downloaded here), so the
+frozen features carry signal and the accuracies can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+HEAD_EPOCHS, TUNE_EPOCHS, BATCH = 10, 5, 64
+
+
+def recipe_dict(args, size: int, case: str, weights: str) -> dict:
+    head_epochs = HEAD_EPOCHS if case in ("head", "both") else 0
+    tune_epochs = TUNE_EPOCHS if case in ("finetune", "both") else 0
+    return {
+        "name": f"bench_{case}_{size}", "seed": 0, "precision": "float32",
+        "data": {"source": "fashion_mnist", "image_size": size, "validation_split": 0.1,
+                 "train_limit": args.train, "test_limit": args.test},
+        "model": {"backbone": {"name": "xception", "weights": weights}, "head": {"dropout": 0.2}},
+        "training": {"batch_size": BATCH, "verbose": 0},
+        "export": {"saved_model": False},
+        "phases": [
+            {"name": "head", "epochs": head_epochs, "trainable": "none",
+             "optimizer": {"name": "adam", "learning_rate": 1e-3}},
+            {"name": "finetune", "epochs": tune_epochs, "trainable": {"top_blocks": 2},
+             "optimizer": {"name": "adam", "learning_rate": 1e-4}},
+        ],
+    }
+
+
+# --- workers (each runs in its own process) -------------------------------
+
+
+def worker_finetune(args) -> dict:
+    import finetune
+
+    recipe = finetune.load_recipe(json.loads(args.recipe), json.loads(args.overrides or "[]"))
+    started = time.perf_counter()
+    lines = []
+    result = finetune.run(recipe, out=Path(args.scratch) / "finetune", log=lines.append)
+    wall = time.perf_counter() - started
+    train_seconds = sum(float(row["seconds"]) for row in result.history)
+    extract_seconds = sum(float(line.rsplit(", ", 1)[-1].rstrip("s")) for line in lines if "computed once" in line)
+    return {"wall": wall, "train_seconds": train_seconds + extract_seconds, "epochs": len(result.history),
+            "accuracy": result.metrics["test"]["accuracy"], "extract_seconds": extract_seconds,
+            "train_images": result.metrics["train_images"], "log": [l for l in lines if "computed once" in l]}
+
+
+def worker_baseline(args) -> dict:
+    """The Keras transfer-learning guide's recipe, on the same data and weights."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import finetune
+    from finetune import backbones, data
+
+    recipe = finetune.load_recipe(json.loads(args.recipe))
+    keras.utils.set_random_seed(0)
+    started = time.perf_counter()
+    dataset = data.load_dataset(recipe.data, recipe.seed)
+    size = recipe.data.image_size
+
+    def to_backbone_input(images, labels):
+        images = tf.image.resize(tf.image.grayscale_to_rgb(tf.cast(images, tf.float32)), (size, size))
+        return keras.applications.xception.preprocess_input(images), labels
+
+    def pipeline(split, shuffle):
+        ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+        if shuffle:
+            ds = ds.shuffle(len(split), seed=0)
+        return ds.batch(BATCH).map(to_backbone_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    train, val, test = pipeline(dataset.train, True), pipeline(dataset.validation, False), pipeline(dataset.test, False)
+    base = keras.applications.Xception(weights=None, input_shape=(size, size, 3), include_top=False)
+    base.load_weights(recipe.model.backbone.weights)
+    base.trainable = False
+    inputs = keras.Input(shape=(size, size, 3))
+    x = base(inputs, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(10, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    train_seconds, epochs = 0.0, 0
+    for phase in recipe.phases:
+        if phase.epochs == 0:
+            continue
+        if phase.trainable != "none":
+            _, blocks = backbones.split_into_blocks(base, backbones.get("xception"))
+            top = {id(layer) for block in blocks[-phase.trainable.top_blocks:] for layer in block.layers}
+            base.trainable = True
+            for layer in base.layers:
+                layer.trainable = id(layer) in top and not isinstance(layer, keras.layers.BatchNormalization)
+        model.compile(optimizer=keras.optimizers.Adam(phase.optimizer.learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        fit_started = time.perf_counter()
+        model.fit(train, epochs=phase.epochs, validation_data=val, verbose=0)
+        train_seconds += time.perf_counter() - fit_started
+        epochs += phase.epochs
+    _, accuracy = model.evaluate(test, verbose=0)
+    return {"wall": time.perf_counter() - started, "train_seconds": train_seconds, "epochs": epochs,
+            "accuracy": float(accuracy), "train_images": len(dataset.train)}
+
+
+def make_weights(path: Path, size: int, images: int = 512) -> None:
+    """Random Xception weights with BatchNorm statistics calibrated on Fashion-MNIST."""
+    import keras
+
+    from finetune import backbones, data
+    from finetune.layers import BackboneInput
+    from finetune.recipe import DataConfig
+
+    keras.utils.set_random_seed(0)
+    spec = backbones.get("xception")
+    backbone = backbones.build_backbone(spec, (size, size), None)
+    split = data.load_dataset(DataConfig(train_limit=images, validation_split=0.0), seed=1).train
+    backbones.calibrate_batch_norm(backbone, BackboneInput(size, size, spec.preprocessing)(split.images))
+    backbone.save_weights(path)
+
+
+# --- driver ---------------------------------------------------------------
+
+
+def run_worker(kind: str, recipe: dict, scratch: Path, overrides: list | None = None) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--recipe", json.dumps(recipe), "--scratch", str(scratch),
+               "--overrides", json.dumps(overrides or [])]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=2000, help="training images (10%% held out for validation)")
+    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[71, 96])
+    parser.add_argument("--cases", nargs="+", default=["head", "finetune", "both"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for the finetune side, e.g. training.jit_compile=false")
+    parser.add_argument("--worker", choices=["baseline", "finetune", "weights"], help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        if args.worker == "weights":
+            recipe = json.loads(args.recipe)
+            make_weights(Path(recipe["path"]), recipe["size"])
+            print(json.dumps({}))
+            return 0
+        report = (worker_baseline if args.worker == "baseline" else worker_finetune)(args)
+        report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(report))
+        return 0
+
+    print("| size | case | way | wall s | train s | train images/s | peak RSS MB | test accuracy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    ratios = []
+    with tempfile.TemporaryDirectory(prefix="finetune-bench-") as scratch_root:
+        scratch_root = Path(scratch_root)
+        for size in args.sizes:
+            weights = scratch_root / f"xception_{size}_calibrated.weights.h5"
+            run_worker("weights", {"path": str(weights), "size": size}, scratch_root)
+            for case in args.cases:
+                recipe = recipe_dict(args, size, case, str(weights))
+                reports = {}
+                for kind in ("baseline", "finetune"):
+                    scratch = scratch_root / f"{size}_{case}_{kind}"
+                    scratch.mkdir()
+                    reports[kind] = report = run_worker(kind, recipe, scratch, args.overrides)
+                    speed = report["train_images"] * report["epochs"] / report["train_seconds"]
+                    print(f"| {size} | {case} | {kind} | {report['wall']:.1f} | {report['train_seconds']:.1f} | "
+                          f"{speed:.0f} | {report['peak_rss_mb']:.0f} | {report['accuracy']:.4f} |", flush=True)
+                ratios.append((size, case, reports["baseline"]["wall"] / reports["finetune"]["wall"],
+                               reports["baseline"]["train_seconds"] / reports["finetune"]["train_seconds"],
+                               reports["finetune"]["accuracy"] - reports["baseline"]["accuracy"],
+                               reports["finetune"].get("extract_seconds", 0.0)))
+    print()
+    print("| size | case | wall: baseline / finetune | training: baseline / finetune | accuracy: finetune - baseline | "
+          "finetune's one pass of the frozen part, s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for size, case, wall, train, accuracy, extract in ratios:
+        print(f"| {size} | {case} | {wall:.2f}x | {train:.2f}x | {accuracy * 100:+.1f} pt | {extract:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
