@@ -40,11 +40,26 @@ callbacks.register(
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
                                       restore_best_weights=restore_best_weights, **kw),
 )
+class FullModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that saves the whole model even while a cached top model trains."""
+
+    full_model: keras.Model | None = None
+
+    def _save_model(self, epoch, batch, logs):
+        fitted = self.model
+        if self.full_model is not None:
+            self.set_model(self.full_model)  # shares every weight with the cached top model
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            self.set_model(fitted)
+
+
 callbacks.register(
     "model_checkpoint",
     lambda run_dir, phase, monitor="val_loss", save_best_only=True, **kw:
-        keras.callbacks.ModelCheckpoint(str(run_dir / f"best_{phase}.keras"), monitor=monitor,
-                                        save_best_only=save_best_only, **kw),
+        FullModelCheckpoint(str(run_dir / f"best_{phase}.keras"), monitor=monitor,
+                            save_best_only=save_best_only, **kw),
 )
 callbacks.register(
     "tensorboard",

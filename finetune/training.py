@@ -211,6 +211,9 @@ def fit_phase(
                 f"{time.perf_counter() - started:.1f}s")
         compile_model(cut.top, model.optimizer, model.steps_per_execution, recipe.training.jit_compile)
         fit_model = cut.top
+        for callback in callbacks or []:
+            if hasattr(callback, "full_model") and callback.full_model is None:
+                callback.full_model = model
     return fit_model.fit(
         train_x,
         dataset.train.labels,

@@ -113,3 +113,13 @@ def test_yaml_off_switches_the_cache_off(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(text)
     assert finetune.load_recipe(path).training.cache == "off"
+
+
+def test_model_checkpoint_saves_the_full_model_from_a_cached_phase(tiny_recipe_dict, tmp_path):
+    tiny_recipe_dict["phases"][0]["callbacks"] = ["model_checkpoint"]
+    tiny_recipe_dict["phases"][1]["epochs"] = 0
+    result = finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=lambda line: None)
+    best = keras.saving.load_model(result.run_dir / "best_head.keras", safe_mode=True)
+    assert tuple(best.input_shape) == (None, 28, 28, 1)
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1)).astype("uint8")
+    assert keras.ops.convert_to_numpy(best(images)).shape == (3, 10)
