@@ -38,7 +38,6 @@ _TRAINING_DEPENDENT = (
     keras.layers.GaussianNoise,
     keras.layers.GaussianDropout,
     keras.layers.AlphaDropout,
-    keras.layers.BatchNormalization,
 )
 
 
@@ -61,8 +60,7 @@ def plan_cut(model: keras.Model, recipe, phase) -> CutModels | None:
     if phase.trainable == "all":
         return None
     if phase.trainable == "none":
-        bottom_layers = [layer for layer in backbone.layers]
-        if not inference_only and _training_dependent(bottom_layers):
+        if not inference_only and _training_dependent(backbone.layers):
             return None
         return _cut_before_head(model, backbone)
     _, blocks = backbones.split_into_blocks(backbone, spec)
@@ -74,18 +72,20 @@ def plan_cut(model: keras.Model, recipe, phase) -> CutModels | None:
 
 
 def _training_dependent(layers) -> bool:
-    return any(isinstance(layer, _TRAINING_DEPENDENT) for layer in layers)
+    # A frozen BatchNorm layer (trainable=False) always runs in inference mode.
+    return any(isinstance(layer, _TRAINING_DEPENDENT)
+               or (isinstance(layer, keras.layers.BatchNormalization) and layer.trainable) for layer in layers)
 
 
-def _head_start(model: keras.Model, backbone) -> tuple[str, list]:
-    """The tensor the head starts from, and the head's layers in order."""
+def _layers_after(model: keras.Model, name: str) -> list:
+    """The layers that follow ``name`` (the head is a chain after the backbone)."""
     names = [layer.name for layer in model.layers]
-    start = "head_pool" if "head_pool" in names else backbone.name
-    return start, model.layers[names.index(start) + 1:]
+    return model.layers[names.index(name) + 1:]
 
 
 def _cut_before_head(model: keras.Model, backbone) -> CutModels:
-    start, head_layers = _head_start(model, backbone)
+    start = "head_pool" if any(layer.name == "head_pool" for layer in model.layers) else backbone.name
+    head_layers = _layers_after(model, start)
     features = model.get_layer(start).output
     bottom = keras.Model(model.input, features, name="cached_bottom")
     inputs = keras.Input(shape=features.shape[1:], dtype=features.dtype, name="cached_features")
@@ -114,8 +114,7 @@ def _cut_inside_backbone(model, backbone, top_layers: set, inference_only: bool)
     bottom = keras.Model(model.input, inner_bottom(backbone_input, training=training), name="cached_bottom")
     inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype, name=f"cached_features_{i}") for i, t in enumerate(cut)]
     x = inner_top(inputs if len(inputs) > 1 else inputs[0], training=training)
-    names = [layer.name for layer in model.layers]
-    for layer in model.layers[names.index(backbone.name) + 1:]:  # pooling and head
+    for layer in _layers_after(model, backbone.name):  # pooling and head
         x = layer(x)
     names = ", ".join(t._keras_history.operation.name for t in cut)
     return CutModels(bottom, keras.Model(inputs, x, name="cached_top"), where=f"at {names}")
@@ -154,10 +153,9 @@ def extract(bottom: keras.Model, images: np.ndarray, batch_size: int, dtype: str
                                                     shape=shape))
         else:
             arrays.append(np.empty(shape, dtype=dtype))
-    chunk = max(batch_size, 1024)
+    chunk = max(batch_size, 1024)  # bounds what predict holds before it is written out
     for start in range(0, len(images), chunk):
-        produced = _as_list(bottom.predict_on_batch(images[start:start + chunk]) if chunk <= batch_size else
-                            bottom.predict(images[start:start + chunk], batch_size=batch_size, verbose=0))
+        produced = _as_list(bottom.predict(images[start:start + chunk], batch_size=batch_size, verbose=0))
         for array, values in zip(arrays, produced):
             array[start:start + len(values)] = keras.ops.convert_to_numpy(values).astype(dtype, copy=False)
     for array in arrays:

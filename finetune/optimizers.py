@@ -107,17 +107,6 @@ optimizers.register("nadam", Nadam)
 optimizers.register("adamw", AdamW)
 
 
-def split_decay(identifier: dict) -> tuple[dict, float | None]:
-    """Pull the book's ``decay`` out of an optimizer spec.
-
-    Keras 3 accepts ``decay`` with a warning and ignores it; it meant the
-    power schedule lr0 / (1 + decay * step).
-    """
-    settings = dict(identifier)
-    decay = settings.pop("decay", None)
-    return settings, (float(decay) if decay is not None else None)
-
-
 def get(identifier: Any, learning_rate: Any = None, lr_multipliers: dict | None = None) -> keras.optimizers.Optimizer:
     """A fresh optimizer from a name, a ``{name: ..., **settings}`` mapping or an instance.
 

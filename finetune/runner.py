@@ -57,7 +57,9 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
 
     The run folder holds ``recipe.yaml`` (resolved), ``history.csv`` (one row
     per epoch, written as it happens), ``checkpoint.keras`` and ``state.json``
-    (after every epoch), ``model.keras``, ``metrics.json`` and ``saved_model/``.
+    (as epochs finish, at most every ``training.checkpoint_seconds``, and on
+    Ctrl-C), ``model.keras``, ``metrics.json``, ``confusion_matrix.png`` and
+    ``saved_model/``.
     """
     import keras
 
@@ -93,7 +95,6 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             f"{len(dataset.test)} test images of {dataset.input_shape} -> {recipe.data.image_hw}"
         )
         epochs_done = 0
-        checkpoint = None
         for index, phase in enumerate(recipe.phases):
             if phase.epochs == 0:
                 log(f"[finetune] phase {phase.name}: 0 epochs, skipped")
@@ -101,7 +102,6 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             plan = training.configure_phase(model, recipe, phase)
             steps = training.steps_per_epoch(recipe, phase, len(dataset.train))
             setup = training.compile_for_phase(model, phase, steps, run_dir, recipe.training)
-            optimizer = setup.optimizer
             what = (
                 "backbone frozen" if not plan.trainable_blocks
                 else f"{len(plan.trainable_blocks)} of {plan.total_blocks} backbone blocks trainable "
@@ -109,7 +109,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             )
             log(
                 f"[finetune] phase {phase.name} ({index + 1}/{len(recipe.phases)}): {phase.epochs} epochs, {what}, "
-                f"{phase.optimizer.name} lr {training.optimizer_learning_rate(optimizer):g}"
+                f"{phase.optimizer.name} lr {phase.optimizer.learning_rate:g}"
                 + (f", schedule {schedules.schedule_spec(phase.schedule).name}" if phase.schedule else "")
                 + (f", backbone lr x{phase.backbone_lr_multiplier:g}" if phase.backbone_lr_multiplier != 1 else "")
             )
@@ -124,6 +124,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             ]
             training.fit_phase(model, recipe, phase, dataset, initial_epoch=epochs_done, callbacks=callbacks,
                                cache_dir=run_dir / "cache", log=log)
+            checkpoint = None  # the phase's last epoch is saved; a later Ctrl-C has no epoch to save
             epochs_done += phase.epochs
             status["phases_done"].append(phase.name)
             training.write_json_atomically(run_dir / "run.json", status)

@@ -21,7 +21,7 @@ import keras
 from finetune import backbones, callbacks as callback_registry, optimizers, schedules
 from finetune.errors import RecipeError
 from finetune.model import get_backbone
-from finetune.recipe import PhaseConfig, Recipe
+from finetune.recipe import PhaseConfig, Recipe, TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,7 @@ def configure_phase(model: keras.Model, recipe: Recipe, phase: PhaseConfig) -> P
         chosen_blocks = blocks
         chosen = {id(layer) for layer in stem} | {id(layer) for block in blocks for layer in block.layers}
     else:
-        count = phase.trainable.top_blocks
-        if count > len(blocks):
-            raise RecipeError(
-                f"phases.{phase.name}.trainable.top_blocks: {spec.name} has {len(blocks)} blocks, got {count}"
-            )
-        chosen_blocks = blocks[-count:]
+        chosen_blocks = _top_blocks(blocks, phase, spec)
         chosen = {id(layer) for block in chosen_blocks for layer in block.layers}
 
     for layer in model.layers:
@@ -88,16 +83,23 @@ def _count(variables) -> int:
     return int(sum(math.prod(variable.shape) for variable in variables))
 
 
+def _top_blocks(blocks: list, phase: PhaseConfig, spec) -> list:
+    count = phase.trainable.top_blocks
+    if count > len(blocks):
+        raise RecipeError(
+            f"phases.{phase.name}.trainable.top_blocks: {spec.name} has {len(blocks)} blocks "
+            f"({blocks[0].name} .. {blocks[-1].name}), got {count}"
+        )
+    return blocks[-count:]
+
+
 def check_phases(model: keras.Model, recipe: Recipe) -> None:
     """Fail before any data is loaded if a phase asks for more blocks than exist."""
     spec = backbones.get(recipe.model.backbone.name)
     _, blocks = backbones.split_into_blocks(get_backbone(model), spec)
     for phase in recipe.phases:
-        if not isinstance(phase.trainable, str) and phase.trainable.top_blocks > len(blocks):
-            raise RecipeError(
-                f"phases.{phase.name}.trainable.top_blocks: {spec.name} has {len(blocks)} blocks "
-                f"({blocks[0].name} .. {blocks[-1].name}), got {phase.trainable.top_blocks}"
-            )
+        if not isinstance(phase.trainable, str):
+            _top_blocks(blocks, phase, spec)
 
 
 def recipe_warnings(model: keras.Model, recipe: Recipe) -> list[str]:
@@ -130,11 +132,12 @@ def steps_per_epoch(recipe: Recipe, phase: PhaseConfig, train_size: int) -> int:
 
 
 def compile_for_phase(model: keras.Model, phase: PhaseConfig, steps: int = 1,
-                      run_dir: Path | None = None, recipe_training=None) -> PhaseSetup:
+                      run_dir: Path | None = None, recipe_training: TrainingConfig | None = None) -> PhaseSetup:
     """A fresh optimizer (with the phase's schedule and backbone rate), then compile.
 
     ``steps`` is the number of optimizer steps per epoch (schedules in epochs need it).
     """
+    recipe_training = recipe_training or TrainingConfig()
     context = schedules.ScheduleContext(phase.optimizer.learning_rate, steps, phase.epochs)
     schedule = schedules.build_schedule(phase.schedule, context)
     multipliers = None
@@ -150,17 +153,11 @@ def compile_for_phase(model: keras.Model, phase: PhaseConfig, steps: int = 1,
         if callback is not None:
             extra.append(callback)
     extra.extend(callback_registry.build_callbacks(phase.callbacks, run_dir, phase.name))
-    compile_model(model, optimizer, phase_steps_per_execution(recipe_training, extra),
-                  recipe_training.jit_compile if recipe_training is not None else "auto")
+    # A momentum schedule moves between every two steps, so those run one at a time.
+    one_step = any(isinstance(callback, schedules.OneCycleMomentum) for callback in extra)
+    compile_model(model, optimizer, 1 if one_step else recipe_training.steps_per_execution,
+                  recipe_training.jit_compile)
     return PhaseSetup(optimizer, extra)
-
-
-def phase_steps_per_execution(training_config, callbacks) -> int:
-    if training_config is None:
-        return 1
-    if any(isinstance(callback, schedules.OneCycleMomentum) for callback in callbacks):
-        return 1  # momentum moves between every two steps
-    return training_config.steps_per_execution
 
 
 def compile_model(model: keras.Model, optimizer, steps_per_execution: int = 1, jit_compile="auto") -> None:
@@ -195,7 +192,8 @@ def fit_phase(
     if cut is not None:
         dtype = recipe.training.cache_dtype
         images = len(train_x) + (len(val_x) if val_x is not None else 0)
-        storage = caching.choose_storage(recipe.training.cache, caching.feature_bytes(cut.bottom, images, dtype))
+        size = caching.feature_bytes(cut.bottom, images, dtype)
+        storage = caching.choose_storage(recipe.training.cache, size)
         started = time.perf_counter()
         folder = (cache_dir / phase.name) if cache_dir is not None else None
         if storage == "disk" and folder is None:
@@ -207,7 +205,7 @@ def fit_phase(
             val_x = _single(caching.extract(cut.bottom, val_x, batch_size, dtype, storage, folder, "validation"))
         if log is not None:
             log(f"[finetune] phase {phase.name}: frozen part computed once ({cut.where}), "
-                f"{caching.feature_bytes(cut.bottom, images, dtype) / 1e6:,.0f} MB in {storage}, "
+                f"{size / 1e6:,.0f} MB in {storage}, "
                 f"{time.perf_counter() - started:.1f}s")
         compile_model(cut.top, model.optimizer, model.steps_per_execution, recipe.training.jit_compile)
         fit_model = cut.top
@@ -290,15 +288,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir: Path, phase: str, phase_index: int, first_epoch: int,
-                 on_save: Callable[[dict], None] | None = None, full_model: keras.Model | None = None,
-                 every_seconds: float = 0.0, last_epoch: int | None = None):
+                 full_model: keras.Model | None = None, every_seconds: float = 0.0, last_epoch: int | None = None):
         super().__init__()
         self.full_model = full_model
         self.run_dir = Path(run_dir)
         self.phase = phase
         self.phase_index = phase_index
         self.first_epoch = first_epoch
-        self.on_save = on_save
         self.every_seconds = every_seconds
         self.last_epoch = last_epoch
         self.epochs_done = first_epoch
@@ -325,8 +321,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
             state["interrupted_during_epoch"] = self.epochs_done + 1
         write_json_atomically(self.run_dir / "state.json", state)
         self._last_save = time.monotonic()
-        if self.on_save is not None:
-            self.on_save(state)
 
 
 def save_model_atomically(model: keras.Model, path: Path) -> None:

@@ -74,7 +74,6 @@ def worker_finetune(args) -> dict:
 def worker_baseline(args) -> dict:
     """The Keras transfer-learning guide's recipe, on the same data and weights."""
     import keras
-    import numpy as np
     import tensorflow as tf
 
     import finetune

@@ -1,6 +1,5 @@
 import gzip
 import struct
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
