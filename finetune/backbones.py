@@ -212,11 +212,24 @@ def build_backbone(spec: BackboneSpec, image_size: tuple[int, int], weights: str
 
 
 def weights_search_dirs() -> list[Path]:
-    """Folders searched for canonical ImageNet weight files, in order."""
+    """Folders searched for canonical ImageNet weight files, in order.
+
+    ``$FINETUNE_WEIGHTS_DIR`` first (a folder copied to an offline machine),
+    then Keras's own cache (``$KERAS_HOME/models``, by default
+    ``~/.keras/models``). A file found here is loaded directly: Keras would
+    re-download a cached file whose hash it cannot check.
+    """
     dirs = []
     if os.environ.get("FINETUNE_WEIGHTS_DIR"):
         dirs.append(Path(os.environ["FINETUNE_WEIGHTS_DIR"]).expanduser())
+    dirs.append(keras_cache_dir())
     return dirs
+
+
+def keras_cache_dir() -> Path:
+    """Where ``keras.applications`` downloads ImageNet weights."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home).expanduser() / "models"
 
 
 def find_local_imagenet_weights(spec: BackboneSpec, image_size, options=None) -> Path | None:

@@ -156,5 +156,106 @@ def plugins(as_json):
                 click.echo(" " * width + line)
 
 
+def _parse_options(items) -> dict:
+    from finetune.errors import RecipeError
+    from finetune.recipe import parse_yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--option {item!r}: expected KEY=VALUE, e.g. alpha=0.35")
+        options[key.strip()] = parse_yaml(value, f"--option {key.strip()}")
+    return options
+
+
+_SIZE_HELP = "Input size the file is for (only MobileNet and MobileNetV2 file names depend on it)."
+_OPTION_HELP = "Backbone constructor option the file depends on, e.g. alpha=0.35. Repeatable."
+
+
+@main.group(invoke_without_command=True)
+@click.option("--image-size", type=int, default=224, show_default=True, help=_SIZE_HELP)
+@click.option("--option", "option_items", multiple=True, metavar="KEY=VALUE", help=_OPTION_HELP)
+@click.option("--check", is_flag=True, help="Also load each present file into its architecture (slow).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list instead of the table.")
+@click.pass_context
+def weights(ctx, image_size, option_items, check, as_json):
+    """ImageNet weight files: which are here (this command), fetch, import.
+
+    \b
+    Files are looked for in $FINETUNE_WEIGHTS_DIR, then in Keras's cache
+    ($KERAS_HOME/models, default ~/.keras/models); fetch and import write to
+    the first of these. Copy the folder to an offline machine and set
+    FINETUNE_WEIGHTS_DIR there.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+
+    with user_errors():
+        load_backend_quietly()
+        from finetune import backbones
+        from finetune import weights as weights_module
+
+        rows = weights_module.status(image_size=image_size, options=_parse_options(option_items), check=check)
+        if as_json:
+            click.echo(json.dumps([
+                {"backbone": row.backbone, "file": row.file_name, "path": str(row.path) if row.path else None,
+                 "usable": row.usable, "problem": row.problem} for row in rows], indent=2))
+            return
+        click.echo("searched: " + ", ".join(str(folder) for folder in backbones.weights_search_dirs()))
+        width = max(len(row.backbone) for row in rows) + 2
+        for row in rows:
+            state = f"missing   {row.file_name}" if row.path is None else (
+                f"PROBLEM   {row.path} ({row.problem})" if row.problem else f"present   {row.path}")
+            click.echo(f"{row.backbone:<{width}}{state}")
+        present = sum(row.usable for row in rows)
+        click.echo(f"{present} of {len(rows)} backbones have their ImageNet weights here")
+
+
+@weights.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--dir", "folder", type=click.Path(file_okay=False), help="Target folder (default: see above).")
+@click.option("--image-size", type=int, default=224, show_default=True, help=_SIZE_HELP)
+@click.option("--option", "option_items", multiple=True, metavar="KEY=VALUE", help=_OPTION_HELP)
+def weights_fetch(names, folder, image_size, option_items):
+    """Download NAMES' ImageNet weights (Keras's URLs and hash check)."""
+    with user_errors():
+        load_backend_quietly()
+        from finetune import weights as weights_module
+
+        options = _parse_options(option_items)
+        for name in names:
+            _known_backbone(name)
+            path = weights_module.fetch(name, folder, image_size, options)
+            click.echo(f"{name}: {path}")
+
+
+@weights.command("import")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--dir", "folder", type=click.Path(file_okay=False), help="Target folder (default: see above).")
+@click.option("--image-size", type=int, default=224, show_default=True, help=_SIZE_HELP)
+@click.option("--option", "option_items", multiple=True, metavar="KEY=VALUE", help=_OPTION_HELP)
+@click.option("--force", is_flag=True, help="Replace a different file already stored under the name.")
+def weights_import(name, file, folder, image_size, option_items, force):
+    """Check that FILE loads into NAME's architecture; store it under the canonical name."""
+    with user_errors():
+        load_backend_quietly()
+        from finetune import weights as weights_module
+
+        _known_backbone(name)
+        path = weights_module.import_file(name, file, folder, image_size, _parse_options(option_items), force)
+        click.echo(f"{name}: {file} loads; stored as {path}")
+
+
+def _known_backbone(name: str) -> None:
+    from finetune import backbones
+    from finetune.errors import RecipeError
+
+    if name not in backbones.backbones:
+        raise RecipeError(backbones.backbones.unknown_message(name))
+
+
 if __name__ == "__main__":
     main()

@@ -40,6 +40,13 @@ def fresh_keras():
     keras.config.set_dtype_policy("float32")
 
 
+@pytest.fixture(autouse=True)
+def isolated_weight_folders(tmp_path, monkeypatch):
+    """Weight lookups see an empty Keras cache, never the developer's ~/.keras/models."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.delenv("FINETUNE_WEIGHTS_DIR", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone_weights(tmp_path_factory):
     """MobileNetV2 (alpha 0.35, 32x32) weights with calibrated BatchNorm statistics."""
