@@ -47,6 +47,10 @@ class BackboneSpec:
     """Call it with ``training=False`` (pretrained BN); False for from-scratch stacks."""
     preprocessing_option: str | None = None
     """An option that overrides ``preprocessing`` (the mlp's ``input_scaling``)."""
+    load_weights: Callable[[Any, Path], None] | None = None
+    """``load_weights(model, path)`` for a weights file; None uses ``model.load_weights``."""
+    locate_weights: Callable[[], Path] | None = None
+    """ImageNet weights found outside the searched folders (an installed package); raises WeightsError."""
 
     def preprocessing_for(self, options: dict | None = None) -> str:
         if self.preprocessing_option and options and self.preprocessing_option in options:
@@ -67,6 +71,17 @@ def get(identifier: str | BackboneSpec) -> BackboneSpec:
     if isinstance(identifier, BackboneSpec):
         return identifier
     return backbones.lookup(identifier)
+
+
+def spec_for(config) -> BackboneSpec:
+    """The spec a recipe's ``model.backbone`` section describes (``run`` reads its run folder)."""
+    if config.name == "run":
+        from finetune.reuse import run_spec
+
+        if not config.path:
+            raise RecipeError("model.backbone.path: required for name: run (a finished run folder)")
+        return run_spec(config.path)
+    return get(config.name)
 
 
 @dataclass(frozen=True)
@@ -200,6 +215,8 @@ def build_backbone(spec: BackboneSpec, image_size: tuple[int, int], weights: str
         return _construct(spec, input_shape, None, options)
     if weights == "imagenet":
         local = find_local_imagenet_weights(spec, image_size, options)
+        if local is None and spec.locate_weights is not None:
+            local = spec.locate_weights()
         if local is not None:
             return _load_file(spec, input_shape, local, options)
         try:
@@ -272,7 +289,12 @@ def _load_file(spec, input_shape, path: Path, options):
         raise WeightsError(f"model.backbone.weights: file {str(path)!r} does not exist")
     model = _construct(spec, input_shape, None, options)
     try:
-        model.load_weights(str(path))
+        if spec.load_weights is not None:
+            spec.load_weights(model, path)
+        else:
+            model.load_weights(str(path))
+    except WeightsError:
+        raise
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsError(f"cannot load weights {str(path)!r} into {spec.name!r}: {first_line}") from None
@@ -403,9 +425,20 @@ def _build_mlp(input_shape, weights, **options):
     return keras.Model(inputs, x, name="mlp")
 
 
+def _run_placeholder(input_shape, weights, **options):
+    raise RecipeError("model.backbone: name run needs path: RUN_DIR")
+
+
+backbones.register("run", BackboneSpec(
+    name="run", build=_run_placeholder, preprocessing="none", min_size=1, block_pattern=r"^$",
+    notes="a finished run's trained backbone, without its head: {name: run, path: RUN_DIR}",
+))
+
 backbones.register("mlp", BackboneSpec(
     name="mlp", build=_build_mlp, preprocessing="unit", min_size=1, block_pattern=r"^(block\d+)_",
     channels=None, inference_mode=False, preprocessing_option="input_scaling",
     notes="Flatten + Dense stack trained from scratch (options: dense, activation, kernel_initializer, "
           "batch_norm, dropout, regularizers, input_batch_norm, input_scaling)",
 ))
+
+

@@ -52,7 +52,7 @@ class CutModels:
 
 def plan_cut(model: keras.Model, recipe, phase) -> CutModels | None:
     """Split ``model`` for ``phase``, or None when caching would change the result."""
-    spec = backbones.get(recipe.model.backbone.name)
+    spec = backbones.spec_for(recipe.model.backbone)
     backbone = get_backbone(model)
     inference_only = spec.inference_mode and not any(p.train_bn for p in recipe.phases)
     if phase.train_bn:
@@ -86,7 +86,9 @@ def _layers_after(model: keras.Model, name: str) -> list:
 def _cut_before_head(model: keras.Model, backbone) -> CutModels:
     start = "head_pool" if any(layer.name == "head_pool" for layer in model.layers) else backbone.name
     head_layers = _layers_after(model, start)
-    features = model.get_layer(start).output
+    # The first head layer's first call is in the full model's graph; a nested backbone's own
+    # ``.output`` belongs to its inner graph.
+    features = head_layers[0]._inbound_nodes[0].input_tensors[0]
     bottom = keras.Model(model.input, features, name="cached_bottom")
     inputs = keras.Input(shape=features.shape[1:], dtype=features.dtype, name="cached_features")
     x = inputs

@@ -105,16 +105,23 @@ def run(recipe, overrides, out):
 def validate(recipe, overrides):
     """Check RECIPE without training; print what it would do."""
     with user_errors():
+        from finetune import data
         from finetune.recipe import load_recipe
 
         load_backend_quietly()
         loaded = load_recipe(recipe, list(overrides))
+        # Class names when they are cheap to find (no image is decoded); data errors surface here.
+        class_names = data.peek_class_names(loaded.data)
         height, width = loaded.data.image_hw
         backbone = loaded.model.backbone
         click.echo(
             f"{recipe}: valid. {loaded.data.source} -> {backbone.name} "
             f"({backbone.weights or 'random init'}) at {height}x{width}, precision {loaded.precision}"
         )
+        if class_names is not None:
+            shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
+            folder = f" {loaded.data.data_dir}" if loaded.data.data_dir else ""
+            click.echo(f"  data {loaded.data.source}{folder}: {len(class_names)} classes ({shown})")
         for phase in loaded.phases:
             trainable = phase.trainable if isinstance(phase.trainable, str) else f"top {phase.trainable.top_blocks} blocks"
             schedule = phase.schedule if isinstance(phase.schedule, str) or phase.schedule is None \

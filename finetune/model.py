@@ -56,13 +56,16 @@ def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | No
     keep their moving statistics even when unfrozen; a recipe with a
     ``train_bn: true`` phase instead lets each BatchNorm layer's trainable
     flag decide (a frozen one always runs in inference mode).
+
+    ``input_shape`` and ``num_classes`` are the dataset's (the runner passes
+    them); left out, a source with a static shape gives it, and ``tfds:NAME``
+    or ``image_folder`` data is loaded to find out.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    source = data.get(recipe.data.source)
-    input_shape = tuple(input_shape or source.input_shape)
-    num_classes = num_classes or source.num_classes
-    spec = backbones.get(recipe.model.backbone.name)
+    # Without a dataset's shape: the source's static one, or the data loaded to find out (data.model_io).
+    input_shape, num_classes = data.model_io(recipe.data, recipe.seed, input_shape, num_classes)
+    spec = backbones.spec_for(recipe.model.backbone)
     height, width = recipe.data.image_hw
     head = recipe.model.head
     options = recipe.model.backbone.options
@@ -75,7 +78,7 @@ def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | No
         # Preprocessing stays in float32: it is cheap and keeps pixel maths exact.
         x = BackboneInput(height, width, spec.preprocessing_for(options), channels=spec.channels,
                           name="backbone_input", dtype="float32")(images)
-        backbone = backbones.build_backbone(spec, (height, width), recipe.model.backbone.weights, options,
+        backbone = backbones.build_backbone(spec, (height, width), _weights(recipe), options,
                                             channels=input_shape[-1])
         x = backbone(x, training=False if inference_only else None)
         if len(x.shape) == 4:
@@ -85,6 +88,11 @@ def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | No
         outputs = dense.output_layer(x, head, num_classes)
         model = keras.Model(images, outputs, name="finetune")
     return model
+
+
+def _weights(recipe: Recipe) -> str | None:
+    # A reused run brings its own trained weights.
+    return None if recipe.model.backbone.name == "run" else recipe.model.backbone.weights
 
 
 def get_backbone(model: keras.Model) -> keras.Model:

@@ -28,19 +28,51 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    source: str = "fashion_mnist"
-    data_dir: str | None = None
+    source: str = Field("fashion_mnist", description="fashion_mnist | tfds:NAME | image_folder (or image_folder:PATH)")
+    data_dir: str | None = Field(None, description=(
+        "fashion_mnist: folder of the IDX files; tfds: the TFDS data dir; image_folder: the folder of class folders"))
     image_size: int | tuple[int, int] = Field(96, description="backbone input size: N or [height, width]")
+    stored_size: int | tuple[int, int] | None = Field(None, description=(
+        "image_folder (and tfds images that vary in size): size the images are decoded to; default image_size"))
+    resize: Literal["crop", "pad", "stretch"] = Field("crop", description=(
+        "how images of another aspect reach stored_size: centre crop, pad with black, or stretch"))
+    test_split: float = Field(0.2, gt=0.0, lt=1.0, description=(
+        "test fraction carved out (seeded, stratified) when the source has no test split"))
+    classes: list[str | int] | None = Field(None, min_length=2, description=(
+        "keep these classes (names, or indices), relabelled 0..k-1 in this order"))
+    train_per_class: int | None = Field(None, gt=0, description=(
+        "keep this many training images per class (before the validation hold-out)"))
     validation_split: float = Field(0.1, ge=0.0, lt=1.0)
     train_limit: int | None = Field(None, gt=0, description="stratified subset of the training images")
     test_limit: int | None = Field(None, gt=0, description="stratified subset of the test images")
 
-    @field_validator("image_size")
+    @model_validator(mode="before")
+    @classmethod
+    def _folder_shorthand(cls, value):
+        # `source: image_folder:PATH` is `source: image_folder` with `data_dir: PATH`.
+        if isinstance(value, dict) and isinstance(value.get("source"), str):
+            name, colon, folder = value["source"].partition(":")
+            if colon and name.strip() == "image_folder" and folder.strip():
+                if value.get("data_dir") not in (None, folder.strip()):
+                    raise ValueError(f"source names folder {folder.strip()!r} but data_dir is {value['data_dir']!r}")
+                value = {**value, "source": "image_folder", "data_dir": folder.strip()}
+        return value
+
+    @field_validator("image_size", "stored_size")
     @classmethod
     def _positive_size(cls, value):
+        if value is None:
+            return value
         sizes = (value, value) if isinstance(value, int) else value
         if min(sizes) <= 0:
             raise ValueError("must be positive")
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value):
+        if value is not None and len(set(map(repr, value))) != len(value):
+            raise ValueError("lists a class twice")
         return value
 
     @property
@@ -48,11 +80,28 @@ class DataConfig(_Strict):
         size = self.image_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
+    @property
+    def stored_hw(self) -> tuple[int, int]:
+        """The size resized sources store images at (``stored_size``, else ``image_size``)."""
+        size = self.image_size if self.stored_size is None else self.stored_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
 
 class BackboneConfig(_Strict):
     name: str = "xception"
     weights: str | None = Field("imagenet", description="imagenet, null (random init) or a weights file")
     options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments, e.g. alpha")
+    path: str | None = Field(None, description="for name: run, a finished run folder whose backbone is reused")
+
+    @model_validator(mode="after")
+    def _path_only_for_runs(self):
+        if self.name == "run" and not self.path:
+            raise ValueError("name run needs path: a finished run folder")
+        if self.name != "run" and self.path:
+            raise ValueError(f"path is only for name: run (got name {self.name!r})")
+        if self.name == "run" and (self.options or self.weights not in (None, "imagenet")):
+            raise ValueError("name run takes its weights and options from the run folder; set only path")
+        return self
 
 
 Identifier = str | dict[str, Any]
@@ -410,19 +459,28 @@ def check_recipe(recipe: Recipe, label: str = "recipe") -> None:
     def fail(message: str):
         raise RecipeError(f"{label}: {message}")
 
-    if recipe.data.source not in data.datasets:
-        fail(f"data.source: {data.datasets.unknown_message(recipe.data.source)}")
+    try:
+        data.check_config(recipe.data)
+    except RecipeError as error:
+        fail(str(error))
     backbone_name = recipe.model.backbone.name
     if backbone_name not in backbones.backbones:
         fail(f"model.backbone.name: {backbones.backbones.unknown_message(backbone_name)}")
-    spec = backbones.get(backbone_name)
+    spec = backbones.spec_for(recipe.model.backbone)
     height, width = recipe.data.image_hw
+    if backbone_name == "run":
+        from finetune.reuse import run_recipe
+
+        trained = run_recipe(recipe.model.backbone.path).data.image_hw
+        if (height, width) != tuple(trained):
+            fail(f"data.image_size: the backbone from {recipe.model.backbone.path!r} was trained at "
+                 f"{trained[0]}x{trained[1]}; use that size")
     if min(height, width) < spec.min_size:
         fail(
             f"data.image_size: {backbone_name} needs at least {spec.min_size}x{spec.min_size} "
             f"inputs, got {height}x{width}"
         )
-    weights = recipe.model.backbone.weights
+    weights = recipe.model.backbone.weights if backbone_name != "run" else None
     if weights not in (None, "imagenet") and not Path(weights).expanduser().is_file():
         fail(f"model.backbone.weights: file {weights!r} does not exist (use imagenet, null or a weights file)")
     if weights == "imagenet" and spec.weights_file is None:

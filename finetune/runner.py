@@ -68,6 +68,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    # A missing image folder or an unknown class fails before a run folder exists (no image is decoded).
+    data.peek_class_names(recipe.data)
     run_dir = new_run_dir(out, recipe.name)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds"), "phases_done": []}
@@ -79,21 +81,23 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
         precision = resolve_precision(recipe.precision)
         log(f"[finetune] run folder {run_dir}")
         log(f"[finetune] backend {keras.backend.backend()}, precision {precision}")
-        model = build_model(recipe)
+        # Data first: the model's input shape and class count come from it, and its errors are cheap.
+        dataset = data.load_dataset(recipe.data, recipe.seed)
+        log(
+            f"[finetune] data {recipe.data.source} from {dataset.source}: {len(dataset.train)} train, "
+            f"{len(dataset.validation) if dataset.validation is not None else 0} validation, "
+            f"{len(dataset.test)} test images of {dataset.input_shape} -> {recipe.data.image_hw}, "
+            f"{dataset.num_classes} classes"
+        )
+        model = build_model(recipe, input_shape=dataset.input_shape, num_classes=dataset.num_classes)
         training.check_phases(model, recipe)
         for notice in recipe.notices:
             log(f"[finetune] note: {notice}")
         for warning in training.recipe_warnings(model, recipe):
             log(f"[finetune] warning: {warning}")
-        dataset = data.load_dataset(recipe.data, recipe.seed)
         backbone_input = model.get_layer("backbone_input")
         if backbone_input.preprocessing == "standardize":
             backbone_input.adapt(dataset.train.images)
-        log(
-            f"[finetune] data {recipe.data.source} from {dataset.source}: {len(dataset.train)} train, "
-            f"{len(dataset.validation) if dataset.validation is not None else 0} validation, "
-            f"{len(dataset.test)} test images of {dataset.input_shape} -> {recipe.data.image_hw}"
-        )
         epochs_done = 0
         for index, phase in enumerate(recipe.phases):
             if phase.epochs == 0:

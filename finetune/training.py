@@ -49,7 +49,7 @@ def configure_phase(model: keras.Model, recipe: Recipe, phase: PhaseConfig) -> P
     BatchNorm layers of the backbone stay frozen (and so in inference mode)
     unless the phase says ``train_bn: true``.
     """
-    spec = backbones.get(recipe.model.backbone.name)
+    spec = backbones.spec_for(recipe.model.backbone)
     backbone = get_backbone(model)
     stem, blocks = backbones.split_into_blocks(backbone, spec)
     if phase.trainable == "none":
@@ -95,7 +95,7 @@ def _top_blocks(blocks: list, phase: PhaseConfig, spec) -> list:
 
 def check_phases(model: keras.Model, recipe: Recipe) -> None:
     """Fail before any data is loaded if a phase asks for more blocks than exist."""
-    spec = backbones.get(recipe.model.backbone.name)
+    spec = backbones.spec_for(recipe.model.backbone)
     _, blocks = backbones.split_into_blocks(get_backbone(model), spec)
     for phase in recipe.phases:
         if not isinstance(phase.trainable, str):

@@ -1,0 +1,108 @@
+"""`model.backbone: {name: run, path: RUN_DIR}`: a trained model without its head as a backbone."""
+
+import hashlib
+
+import keras
+import numpy as np
+import pytest
+
+import finetune
+from finetune.errors import RecipeError
+from finetune.model import get_backbone
+
+MLP_RUN = {
+    "name": "mlp_a",
+    "seed": 0,
+    "precision": "float32",
+    "data": {"source": "fashion_mnist", "image_size": 28, "validation_split": 0.0,
+             "train_limit": 600, "test_limit": 200},
+    "model": {"backbone": {"name": "mlp", "weights": None, "options": {"dense": [32, 16, 8], "batch_norm": "after"}}},
+    "training": {"batch_size": 32, "verbose": 0},
+    "export": {"saved_model": False},
+    "phases": [{"name": "train", "epochs": 1, "trainable": "all", "optimizer": {"name": "adam"}}],
+}
+
+
+def reuse_recipe(run_dir, **changes):
+    recipe = {
+        "name": "mlp_b",
+        "seed": 1,
+        "precision": "float32",
+        "data": {"source": "fashion_mnist", "image_size": 28, "validation_split": 0.0,
+                 "train_limit": 200, "test_limit": 100},
+        "model": {"backbone": {"name": "run", "path": str(run_dir)}},
+        "training": {"batch_size": 32, "verbose": 0, "checkpoint_seconds": 0},
+        "export": {"saved_model": False},
+        "phases": [
+            {"name": "frozen", "epochs": 1, "trainable": "none", "optimizer": {"name": "sgd", "learning_rate": 0.1}},
+            {"name": "top", "epochs": 1, "trainable": {"top_blocks": 1},
+             "optimizer": {"name": "sgd", "learning_rate": 0.1}},
+        ],
+    }
+    recipe.update(changes)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    keras.backend.clear_session()
+    return finetune.run(finetune.load_recipe(MLP_RUN), out=tmp_path_factory.mktemp("a") / "run", log=lambda _: None)
+
+
+def backbone_weights(model):
+    return {w.path: keras.ops.convert_to_numpy(w).copy() for w in get_backbone(model).weights}
+
+
+def test_reused_backbone_starts_from_the_runs_trained_weights(trained_run):
+    model = finetune.build_model(finetune.load_recipe(reuse_recipe(trained_run.run_dir)))
+    original = get_backbone(trained_run.model)
+    clone = get_backbone(model)
+    assert clone is not original
+    assert [w.path for w in clone.weights] == [w.path for w in original.weights]
+    for mine, theirs in zip(clone.weights, original.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(theirs))
+    assert model.get_layer("backbone_input").preprocessing == "unit"  # the mlp's own input scaling
+
+
+def test_training_on_a_reused_backbone_follows_block_rules_and_never_changes_the_run(trained_run, tmp_path):
+    model_file = trained_run.run_dir / "model.keras"
+    before_file = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    start = backbone_weights(finetune.build_model(finetune.load_recipe(reuse_recipe(trained_run.run_dir))))
+
+    frozen_only = reuse_recipe(trained_run.run_dir, phases=reuse_recipe(trained_run.run_dir)["phases"][:1])
+    frozen = finetune.run(finetune.load_recipe(frozen_only), out=tmp_path / "frozen", log=lambda _: None)
+    after_frozen = backbone_weights(frozen.model)
+    for path, value in start.items():
+        np.testing.assert_array_equal(value, after_frozen[path], err_msg=path)
+
+    keras.backend.clear_session()
+    both = finetune.run(finetune.load_recipe(reuse_recipe(trained_run.run_dir)), out=tmp_path / "both",
+                        log=lambda _: None)
+    after = backbone_weights(both.model)
+    top = [path for path in start if path.startswith("block3_dense")]
+    assert top, sorted(start)
+    assert any(not np.array_equal(start[path], after[path]) for path in top)  # the top block trained
+    for path in start:
+        if path.startswith(("block1_", "block2_")) or "_bn/moving" in path or "_bn/" in path:
+            np.testing.assert_array_equal(start[path], after[path], err_msg=path)  # lower blocks and BN frozen
+    assert hashlib.sha256(model_file.read_bytes()).hexdigest() == before_file
+    assert both.metrics["test"]["examples"] == 100
+
+
+def test_bad_run_backbones_are_one_line_recipe_errors(trained_run, tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        finetune.load_recipe(reuse_recipe(tmp_path / "missing"))
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(RecipeError, match="no model.keras"):
+        finetune.load_recipe(reuse_recipe(tmp_path / "unfinished"))
+    with pytest.raises(RecipeError, match="trained at 28x28"):
+        finetune.load_recipe(reuse_recipe(trained_run.run_dir, data={"source": "fashion_mnist", "image_size": 32}))
+    with pytest.raises(RecipeError, match="path"):
+        finetune.load_recipe(reuse_recipe(trained_run.run_dir, model={"backbone": {"name": "run"}}))
+    with pytest.raises(RecipeError, match="only for name: run"):
+        finetune.load_recipe(reuse_recipe(trained_run.run_dir, model={"backbone": {"name": "mlp", "path": "x"}}))
+    too_many = reuse_recipe(trained_run.run_dir)
+    too_many["phases"][1]["trainable"] = {"top_blocks": 4}
+    with pytest.raises(RecipeError, match="top_blocks"):
+        finetune.run(finetune.load_recipe(too_many), out=tmp_path / "many", log=lambda _: None)
