@@ -442,3 +442,4 @@ backbones.register("mlp", BackboneSpec(
 ))
 
 
+import finetune.efficientnet_lite  # noqa: E402,F401  (registers efficientnet_lite0)

@@ -164,9 +164,10 @@ def test_unloadable_weights_file_is_a_weights_error(tmp_path):
 def test_every_backbone_builds_splits_and_names_its_weights(name, no_network):
     spec = backbones.get(name)
     size = 331 if name == "nasnet_large" else 224 if name == "nasnet_mobile" else spec.min_size
-    with pytest.raises(WeightsError):
-        backbones.build_backbone(spec, (size, size), "imagenet")
-    assert no_network == [spec.imagenet_file((size, size))]
+    if spec.locate_weights is None:  # keras.applications: offline, Keras's download of this very file fails
+        with pytest.raises(WeightsError):
+            backbones.build_backbone(spec, (size, size), "imagenet")
+        assert no_network == [spec.imagenet_file((size, size))]
     keras.backend.clear_session()
     model = backbones.build_backbone(spec, (size, size), None)
     stem, blocks = backbones.split_into_blocks(model, spec)
