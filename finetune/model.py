@@ -95,6 +95,17 @@ def _weights(recipe: Recipe) -> str | None:
     return None if recipe.model.backbone.name == "run" else recipe.model.backbone.weights
 
 
+def load_model(path, compile: bool = True) -> keras.Model:
+    """A saved finetune model (``model.keras``, ``checkpoint.keras``), safe mode on.
+
+    Imports the modules whose classes such a file names (the input layer, MC
+    dropout, optimizers with learning-rate multipliers, schedules) first.
+    """
+    from finetune import optimizers, regularizers, schedules  # noqa: F401  (register their classes)
+
+    return keras.saving.load_model(path, compile=compile, safe_mode=True)
+
+
 def get_backbone(model: keras.Model) -> keras.Model:
     """The backbone sub-model inside a model built by :func:`build_model`."""
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]

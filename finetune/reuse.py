@@ -68,11 +68,10 @@ def clone_backbone(model_file: Path):
     """A fresh copy of the backbone inside a saved finetune model, with its trained weights."""
     import keras
 
-    from finetune import layers, optimizers, regularizers, schedules  # noqa: F401  (registers custom objects)
-    from finetune.model import get_backbone
+    from finetune.model import get_backbone, load_model
 
     try:
-        saved = keras.saving.load_model(model_file, compile=False, safe_mode=True)
+        saved = load_model(model_file, compile=False)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsError(f"cannot load {str(model_file)!r}: {reason}") from None

@@ -29,15 +29,23 @@ class RunResult:
         return self.metrics["test"]["accuracy"]
 
 
+def check_run_dir(out: str | Path | None) -> None:
+    """Refuse an ``--out`` folder that holds anything: earlier runs are never overwritten."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise RunFolderError(
+            f"run folder {str(path)!r} already exists and is not empty; choose another --out "
+            "(earlier runs are never overwritten)"
+        )
+
+
 def new_run_dir(out: str | Path | None, recipe_name: str, root: Path = Path("runs")) -> Path:
     """A fresh run folder; an existing, non-empty one is never reused."""
     if out is not None:
+        check_run_dir(out)
         path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise RunFolderError(
-                f"run folder {str(path)!r} already exists and is not empty; choose another --out "
-                "(earlier runs are never overwritten)"
-            )
         path.mkdir(parents=True, exist_ok=True)
         return path
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -68,29 +76,32 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    # A missing image folder or an unknown class fails before a run folder exists (no image is decoded).
+    started = time.perf_counter()
+    # Everything that can fail on bad input (the --out folder, data, weights, phases) fails before a
+    # run folder exists, so failed attempts leave nothing behind.
+    check_run_dir(out)
     data.peek_class_names(recipe.data)
+    keras.utils.set_random_seed(recipe.seed)
+    precision = resolve_precision(recipe.precision)
+    # Data first: the model's input shape and class count come from it.
+    dataset = data.load_dataset(recipe.data, recipe.seed)
+    model = build_model(recipe, input_shape=dataset.input_shape, num_classes=dataset.num_classes)
+    training.check_phases(model, recipe)
+
     run_dir = new_run_dir(out, recipe.name)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds"), "phases_done": []}
     training.write_json_atomically(run_dir / "run.json", status)
-    started = time.perf_counter()
     checkpoint = None
     try:
-        keras.utils.set_random_seed(recipe.seed)
-        precision = resolve_precision(recipe.precision)
         log(f"[finetune] run folder {run_dir}")
         log(f"[finetune] backend {keras.backend.backend()}, precision {precision}")
-        # Data first: the model's input shape and class count come from it, and its errors are cheap.
-        dataset = data.load_dataset(recipe.data, recipe.seed)
         log(
             f"[finetune] data {recipe.data.source} from {dataset.source}: {len(dataset.train)} train, "
             f"{len(dataset.validation) if dataset.validation is not None else 0} validation, "
             f"{len(dataset.test)} test images of {dataset.input_shape} -> {recipe.data.image_hw}, "
             f"{dataset.num_classes} classes"
         )
-        model = build_model(recipe, input_shape=dataset.input_shape, num_classes=dataset.num_classes)
-        training.check_phases(model, recipe)
         for notice in recipe.notices:
             log(f"[finetune] note: {notice}")
         for warning in training.recipe_warnings(model, recipe):
