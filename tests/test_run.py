@@ -267,3 +267,28 @@ def test_throttled_checkpoints_still_save_an_interrupted_run(tmp_path, tiny_reci
     assert saves == ["checkpoint.keras"]  # only the save on interrupt
     checkpoint = keras.saving.load_model(tmp_path / "run" / "checkpoint.keras", safe_mode=True)
     assert int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) == 2 * 5
+
+
+@pytest.mark.slow
+def test_whole_run_on_the_jax_backend(tmp_path):
+    """The GPU machines have JAX, not TensorFlow: model, data and training must not need tf."""
+    pytest.importorskip("jax")
+    code = (
+        "import copy, json, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from conftest import TINY_RECIPE\n"
+        "import finetune, keras\n"
+        "recipe = copy.deepcopy(TINY_RECIPE)\n"
+        "recipe['export'] = {'saved_model': False}\n"
+        "recipe['data']['classes'] = ['Sandal', 'Shirt', 'Bag']\n"
+        "result = finetune.run(finetune.load_recipe(recipe), out=sys.argv[1], log=lambda _: None)\n"
+        "print(json.dumps({'backend': keras.backend.backend(), 'phases': [row['phase'] for row in result.history]}))\n"
+    )
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=600, env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"backend": "jax", "phases": ["head", "finetune"]}
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert json.loads((out / "metrics.json").read_text())["test"]["class_names"] == ["Sandal", "Shirt", "Bag"]
