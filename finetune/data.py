@@ -41,7 +41,83 @@ class Split:
         return len(self.labels)
 
     def subset(self, positions: np.ndarray) -> "Split":
-        return Split(self.images[positions], self.labels[positions], self.indices[positions])
+        return Split(pick_rows(self.images, positions), self.labels[positions], self.indices[positions])
+
+
+class MappedImages:
+    """Rows of a memory-mapped image array, picked by position and read only when asked for.
+
+    Subsets of a decoded image folder stay on disk this way: training,
+    feature extraction and evaluation read them a batch at a time (see
+    :mod:`finetune.batches`), so memory does not grow with the number of
+    images. Indexing returns ordinary arrays.
+    """
+
+    def __init__(self, base: np.ndarray, positions: np.ndarray):
+        self.base = base
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.positions), *self.base.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def take(self, positions) -> "MappedImages":
+        return MappedImages(self.base, self.positions[positions])
+
+    def __getitem__(self, key) -> np.ndarray:
+        key, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        rows = self.positions[key]
+        if np.ndim(rows) == 0:
+            picked = np.asarray(self.base[int(rows)])
+            return picked[rest] if rest else picked
+        picked = read_rows(self.base, rows)
+        return picked[(slice(None), *rest)] if rest else picked
+
+    def __array__(self, dtype=None, copy=None):
+        array = self[:]
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def on_disk(images) -> bool:
+    """Whether ``images`` (or any of a list of arrays) lives in a file rather than in memory."""
+    if isinstance(images, (list, tuple)):
+        return any(on_disk(item) for item in images)
+    return isinstance(images, (MappedImages, np.memmap))
+
+
+def pick_rows(images, positions):
+    """``images[positions]``, except that rows of a memory-mapped array stay mapped."""
+    if isinstance(images, MappedImages):
+        return images.take(positions)
+    if isinstance(images, np.memmap):
+        return MappedImages(images, positions)
+    return images[positions]
+
+
+def read_rows(array, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` as an in-memory array, reading a memory-mapped file in ascending order."""
+    if isinstance(array, MappedImages):
+        return array[rows]
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    out[order] = array[rows[order]]
+    return out
 
 
 @dataclass(frozen=True)
@@ -206,7 +282,8 @@ def load_dataset(config, seed: int) -> Dataset:
 def _take(split: Split, labels: np.ndarray, positions: np.ndarray) -> Split:
     if len(positions) == len(split) and np.array_equal(positions, np.arange(len(split))):
         return Split(split.images, labels.astype(np.int32, copy=False), split.indices)  # no copy of a memmap
-    return Split(split.images[positions], labels[positions].astype(np.int32, copy=False), split.indices[positions])
+    return Split(pick_rows(split.images, positions), labels[positions].astype(np.int32, copy=False),
+                 split.indices[positions])
 
 
 def select_classes(class_names, wanted) -> list[int]:

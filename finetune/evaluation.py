@@ -17,8 +17,17 @@ def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int =
     prediction and the mean standard deviation, across passes, of the
     probability of the predicted class.
     """
+    from finetune.data import on_disk
+
     def predict():
-        return np.asarray(model.predict(split.images, batch_size=batch_size, verbose=0), dtype=np.float64)
+        images = split.images
+        if on_disk(images):  # read a batch at a time rather than copying the file into one tensor
+            from finetune.batches import FileBatches
+
+            images, batch_size_arg = FileBatches(images, batch_size=batch_size), None
+        else:
+            batch_size_arg = batch_size
+        return np.asarray(model.predict(images, batch_size=batch_size_arg, verbose=0), dtype=np.float64)
 
     if not mc_samples:
         return metrics_from_probabilities(predict(), split.labels, class_names)

@@ -48,9 +48,21 @@ class BackboneInput(keras.layers.Layer):
         """Take the pixel mean and standard deviation of ``images`` (for "standardize")."""
         import numpy as np
 
-        pixels = np.asarray(images, dtype=np.float64)
-        self.mean.assign(float(pixels.mean()))
-        self.std.assign(float(pixels.std()) or 1.0)
+        from finetune.data import on_disk
+
+        if not on_disk(images):
+            pixels = np.asarray(images, dtype=np.float64)
+            self.mean.assign(float(pixels.mean()))
+            self.std.assign(float(pixels.std()) or 1.0)
+            return
+        # A file of images: sums over chunks, never the whole set as float64 in memory.
+        total, total_sq, count = 0.0, 0.0, 0
+        for start in range(0, len(images), 1024):
+            chunk = np.asarray(images[start:start + 1024], dtype=np.float64)
+            total, total_sq, count = total + chunk.sum(), total_sq + np.square(chunk).sum(), count + chunk.size
+        mean = total / count
+        self.mean.assign(float(mean))
+        self.std.assign(float(np.sqrt(max(total_sq / count - mean ** 2, 0.0))) or 1.0)
 
     def call(self, images):
         images = ops.cast(images, self.compute_dtype)

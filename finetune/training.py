@@ -183,6 +183,8 @@ def fit_phase(
     the fit runs on its outputs.
     """
     from finetune import caching
+    from finetune.batches import FileBatches
+    from finetune.data import on_disk
 
     batch_size = phase.batch_size or recipe.training.batch_size
     validation = dataset.validation
@@ -212,16 +214,24 @@ def fit_phase(
         for callback in callbacks or []:
             if hasattr(callback, "full_model") and callback.full_model is None:
                 callback.full_model = model
+    common = dict(epochs=initial_epoch + phase.epochs, initial_epoch=initial_epoch, callbacks=callbacks or [],
+                  verbose=resolve_verbosity(recipe.training.verbose))
+    if on_disk(train_x) or on_disk(val_x):
+        # Keras would copy a memory-mapped array into one tensor: read it a batch at a time instead.
+        validation_batches = None if validation is None else FileBatches(val_x, validation.labels, batch_size)
+        return fit_model.fit(
+            FileBatches(train_x, dataset.train.labels, batch_size, shuffle=recipe.training.shuffle,
+                        seed=recipe.seed + initial_epoch),
+            validation_data=validation_batches, shuffle=False,  # FileBatches shuffles rows itself
+            **common,
+        )
     return fit_model.fit(
         train_x,
         dataset.train.labels,
         batch_size=batch_size,
-        epochs=initial_epoch + phase.epochs,
-        initial_epoch=initial_epoch,
         validation_data=(val_x, validation.labels) if validation is not None else None,
-        callbacks=callbacks or [],
-        verbose=resolve_verbosity(recipe.training.verbose),
         shuffle=recipe.training.shuffle,
+        **common,
     )
 
 
