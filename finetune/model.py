@@ -87,6 +87,10 @@ def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | No
         x = dense.dense_stack(x, head, prefix="head_")
         outputs = dense.output_layer(x, head, num_classes)
         model = keras.Model(images, outputs, name="finetune")
+    if recipe.model.backbone.name == "run" and spec.preprocessing == "standardize":
+        from finetune.reuse import copy_input_statistics
+
+        copy_input_statistics(recipe.model.backbone.path, model.get_layer("backbone_input"))
     return model
 
 

@@ -64,6 +64,21 @@ def run_spec(path: str | Path):
     )
 
 
+def copy_input_statistics(run_dir: str | Path, backbone_input) -> None:
+    """Give ``backbone_input`` the pixel mean and deviation the run's backbone was trained on.
+
+    A reused ``standardize`` backbone must see inputs scaled as in its own
+    training; statistics of the new data would shift every activation.
+    """
+    import keras
+
+    from finetune.model import load_model
+
+    saved = load_model(Path(run_dir).expanduser() / "model.keras", compile=False).get_layer("backbone_input")
+    backbone_input.mean.assign(keras.ops.convert_to_numpy(saved.mean))
+    backbone_input.std.assign(keras.ops.convert_to_numpy(saved.std))
+
+
 def clone_backbone(model_file: Path):
     """A fresh copy of the backbone inside a saved finetune model, with its trained weights."""
     import keras

@@ -107,7 +107,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
         for warning in training.recipe_warnings(model, recipe):
             log(f"[finetune] warning: {warning}")
         backbone_input = model.get_layer("backbone_input")
-        if backbone_input.preprocessing == "standardize":
+        # A reused run's backbone keeps the statistics it was trained with (set by build_model).
+        if backbone_input.preprocessing == "standardize" and recipe.model.backbone.name != "run":
             backbone_input.adapt(dataset.train.images)
         epochs_done = 0
         for index, phase in enumerate(recipe.phases):

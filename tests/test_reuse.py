@@ -106,3 +106,26 @@ def test_bad_run_backbones_are_one_line_recipe_errors(trained_run, tmp_path):
     too_many["phases"][1]["trainable"] = {"top_blocks": 4}
     with pytest.raises(RecipeError, match="top_blocks"):
         finetune.run(finetune.load_recipe(too_many), out=tmp_path / "many", log=lambda _: None)
+
+
+def test_a_reused_standardize_backbone_keeps_its_training_statistics(tmp_path):
+    standardized = {**MLP_RUN, "name": "mlp_std",
+                    "model": {"backbone": {"name": "mlp", "weights": None,
+                                           "options": {"dense": [16, 8], "input_scaling": "standardize"}}}}
+    earlier = finetune.run(finetune.load_recipe(standardized), out=tmp_path / "a", log=lambda _: None)
+    trained = earlier.model.get_layer("backbone_input")
+    keras.backend.clear_session()
+
+    # Sandals and shirts alone have other pixel statistics than all ten classes.
+    recipe = reuse_recipe(earlier.run_dir, data={"source": "fashion_mnist", "image_size": 28,
+                                                 "classes": ["Sandal", "Shirt"], "validation_split": 0.0,
+                                                 "train_limit": 100, "test_limit": 50})
+    result = finetune.run(finetune.load_recipe(recipe), out=tmp_path / "b", log=lambda _: None)
+    reused = result.model.get_layer("backbone_input")
+    assert reused.preprocessing == "standardize"
+    assert float(keras.ops.convert_to_numpy(reused.mean)) == float(keras.ops.convert_to_numpy(trained.mean))
+    assert float(keras.ops.convert_to_numpy(reused.std)) == float(keras.ops.convert_to_numpy(trained.std))
+    from finetune import data as data_module
+
+    new_images = data_module.load_dataset(finetune.load_recipe(recipe).data, seed=1).train.images
+    assert abs(float(new_images.mean()) - float(keras.ops.convert_to_numpy(trained.mean))) > 1.0  # would have moved
