@@ -214,9 +214,7 @@ def build_backbone(spec: BackboneSpec, image_size: tuple[int, int], weights: str
     if weights is None:
         return _construct(spec, input_shape, None, options)
     if weights == "imagenet":
-        local = find_local_imagenet_weights(spec, image_size, options)
-        if local is None and spec.locate_weights is not None:
-            local = spec.locate_weights()
+        local = find_imagenet_weights(spec, image_size, options)
         if local is not None:
             return _load_file(spec, input_shape, local, options)
         try:
@@ -247,6 +245,21 @@ def keras_cache_dir() -> Path:
     """Where ``keras.applications`` downloads ImageNet weights."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return Path(home).expanduser() / "models"
+
+
+def find_imagenet_weights(spec: BackboneSpec, image_size, options=None) -> Path | None:
+    """The ImageNet file to load without a download: in the searched folders, else from a package.
+
+    None when neither has it (then the backbone's own constructor downloads
+    the file, or says what to install).
+    """
+    found = find_local_imagenet_weights(spec, image_size, options)
+    if found is None and spec.locate_weights is not None:
+        try:
+            found = spec.locate_weights()
+        except WeightsError:
+            return None
+    return found
 
 
 def find_local_imagenet_weights(spec: BackboneSpec, image_size, options=None) -> Path | None:

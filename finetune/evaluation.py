@@ -20,14 +20,13 @@ def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int =
     from finetune.data import on_disk
 
     def predict():
-        images = split.images
-        if on_disk(images):  # read a batch at a time rather than copying the file into one tensor
+        if on_disk(split.images):  # read a batch at a time rather than copying the file into one tensor
             from finetune.batches import FileBatches
 
-            images, batch_size_arg = FileBatches(images, batch_size=batch_size), None
+            probabilities = model.predict(FileBatches(split.images, batch_size=batch_size), verbose=0)
         else:
-            batch_size_arg = batch_size
-        return np.asarray(model.predict(images, batch_size=batch_size_arg, verbose=0), dtype=np.float64)
+            probabilities = model.predict(split.images, batch_size=batch_size, verbose=0)
+        return np.asarray(probabilities, dtype=np.float64)
 
     if not mc_samples:
         return metrics_from_probabilities(predict(), split.labels, class_names)

@@ -78,7 +78,7 @@ def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | No
         # Preprocessing stays in float32: it is cheap and keeps pixel maths exact.
         x = BackboneInput(height, width, spec.preprocessing_for(options), channels=spec.channels,
                           name="backbone_input", dtype="float32")(images)
-        backbone = backbones.build_backbone(spec, (height, width), _weights(recipe), options,
+        backbone = backbones.build_backbone(spec, (height, width), recipe.model.backbone.weights, options,
                                             channels=input_shape[-1])
         x = backbone(x, training=False if inference_only else None)
         if len(x.shape) == 4:
@@ -92,11 +92,6 @@ def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | No
 
         copy_input_statistics(recipe.model.backbone.path, model.get_layer("backbone_input"))
     return model
-
-
-def _weights(recipe: Recipe) -> str | None:
-    # A reused run brings its own trained weights.
-    return None if recipe.model.backbone.name == "run" else recipe.model.backbone.weights
 
 
 def load_model(path, compile: bool = True) -> keras.Model:

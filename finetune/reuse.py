@@ -44,6 +44,7 @@ def run_spec(path: str | Path):
     trained_size = tuple(earlier.data.image_hw)
 
     def build(input_shape, weights=None, **options):
+        # The run's trained weights always; the recipe check allows only imagenet (default) or null here.
         if tuple(input_shape[:2]) != trained_size:
             raise RecipeError(
                 f"data.image_size: the backbone from {str(folder)!r} was trained at "

@@ -62,12 +62,7 @@ def status(names: list[str] | None = None, image_size: int = DEFAULT_SIZE, optio
         file_name = spec.imagenet_file((image_size, image_size), options)
         if file_name is None:
             continue
-        path = backbones.find_local_imagenet_weights(spec, (image_size, image_size), options)
-        if path is None and spec.locate_weights is not None:
-            try:
-                path = spec.locate_weights()  # an installed package (efficientnet_lite0)
-            except WeightsError:
-                path = None
+        path = backbones.find_imagenet_weights(spec, (image_size, image_size), options)
         problem = None
         if path is not None:
             problem = _quick_problem(path)
@@ -182,7 +177,7 @@ def _copy_packaged(spec, destination: Path, image_size: int, options) -> Path:
     source = spec.locate_weights()  # a one-line WeightsError saying what to install
     if destination.exists() and _same_bytes(destination, source):
         return destination
-    _atomic_copy(source, destination)
+    _atomic_write(destination, lambda temporary: shutil.copyfile(source, temporary))
     problem = _load_problem(spec, destination, image_size, options)
     if problem is not None:
         destination.unlink()
@@ -190,11 +185,13 @@ def _copy_packaged(spec, destination: Path, image_size: int, options) -> Path:
     return destination
 
 
-def _atomic_copy(source: Path, destination: Path) -> None:
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+def _atomic_write(destination: Path, write) -> None:
+    """``write(temporary)`` next to ``destination``, then rename: a reader never sees half a file."""
+    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
+                                         suffix=destination.suffix)
     os.close(handle)
     try:
-        shutil.copyfile(source, temporary)
+        write(temporary)
         os.replace(temporary, destination)
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -226,16 +223,11 @@ def import_file(name: str, source: str | Path, folder: str | Path | None = None,
         raise WeightsError(f"{destination} already exists; pass --force to replace it")
     model = backbones.build_backbone(spec, (image_size, image_size), str(source), options)  # raises if it won't load
     folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{file_name}.", suffix=destination.suffix)
-    os.close(handle)
     try:
-        if copy_bytes:
-            shutil.copyfile(source, temporary)
-        else:
-            model.save(temporary)  # a .h5 path writes the legacy layout
-        os.replace(temporary, destination)
+        # A .h5 path makes model.save write the legacy layout.
+        _atomic_write(destination, (lambda temporary: shutil.copyfile(source, temporary)) if copy_bytes
+                      else model.save)
     finally:
-        Path(temporary).unlink(missing_ok=True)
         _clear_session()
     return destination
 

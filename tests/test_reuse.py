@@ -10,35 +10,31 @@ import finetune
 from finetune.errors import RecipeError
 from finetune.model import get_backbone
 
-MLP_RUN = {
-    "name": "mlp_a",
-    "seed": 0,
-    "precision": "float32",
-    "data": {"source": "fashion_mnist", "image_size": 28, "validation_split": 0.0,
-             "train_limit": 600, "test_limit": 200},
-    "model": {"backbone": {"name": "mlp", "weights": None, "options": {"dense": [32, 16, 8], "batch_norm": "after"}}},
-    "training": {"batch_size": 32, "verbose": 0},
-    "export": {"saved_model": False},
-    "phases": [{"name": "train", "epochs": 1, "trainable": "all", "optimizer": {"name": "adam"}}],
-}
+def fmnist_recipe(name, seed, backbone, phases, train_limit, test_limit):
+    """A small 28x28 Fashion-MNIST recipe without validation hold-out or export."""
+    return {
+        "name": name,
+        "seed": seed,
+        "precision": "float32",
+        "data": {"source": "fashion_mnist", "image_size": 28, "validation_split": 0.0,
+                 "train_limit": train_limit, "test_limit": test_limit},
+        "model": {"backbone": backbone},
+        "training": {"batch_size": 32, "verbose": 0, "checkpoint_seconds": 0},
+        "export": {"saved_model": False},
+        "phases": phases,
+    }
+
+
+MLP_RUN = fmnist_recipe(
+    "mlp_a", 0, {"name": "mlp", "weights": None, "options": {"dense": [32, 16, 8], "batch_norm": "after"}},
+    [{"name": "train", "epochs": 1, "trainable": "all", "optimizer": {"name": "adam"}}], 600, 200)
 
 
 def reuse_recipe(run_dir, **changes):
-    recipe = {
-        "name": "mlp_b",
-        "seed": 1,
-        "precision": "float32",
-        "data": {"source": "fashion_mnist", "image_size": 28, "validation_split": 0.0,
-                 "train_limit": 200, "test_limit": 100},
-        "model": {"backbone": {"name": "run", "path": str(run_dir)}},
-        "training": {"batch_size": 32, "verbose": 0, "checkpoint_seconds": 0},
-        "export": {"saved_model": False},
-        "phases": [
-            {"name": "frozen", "epochs": 1, "trainable": "none", "optimizer": {"name": "sgd", "learning_rate": 0.1}},
-            {"name": "top", "epochs": 1, "trainable": {"top_blocks": 1},
-             "optimizer": {"name": "sgd", "learning_rate": 0.1}},
-        ],
-    }
+    recipe = fmnist_recipe("mlp_b", 1, {"name": "run", "path": str(run_dir)}, [
+        {"name": "frozen", "epochs": 1, "trainable": "none", "optimizer": {"name": "sgd", "learning_rate": 0.1}},
+        {"name": "top", "epochs": 1, "trainable": {"top_blocks": 1}, "optimizer": {"name": "sgd", "learning_rate": 0.1}},
+    ], 200, 100)
     recipe.update(changes)
     return recipe
 
