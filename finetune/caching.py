@@ -15,14 +15,22 @@ The cut:
 * ``trainable: {top_blocks: N}``: at the tensors entering the first trainable
   block (two for Xception's residual blocks): each epoch runs only the top
   blocks and the head.
+
+A :class:`FeatureStore` keeps the extracted outputs across phases while the
+layers below the cut stay frozen, so a run of a head phase and then a
+top-block phase runs the frozen bottom once: the head phase extracts at the
+later phase's (lower) cut and computes its pooled features from there.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
@@ -43,11 +51,25 @@ _TRAINING_DEPENDENT = (
 
 @dataclass
 class CutModels:
-    """The frozen bottom and the trainable top of a model, sharing its layers."""
+    """The frozen bottom and the trainable top of a model, sharing its layers.
+
+    ``inner_cut`` are the backbone's own tensors where the bottom ends (its
+    output for a cut before the head), ``after_backbone`` the layers that turn
+    them into the top's input (the head's pooling), and ``frozen`` the ids of
+    the backbone layers whose weights the bottom's output depends on.
+    """
 
     bottom: keras.Model
     top: keras.Model
     where: str
+    inner_cut: list
+    after_backbone: list
+    frozen: frozenset
+    training: bool | None = False
+
+    @property
+    def key(self) -> tuple:
+        return self.frozen, self.where
 
 
 def plan_cut(model: keras.Model, recipe, phase) -> CutModels | None:
@@ -71,6 +93,13 @@ def plan_cut(model: keras.Model, recipe, phase) -> CutModels | None:
     return _cut_inside_backbone(model, backbone, top_layers, inference_only)
 
 
+def _graph_nodes(layer, graph: keras.Model) -> list:
+    """The calls of ``layer`` that belong to ``graph`` (cut models add calls of their own)."""
+    from keras.src.ops.function import make_node_key
+
+    return [node for index, node in enumerate(layer._inbound_nodes) if make_node_key(layer, index) in graph._nodes]
+
+
 def _training_dependent(layers) -> bool:
     # A frozen BatchNorm layer (trainable=False) always runs in inference mode.
     return any(isinstance(layer, _TRAINING_DEPENDENT)
@@ -88,13 +117,16 @@ def _cut_before_head(model: keras.Model, backbone) -> CutModels:
     head_layers = _layers_after(model, start)
     # The first head layer's first call is in the full model's graph; a nested backbone's own
     # ``.output`` belongs to its inner graph.
-    features = head_layers[0]._inbound_nodes[0].input_tensors[0]
+    features = _graph_nodes(head_layers[0], model)[0].input_tensors[0]
     bottom = keras.Model(model.input, features, name="cached_bottom")
     inputs = keras.Input(shape=features.shape[1:], dtype=features.dtype, name="cached_features")
     x = inputs
     for layer in head_layers:
         x = layer(x)
-    return CutModels(bottom, keras.Model(inputs, x, name="cached_top"), where=f"after {start}")
+    after_backbone = [] if start == backbone.name else _layers_after(model, backbone.name)[:1]
+    return CutModels(bottom, keras.Model(inputs, x, name="cached_top"), where=f"after {start}",
+                     inner_cut=list(backbone.outputs), after_backbone=after_backbone,
+                     frozen=frozenset(id(layer) for layer in backbone.layers))
 
 
 def _cut_inside_backbone(model, backbone, top_layers: set, inference_only: bool) -> CutModels:
@@ -103,7 +135,7 @@ def _cut_inside_backbone(model, backbone, top_layers: set, inference_only: bool)
     for layer in backbone.layers:
         if id(layer) not in top_layers:
             continue
-        for node in layer._inbound_nodes:
+        for node in _graph_nodes(layer, backbone):
             for tensor in node.input_tensors:
                 producer = tensor._keras_history.operation
                 if id(producer) not in top_layers and id(tensor) not in seen:
@@ -119,7 +151,20 @@ def _cut_inside_backbone(model, backbone, top_layers: set, inference_only: bool)
     for layer in _layers_after(model, backbone.name):  # pooling and head
         x = layer(x)
     names = ", ".join(t._keras_history.operation.name for t in cut)
-    return CutModels(bottom, keras.Model(inputs, x, name="cached_top"), where=f"at {names}")
+    frozen = frozenset(id(layer) for layer in backbone.layers if id(layer) not in top_layers)
+    return CutModels(bottom, keras.Model(inputs, x, name="cached_top"), where=f"at {names}", inner_cut=cut,
+                     after_backbone=[], frozen=frozen, training=training)
+
+
+def bridge(source: CutModels, target: CutModels) -> keras.Model:
+    """From ``source``'s features to ``target``'s, for a source at or below the target's cut."""
+    inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype, name=f"kept_features_{i}")
+              for i, t in enumerate(source.inner_cut)]
+    between = keras.Model(_single(source.inner_cut), _single(target.inner_cut), name="frozen_between")
+    x = between(inputs if len(inputs) > 1 else inputs[0], training=target.training)
+    for layer in target.after_backbone:
+        x = layer(x)
+    return keras.Model(inputs, x, name="cached_bridge")
 
 
 def feature_bytes(bottom: keras.Model, images: int, dtype: str) -> int:
@@ -127,12 +172,24 @@ def feature_bytes(bottom: keras.Model, images: int, dtype: str) -> int:
     return per_image * images * np.dtype(dtype).itemsize
 
 
-def choose_storage(setting: str, estimated_bytes: int) -> str:
-    """``auto``: memory while the features fit comfortably, else disk."""
+def choose_storage(setting: str, estimated_bytes: int, folder: Path | None = None) -> str:
+    """``auto``: memory while the features fit comfortably, else disk; ``off`` when neither has room."""
     if setting != "auto":
         return setting
     budget = min(2 * 1024**3, _available_memory() // 4)
-    return "memory" if estimated_bytes <= budget else "disk"
+    if estimated_bytes <= budget:
+        return "memory"
+    # Leave the disk room for checkpoints and the saved model: a full disk would fail the run.
+    return "disk" if estimated_bytes * 1.05 + 2 * 1024**3 <= _free_disk(folder) else "off"
+
+
+def _free_disk(folder: Path | None) -> int:
+    import tempfile
+
+    place = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return shutil.disk_usage(place).free
 
 
 def _available_memory() -> int:
@@ -142,13 +199,15 @@ def _available_memory() -> int:
         return 8 * 1024**3
 
 
-def extract(bottom: keras.Model, images: np.ndarray, batch_size: int, dtype: str,
+def extract(bottom: keras.Model, images, batch_size: int, dtype: str,
             storage: str, folder: Path | None, name: str) -> list[np.ndarray]:
-    """The bottom's outputs for ``images``, computed in chunks into RAM or memory-mapped files."""
+    """The bottom's outputs for ``images`` (an array or a list of arrays), in chunks into RAM or files."""
     outputs = _as_list(bottom.output)
+    inputs = _as_list(images)
+    rows = len(inputs[0])
     arrays = []
     for index, tensor in enumerate(outputs):
-        shape = (len(images), *tensor.shape[1:])
+        shape = (rows, *tensor.shape[1:])
         if storage == "disk":
             folder.mkdir(parents=True, exist_ok=True)
             arrays.append(np.lib.format.open_memmap(folder / f"{name}_{index}.npy", mode="w+", dtype=dtype,
@@ -156,8 +215,10 @@ def extract(bottom: keras.Model, images: np.ndarray, batch_size: int, dtype: str
         else:
             arrays.append(np.empty(shape, dtype=dtype))
     chunk = max(batch_size, 1024)  # bounds what predict holds before it is written out
-    for start in range(0, len(images), chunk):
-        produced = _as_list(bottom.predict(images[start:start + chunk], batch_size=batch_size, verbose=0))
+    for start in range(0, rows, chunk):
+        block = [array[start:start + chunk] for array in inputs]
+        produced = _as_list(bottom.predict(block if len(block) > 1 else block[0], batch_size=batch_size,
+                                           verbose=0))
         for array, values in zip(arrays, produced):
             array[start:start + len(values)] = keras.ops.convert_to_numpy(values).astype(dtype, copy=False)
     for array in arrays:
@@ -168,3 +229,147 @@ def extract(bottom: keras.Model, images: np.ndarray, batch_size: int, dtype: str
 
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclass
+class PhaseFeatures:
+    """What a cached phase fits: the top model and its inputs per split."""
+
+    top: keras.Model
+    train: object
+    validation: object | None
+
+
+class FeatureStore:
+    """The frozen part's outputs, kept across a run's phases while the layers below the cut stay frozen.
+
+    Before the first cached phase extracts, it looks at the phases after it:
+    when a later phase cuts lower (more blocks trainable) and nothing below
+    that cut trains in between, it extracts there once, keeps the result, and
+    computes each phase's own features from it with a forward pass of the
+    frozen layers in between. A phase that trains a layer below the kept cut
+    (``trainable: all``, ``train_bn``) drops what is kept.
+    """
+
+    def __init__(self, recipe, cache_dir: Path | None = None, log: Callable[[str], None] | None = None):
+        self.recipe = recipe
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.log = log or (lambda message: None)
+        self.kept: CutModels | None = None
+        self.kept_from = ""
+        self.splits: dict[str, list] = {}
+        self._plans: dict[str, CutModels | None] = {}
+        self._temporary: list[Path] = []
+
+    def plan(self, model: keras.Model, phase) -> CutModels | None:
+        if self.recipe.training.cache == "off":
+            return None
+        if phase.name not in self._plans:
+            self._plans[phase.name] = plan_cut(model, self.recipe, phase)
+        return self._plans[phase.name]
+
+    def features(self, model: keras.Model, phase, dataset, batch_size: int) -> PhaseFeatures | None:
+        """The inputs of a cached fit of ``phase``, or None where it must run the whole model."""
+        self._drop_if_trained(model)
+        cut = self.plan(model, phase)
+        if cut is None:
+            return None
+        splits = {"train": dataset.train.images}
+        if dataset.validation is not None:
+            splits["validation"] = dataset.validation.images
+        images = sum(len(split) for split in splits.values())
+        if self.kept is None or not self.kept.frozen <= cut.frozen:
+            source = self._lowest_shared_cut(model, phase, cut)
+            storage = self._storage(source, images)
+            if storage == "off" and source is not cut:
+                source, storage = cut, self._storage(cut, images)
+            if storage == "off":
+                self.log(f"[finetune] phase {phase.name}: no room to cache the frozen part "
+                         f"({feature_bytes(cut.bottom, images, self.recipe.training.cache_dtype) / 1e9:,.1f} GB); "
+                         "running the whole model each epoch")
+                return None
+            self._extract(source, cut, splits, storage, phase, batch_size)
+        elif self.kept.key == cut.key:
+            self.log(f"[finetune] phase {phase.name}: frozen part reused from phase {self.kept_from} ({cut.where})")
+        own = self.splits if self.kept.key == cut.key else self._derive(cut, images, phase, batch_size)
+        if own is None:
+            return None
+        return PhaseFeatures(cut.top, _single(own["train"]),
+                             _single(own["validation"]) if "validation" in own else None)
+
+    def close(self) -> None:
+        """Forget what is kept and delete temporary files."""
+        self.kept, self.splits = None, {}
+        for folder in self._temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._temporary = []
+
+    def _drop_if_trained(self, model: keras.Model) -> None:
+        if self.kept is None:
+            return
+        trained = {id(layer) for layer in get_backbone(model).layers if layer.trainable and layer.weights}
+        if trained & self.kept.frozen:
+            self.kept, self.splits = None, {}
+
+    def _lowest_shared_cut(self, model: keras.Model, phase, cut: CutModels) -> CutModels:
+        spec = backbones.spec_for(self.recipe.model.backbone)
+        if not (spec.inference_mode and not any(p.train_bn for p in self.recipe.phases)):
+            return cut  # later cuts would depend on which layers are trainable then
+        names = [p.name for p in self.recipe.phases]
+        source = cut
+        for later in self.recipe.phases[names.index(phase.name) + 1:]:
+            if later.epochs == 0:
+                continue
+            other = self.plan(model, later)
+            if other is None:
+                break
+            if other.frozen <= source.frozen:
+                source = other
+            elif not source.frozen <= other.frozen:
+                break
+        return source
+
+    def _storage(self, cut: CutModels, images: int) -> str:
+        size = feature_bytes(cut.bottom, images, self.recipe.training.cache_dtype)
+        return choose_storage(self.recipe.training.cache, size, self.cache_dir)
+
+    def _folder(self, name: str) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir / name
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="finetune-cache-"))
+        self._temporary.append(folder)
+        return folder
+
+    def _extract(self, source: CutModels, cut: CutModels, splits: dict, storage: str, phase, batch_size: int) -> None:
+        self.kept, self.splits = None, {}
+        dtype = self.recipe.training.cache_dtype
+        folder = self._folder(f"frozen_{phase.name}") if storage == "disk" else None
+        started = time.perf_counter()
+        self.splits = {name: extract(source.bottom, images, batch_size, dtype, storage, folder, name)
+                       for name, images in splits.items()}
+        self.kept, self.kept_from = source, phase.name
+        size = sum(array.nbytes for arrays in self.splits.values() for array in arrays)
+        shared = "" if source is cut else ", kept for the later phases"
+        self.log(f"[finetune] phase {phase.name}: frozen part computed once ({source.where}{shared}), "
+                 f"{size / 1e6:,.0f} MB in {storage}, {time.perf_counter() - started:.1f}s")
+
+    def _derive(self, cut: CutModels, images: int, phase, batch_size: int) -> dict | None:
+        between = bridge(self.kept, cut)
+        dtype = self.recipe.training.cache_dtype
+        size = feature_bytes(between, images, dtype)
+        storage = choose_storage(self.recipe.training.cache, size, self.cache_dir)
+        if storage == "off":
+            return None
+        folder = self._folder(phase.name) if storage == "disk" else None
+        started = time.perf_counter()
+        own = {name: extract(between, arrays, batch_size, dtype, storage, folder, name)
+               for name, arrays in self.splits.items()}
+        self.log(f"[finetune] phase {phase.name}: its features computed once from the kept part ({cut.where}), "
+                 f"{size / 1e6:,.0f} MB in {storage}, {time.perf_counter() - started:.1f}s")
+        return own
+
+
+def _single(arrays: list):
+    return arrays[0] if len(arrays) == 1 else arrays

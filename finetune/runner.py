@@ -71,7 +71,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     """
     import keras
 
-    from finetune import data, evaluation, export, report, schedules, training
+    from finetune import caching, data, evaluation, export, report, schedules, training
     from finetune.model import build_model, resolve_precision
 
     if not isinstance(recipe, Recipe):
@@ -93,6 +93,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds"), "phases_done": []}
     training.write_json_atomically(run_dir / "run.json", status)
     checkpoint = None
+    # The frozen part's outputs, shared by the phases that keep it frozen.
+    features = caching.FeatureStore(recipe, run_dir / "cache", log)
     try:
         log(f"[finetune] run folder {run_dir}")
         log(f"[finetune] backend {keras.backend.backend()}, precision {precision}")
@@ -139,12 +141,13 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
                 *setup.callbacks,
             ]
             training.fit_phase(model, recipe, phase, dataset, initial_epoch=epochs_done, callbacks=callbacks,
-                               cache_dir=run_dir / "cache", log=log)
+                               cache_dir=run_dir / "cache", log=log, features=features)
             checkpoint = None  # the phase's last epoch is saved; a later Ctrl-C has no epoch to save
             epochs_done += phase.epochs
             status["phases_done"].append(phase.name)
             training.write_json_atomically(run_dir / "run.json", status)
 
+        features.close()  # frees the kept features before the test pass
         test_metrics = evaluation.evaluate(model, dataset.test, dataset.class_names, recipe.evaluation.batch_size,
                                            recipe.evaluation.mc_samples)
         metrics = {
@@ -179,6 +182,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             f"on {test_metrics['examples']} images; {metrics['seconds']:.0f}s; results in {run_dir}"
         )
     except BaseException as error:
+        features.close()
         if isinstance(error, KeyboardInterrupt) and checkpoint is not None:
             checkpoint.save_now(interrupted=True)  # between two steps, the weights are consistent
         status.update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",

@@ -175,45 +175,41 @@ def fit_phase(
     callbacks: list | None = None,
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
+    features=None,
 ) -> keras.callbacks.History:
     """Fit one compiled phase; epochs are counted across phases.
 
     When ``recipe.training.cache`` allows it and the phase trains only the top
     of the model, the frozen bottom runs once per split (see ``caching``) and
-    the fit runs on its outputs.
+    the fit runs on its outputs. ``features`` (a ``caching.FeatureStore``)
+    keeps them across a run's phases; without one, they last for this phase.
     """
     from finetune import caching
-    from finetune.batches import FileBatches
-    from finetune.data import on_disk
 
     batch_size = phase.batch_size or recipe.training.batch_size
     validation = dataset.validation
     train_x, val_x = dataset.train.images, validation.images if validation is not None else None
     fit_model = model
-    cut = caching.plan_cut(model, recipe, phase) if recipe.training.cache != "off" else None
-    if cut is not None:
-        dtype = recipe.training.cache_dtype
-        images = len(train_x) + (len(val_x) if val_x is not None else 0)
-        size = caching.feature_bytes(cut.bottom, images, dtype)
-        storage = caching.choose_storage(recipe.training.cache, size)
-        started = time.perf_counter()
-        folder = (cache_dir / phase.name) if cache_dir is not None else None
-        if storage == "disk" and folder is None:
-            import tempfile
-
-            folder = Path(tempfile.mkdtemp(prefix="finetune-cache-"))
-        train_x = _single(caching.extract(cut.bottom, train_x, batch_size, dtype, storage, folder, "train"))
-        if val_x is not None:
-            val_x = _single(caching.extract(cut.bottom, val_x, batch_size, dtype, storage, folder, "validation"))
-        if log is not None:
-            log(f"[finetune] phase {phase.name}: frozen part computed once ({cut.where}), "
-                f"{size / 1e6:,.0f} MB in {storage}, "
-                f"{time.perf_counter() - started:.1f}s")
-        compile_model(cut.top, model.optimizer, model.steps_per_execution, recipe.training.jit_compile)
-        fit_model = cut.top
+    store = features if features is not None else caching.FeatureStore(recipe, cache_dir, log)
+    cached = store.features(model, phase, dataset, batch_size)
+    if cached is not None:
+        compile_model(cached.top, model.optimizer, model.steps_per_execution, recipe.training.jit_compile)
+        fit_model, train_x, val_x = cached.top, cached.train, cached.validation
         for callback in callbacks or []:
             if hasattr(callback, "full_model") and callback.full_model is None:
                 callback.full_model = model
+    try:
+        return _fit(fit_model, recipe, phase, dataset, train_x, val_x, batch_size, initial_epoch, callbacks)
+    finally:
+        if features is None:  # a store of this phase alone
+            store.close()
+
+
+def _fit(fit_model, recipe, phase, dataset, train_x, val_x, batch_size, initial_epoch, callbacks):
+    from finetune.batches import FileBatches
+    from finetune.data import on_disk
+
+    validation = dataset.validation
     common = dict(epochs=initial_epoch + phase.epochs, initial_epoch=initial_epoch, callbacks=callbacks or [],
                   verbose=resolve_verbosity(recipe.training.verbose))
     if on_disk(train_x) or on_disk(val_x):
@@ -233,10 +229,6 @@ def fit_phase(
         shuffle=recipe.training.shuffle,
         **common,
     )
-
-
-def _single(arrays: list):
-    return arrays[0] if len(arrays) == 1 else arrays
 
 
 def resolve_verbosity(setting) -> int:

@@ -90,17 +90,33 @@ def test_disk_cache_matches_memory(tiny_recipe, tmp_path):
     np.testing.assert_allclose(memory, direct, rtol=1e-3, atol=1e-3)  # graph vs eager rounding
 
 
-def test_auto_storage_goes_to_disk_when_large():
+def test_auto_storage_goes_to_disk_when_large(monkeypatch):
+    monkeypatch.setattr(caching, "_free_disk", lambda folder: 500 * 1024**3)
     assert caching.choose_storage("auto", 10 * 1024**2) == "memory"
     assert caching.choose_storage("auto", 50 * 1024**3) == "disk"
     assert caching.choose_storage("memory", 50 * 1024**3) == "memory"
 
 
+def test_no_cache_when_the_disk_has_no_room(tiny_recipe_dict, tmp_path, monkeypatch):
+    """Features that fit neither memory nor disk: the phase runs the whole model instead of filling the disk."""
+    monkeypatch.setattr(caching, "_available_memory", lambda: 0)
+    monkeypatch.setattr(caching, "_free_disk", lambda folder: 1024**2)
+    assert caching.choose_storage("auto", 50 * 1024**3, tmp_path) == "off"
+    lines = []
+    result = finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=lines.append)
+    assert sum("no room to cache the frozen part" in line for line in lines) == 2
+    assert not any("computed once" in line for line in lines)
+    assert len(result.history) == 2
+
+
 def test_a_run_uses_the_cache_and_removes_it_at_the_end(tiny_recipe, tmp_path):
     lines = []
     result = finetune.run(tiny_recipe, out=tmp_path / "run", log=lines.append)
-    assert any("frozen part computed once (after head_pool)" in line for line in lines)
-    assert any("frozen part computed once (at block_14_add)" in line for line in lines)
+    # The head phase extracts at the fine-tuning phase's cut; the pooled features come from there.
+    assert sum("frozen part computed once" in line for line in lines) == 1
+    assert any("frozen part computed once (at block_14_add, kept for the later phases)" in line for line in lines)
+    assert any("its features computed once from the kept part (after head_pool)" in line for line in lines)
+    assert any("frozen part reused from phase head (at block_14_add)" in line for line in lines)
     assert not (result.run_dir / "cache").exists()
     assert get_backbone(result.model).name.startswith("mobilenetv2")
 
@@ -123,3 +139,41 @@ def test_model_checkpoint_saves_the_full_model_from_a_cached_phase(tiny_recipe_d
     assert tuple(best.input_shape) == (None, 28, 28, 1)
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1)).astype("uint8")
     assert keras.ops.convert_to_numpy(best(images)).shape == (3, 10)
+
+
+def run_weights(recipe_dict, cache, tmp_path):
+    recipe_dict = {**recipe_dict, "training": {**recipe_dict["training"], "cache": cache, "shuffle": False}}
+    lines = []
+    result = finetune.run(finetune.load_recipe(recipe_dict), out=tmp_path / f"run_{cache}", log=lines.append)
+    return [keras.ops.convert_to_numpy(weight) for weight in result.model.weights], lines
+
+
+def assert_same_weights(ours, theirs):
+    for mine, other in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("later", [
+    [("finetune", {"top_blocks": 2})],
+    [("top1", {"top_blocks": 1}), ("top3", {"top_blocks": 3})],  # the last phase cuts lowest
+])
+def test_phases_share_one_pass_of_the_frozen_part(deterministic, tmp_path, later):
+    """Head, then top blocks: the bottom runs once, and the weights equal an uncached run's."""
+    deterministic["phases"] = deterministic["phases"][:1] + [
+        {**deterministic["phases"][1], "name": name, "trainable": trainable} for name, trainable in later]
+    cached, lines = run_weights(deterministic, "memory", tmp_path)
+    plain, _ = run_weights(deterministic, "off", tmp_path)
+    assert sum("frozen part computed once" in line for line in lines) == 1
+    assert sum("its features computed once from the kept part" in line for line in lines) == len(later)
+    assert_same_weights(cached, plain)
+
+
+def test_a_phase_that_trains_below_the_cut_drops_the_kept_features(deterministic, tmp_path):
+    """Head, everything, head again: the third phase must not reuse features from before the second."""
+    head = deterministic["phases"][0]
+    deterministic["phases"] = [head, {**head, "name": "all", "trainable": "all"}, {**head, "name": "head_again"}]
+    cached, lines = run_weights(deterministic, "memory", tmp_path)
+    plain, _ = run_weights(deterministic, "off", tmp_path)
+    assert sum("frozen part computed once" in line for line in lines) == 2
+    assert not any("reused" in line for line in lines)
+    assert_same_weights(cached, plain)
