@@ -1,6 +1,7 @@
 """Side-by-side benchmark: the Keras transfer-learning guide's way vs finetune.
 
     python3 scripts/bench.py [--train 2000] [--test 1000] [--sizes 71 96] [--cases head finetune both]
+                             [--precisions float32 mixed_bfloat16] [--repeat 3]
 
 For each image size and case, runs the same work twice, one process after the
 other: a baseline written as the Keras transfer-learning guide writes it
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,6 +164,10 @@ def main() -> int:
     parser.add_argument("--cases", nargs="+", default=["head", "finetune", "both"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for the finetune side, e.g. training.jit_compile=false")
+    parser.add_argument("--precisions", nargs="+", default=["float32"],
+                        help="one finetune run per precision, after the (float32) baseline; e.g. float32 mixed_bfloat16")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the ways of each case this many times in turn; ratios are medians of the rounds")
     parser.add_argument("--worker", choices=["baseline", "finetune", "weights"], help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -189,25 +195,41 @@ def main() -> int:
             run_worker("weights", {"path": str(weights), "size": size}, scratch_root)
             for case in args.cases:
                 recipe = recipe_dict(args, size, case, str(weights))
-                reports = {}
-                for kind in ("baseline", "finetune"):
-                    scratch = scratch_root / f"{size}_{case}_{kind}"
-                    scratch.mkdir()
-                    reports[kind] = report = run_worker(kind, recipe, scratch, args.overrides)
-                    speed = report["train_images"] * report["epochs"] / report["train_seconds"]
-                    print(f"| {size} | {case} | {kind} | {report['wall']:.1f} | {report['train_seconds']:.1f} | "
-                          f"{speed:.0f} | {report['peak_rss_mb']:.0f} | {report['accuracy']:.4f} |", flush=True)
-                ratios.append((size, case, reports["baseline"]["wall"] / reports["finetune"]["wall"],
-                               reports["baseline"]["train_seconds"] / reports["finetune"]["train_seconds"],
-                               reports["finetune"]["accuracy"] - reports["baseline"]["accuracy"],
-                               reports["finetune"].get("extract_seconds", 0.0)))
+                ways = [("baseline", "baseline", [])] + [
+                    ("finetune", "finetune" if len(args.precisions) == 1 else f"finetune, {precision}",
+                     [*args.overrides, f"precision={precision}"]) for precision in args.precisions]
+                rounds = []
+                for round_index in range(args.repeat):
+                    reports = {}
+                    for kind, way, overrides in ways:
+                        scratch = scratch_root / f"{size}_{case}_{round_index}_{len(reports)}"
+                        scratch.mkdir()
+                        reports[way] = report = run_worker(kind, recipe, scratch, overrides)
+                        speed = report["train_images"] * report["epochs"] / report["train_seconds"]
+                        print(f"| {size} | {case} | {way} | {report['wall']:.1f} | {report['train_seconds']:.1f} | "
+                              f"{speed:.0f} | {report['peak_rss_mb']:.0f} | {report['accuracy']:.4f} |", flush=True)
+                    rounds.append(reports)
+                for _, way, _ in ways[1:]:
+                    # Each round's ratio is of two runs made one after the other: the machine's drift cancels.
+                    pairs = [(r["baseline"], r[way]) for r in rounds]
+                    ratios.append((size, case, way, _spread([b["wall"] / f["wall"] for b, f in pairs]),
+                                   _spread([b["train_seconds"] / f["train_seconds"] for b, f in pairs]),
+                                   statistics.median(f["accuracy"] - b["accuracy"] for b, f in pairs),
+                                   statistics.median(f.get("extract_seconds", 0.0) for _, f in pairs)))
     print()
-    print("| size | case | wall: baseline / finetune | training: baseline / finetune | accuracy: finetune - baseline | "
-          "finetune's one pass of the frozen part, s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for size, case, wall, train, accuracy, extract in ratios:
-        print(f"| {size} | {case} | {wall:.2f}x | {train:.2f}x | {accuracy * 100:+.1f} pt | {extract:.1f} |")
+    print("| size | case | way | wall: baseline / finetune | training: baseline / finetune | "
+          "accuracy: finetune - baseline | finetune's one pass of the frozen part, s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for size, case, way, wall, train, accuracy, extract in ratios:
+        print(f"| {size} | {case} | {way} | {wall} | {train} | {accuracy * 100:+.1f} pt | {extract:.1f} |")
     return 0
+
+
+def _spread(values: list[float]) -> str:
+    """``2.10x``, or the median with the range over rounds: ``2.10x (1.95-2.31)``."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}x"
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 
 if __name__ == "__main__":
