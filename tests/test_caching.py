@@ -177,3 +177,14 @@ def test_a_phase_that_trains_below_the_cut_drops_the_kept_features(deterministic
     assert sum("frozen part computed once" in line for line in lines) == 2
     assert not any("reused" in line for line in lines)
     assert_same_weights(cached, plain)
+
+
+def test_a_lower_cut_without_room_falls_back_to_each_phase_its_own(tiny_recipe_dict, tmp_path, monkeypatch):
+    """No room for the later phase's (larger) cut: each phase extracts at its own cut, as before sharing."""
+    monkeypatch.setattr(caching.FeatureStore, "_storage",
+                        lambda self, cut, images: "off" if cut.where.startswith("at ") else "memory")
+    lines = []
+    finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=lines.append)
+    assert any("frozen part computed once (after head_pool)," in line for line in lines)
+    assert any("no room to cache the frozen part" in line for line in lines)  # the finetune phase's own cut
+    assert not any("kept for the later phases" in line or "reused" in line for line in lines)
