@@ -141,7 +141,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
                 *setup.callbacks,
             ]
             training.fit_phase(model, recipe, phase, dataset, initial_epoch=epochs_done, callbacks=callbacks,
-                               cache_dir=run_dir / "cache", log=log, features=features)
+                               log=log, features=features)
             checkpoint = None  # the phase's last epoch is saved; a later Ctrl-C has no epoch to save
             epochs_done += phase.epochs
             status["phases_done"].append(phase.name)
