@@ -36,7 +36,7 @@ import keras
 import numpy as np
 
 from finetune import backbones
-from finetune.model import get_backbone
+from finetune.model import backbone_inference_only, get_backbone
 
 # Layers whose output depends on ``training`` (random or batch statistics).
 _TRAINING_DEPENDENT = (
@@ -76,7 +76,7 @@ def plan_cut(model: keras.Model, recipe, phase) -> CutModels | None:
     """Split ``model`` for ``phase``, or None when caching would change the result."""
     spec = backbones.spec_for(recipe.model.backbone)
     backbone = get_backbone(model)
-    inference_only = spec.inference_mode and not any(p.train_bn for p in recipe.phases)
+    inference_only = backbone_inference_only(recipe, spec)
     if phase.train_bn:
         return None
     if phase.trainable == "all":
@@ -280,20 +280,24 @@ class FeatureStore:
         images = sum(len(split) for split in splits.values())
         if self.kept is None or not self.kept.frozen <= cut.frozen:
             source = self._lowest_shared_cut(model, phase, cut)
-            storage = self._storage(source, images)
-            if storage == "off" and source is not cut:
-                source, storage = cut, self._storage(cut, images)
-            if storage == "off":
-                self.log(f"[finetune] phase {phase.name}: no room to cache the frozen part "
-                         f"({feature_bytes(cut.bottom, images, self.recipe.training.cache_dtype) / 1e9:,.1f} GB); "
-                         "running the whole model each epoch")
+            if source is not cut and self._storage(source.bottom, images) == "off":
+                source = cut
+            shared = "" if source is cut else ", kept for the later phases"
+            self.kept, self.splits = None, {}  # what was kept is of no use here: free it first
+            kept = self._compute(source.bottom, splits, phase, batch_size, f"frozen_{phase.name}",
+                                 f"frozen part computed once ({source.where}{shared})")
+            if kept is None:
                 return None
-            self._extract(source, cut, splits, storage, phase, batch_size)
+            self.kept, self.kept_from, self.splits = source, phase.name, kept
         elif self.kept.key == cut.key:
             self.log(f"[finetune] phase {phase.name}: frozen part reused from phase {self.kept_from} ({cut.where})")
-        own = self.splits if self.kept.key == cut.key else self._derive(cut, images, phase, batch_size)
-        if own is None:
-            return None
+        if self.kept.key == cut.key:
+            own = self.splits
+        else:
+            own = self._compute(bridge(self.kept, cut), self.splits, phase, batch_size, phase.name,
+                                f"its features computed once from the kept part ({cut.where})")
+            if own is None:
+                return None
         return PhaseFeatures(cut.top, _single(own["train"]),
                              _single(own["validation"]) if "validation" in own else None)
 
@@ -312,8 +316,7 @@ class FeatureStore:
             self.kept, self.splits = None, {}
 
     def _lowest_shared_cut(self, model: keras.Model, phase, cut: CutModels) -> CutModels:
-        spec = backbones.spec_for(self.recipe.model.backbone)
-        if not (spec.inference_mode and not any(p.train_bn for p in self.recipe.phases)):
+        if not backbone_inference_only(self.recipe):
             return cut  # later cuts would depend on which layers are trainable then
         names = [p.name for p in self.recipe.phases]
         source = cut
@@ -329,8 +332,8 @@ class FeatureStore:
                 break
         return source
 
-    def _storage(self, cut: CutModels, images: int) -> str:
-        size = feature_bytes(cut.bottom, images, self.recipe.training.cache_dtype)
+    def _storage(self, producer: keras.Model, images: int) -> str:
+        size = feature_bytes(producer, images, self.recipe.training.cache_dtype)
         return choose_storage(self.recipe.training.cache, size, self.cache_dir)
 
     def _folder(self, name: str) -> Path:
@@ -342,33 +345,24 @@ class FeatureStore:
         self._temporary.append(folder)
         return folder
 
-    def _extract(self, source: CutModels, cut: CutModels, splits: dict, storage: str, phase, batch_size: int) -> None:
-        self.kept, self.splits = None, {}
-        dtype = self.recipe.training.cache_dtype
-        folder = self._folder(f"frozen_{phase.name}") if storage == "disk" else None
-        started = time.perf_counter()
-        self.splits = {name: extract(source.bottom, images, batch_size, dtype, storage, folder, name)
-                       for name, images in splits.items()}
-        self.kept, self.kept_from = source, phase.name
-        size = sum(array.nbytes for arrays in self.splits.values() for array in arrays)
-        shared = "" if source is cut else ", kept for the later phases"
-        self.log(f"[finetune] phase {phase.name}: frozen part computed once ({source.where}{shared}), "
-                 f"{size / 1e6:,.0f} MB in {storage}, {time.perf_counter() - started:.1f}s")
-
-    def _derive(self, cut: CutModels, images: int, phase, batch_size: int) -> dict | None:
-        between = bridge(self.kept, cut)
-        dtype = self.recipe.training.cache_dtype
-        size = feature_bytes(between, images, dtype)
-        storage = choose_storage(self.recipe.training.cache, size, self.cache_dir)
+    def _compute(self, producer: keras.Model, splits: dict, phase, batch_size: int, folder_name: str,
+                 what: str) -> dict | None:
+        """``producer``'s outputs for each split, in memory or on disk; None (said) when neither has room."""
+        images = sum(len(_as_list(inputs)[0]) for inputs in splits.values())
+        storage = self._storage(producer, images)
         if storage == "off":
+            size = feature_bytes(producer, images, self.recipe.training.cache_dtype)
+            self.log(f"[finetune] phase {phase.name}: no room to cache the frozen part ({size / 1e9:,.1f} GB); "
+                     "running the whole model each epoch")
             return None
-        folder = self._folder(phase.name) if storage == "disk" else None
+        folder = self._folder(folder_name) if storage == "disk" else None
         started = time.perf_counter()
-        own = {name: extract(between, arrays, batch_size, dtype, storage, folder, name)
-               for name, arrays in self.splits.items()}
-        self.log(f"[finetune] phase {phase.name}: its features computed once from the kept part ({cut.where}), "
-                 f"{size / 1e6:,.0f} MB in {storage}, {time.perf_counter() - started:.1f}s")
-        return own
+        computed = {name: extract(producer, inputs, batch_size, self.recipe.training.cache_dtype, storage, folder, name)
+                    for name, inputs in splits.items()}
+        size = sum(array.nbytes for arrays in computed.values() for array in arrays)
+        self.log(f"[finetune] phase {phase.name}: {what}, {size / 1e6:,.0f} MB in {storage}, "
+                 f"{time.perf_counter() - started:.1f}s")
+        return computed
 
 
 def _single(arrays: list):

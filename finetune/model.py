@@ -69,9 +69,7 @@ def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | No
     height, width = recipe.data.image_hw
     head = recipe.model.head
     options = recipe.model.backbone.options
-    # Pretrained backbones run with training=False so BatchNorm keeps its moving statistics;
-    # with a train_bn phase (or a from-scratch stack) each layer's trainable flag decides.
-    inference_only = spec.inference_mode and not any(phase.train_bn for phase in recipe.phases)
+    inference_only = backbone_inference_only(recipe, spec)
 
     with dtype_policy(resolve_precision(recipe.precision)):
         images = keras.Input(shape=input_shape, dtype="uint8", name="images")
@@ -92,6 +90,16 @@ def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | No
 
         copy_input_statistics(recipe.model.backbone.path, model.get_layer("backbone_input"))
     return model
+
+
+def backbone_inference_only(recipe: Recipe, spec=None) -> bool:
+    """Whether the backbone always runs with ``training=False``.
+
+    Pretrained backbones do, so BatchNorm keeps its moving statistics; with a
+    train_bn phase (or a from-scratch stack) each layer's trainable flag decides.
+    """
+    spec = spec or backbones.spec_for(recipe.model.backbone)
+    return spec.inference_mode and not any(phase.train_bn for phase in recipe.phases)
 
 
 def load_model(path, compile: bool = True) -> keras.Model:
