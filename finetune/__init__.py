@@ -1,33 +1,47 @@
 """finetune: recipe-driven transfer learning for Keras 3.
 
-    import finetune
-    recipe = finetune.load_recipe("recipes/xception_fmnist.yaml", overrides={"phases.head.epochs": 1})
-    result = finetune.run(recipe, out="runs/x")   # result.metrics, result.model, result.run_dir
-    model = finetune.build_model(recipe)
-    model = finetune.load_model("runs/x/model.keras")
+import finetune
+recipe = finetune.load_recipe("recipes/xception_fmnist.yaml", overrides={"phases.head.epochs": 1})
+result = finetune.run(recipe, out="runs/x")   # result.metrics, result.model, result.run_dir
+model = finetune.build_model(recipe)
+model = finetune.load_model("runs/x/model.keras")
 """
 
 from __future__ import annotations
 
-from finetune.errors import FinetuneError, RecipeError
-from finetune.recipe import Recipe, load_recipe
+from typing import Any
 
-__version__ = "0.1.0"
+from finetune.errors import FinetuneError, RecipeError
+from finetune.recipe import Recipe
+
+__version__ = "0.2.0"
 
 __all__ = [
-    "FinetuneError", "Recipe", "RecipeError", "RunResult", "build_model", "load_model", "load_recipe", "run",
+    "FinetuneError",
+    "Recipe",
+    "RecipeError",
+    "RunResult",
     "__version__",
+    "build_model",
+    "load_model",
+    "load_recipe",
+    "run",
 ]
 
+# Where each public name lives; the module is imported on first use, so `import finetune`
+# loads neither Keras nor TensorFlow.
+_LAZY = {
+    "load_recipe": "finetune.plan",
+    "build_model": "finetune.model",
+    "load_model": "finetune.model",
+    "run": "finetune.runner",
+    "RunResult": "finetune.runner",
+}
 
-def __getattr__(name: str):
-    # Keras (and TensorFlow) load only when something needs them.
-    if name in ("build_model", "load_model"):
-        from finetune import model
 
-        return getattr(model, name)
-    if name in ("run", "RunResult"):
-        from finetune import runner
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-        return getattr(runner, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -1,5 +1,7 @@
 """Errors that reach the user as one line, never as a traceback."""
 
+from __future__ import annotations
+
 
 class FinetuneError(Exception):
     """A problem the user can fix: bad recipe, missing data or weights.
@@ -22,3 +24,20 @@ class WeightsError(FinetuneError):
 
 class RunFolderError(FinetuneError):
     """The run folder cannot be used (it would overwrite an earlier run)."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message cut to its first line, or its type's name when it has none.
+
+    Third-party errors (Keras, Pillow, TensorFlow) often carry pages of
+    context; the user sees one line and ``--debug`` shows the rest.
+    """
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def describe(error: BaseException) -> str:
+    """``TypeName: first line`` (just ``TypeName`` when the error has no message)."""
+    name = type(error).__name__
+    text = str(error).strip()
+    return f"{name}: {text.splitlines()[0]}" if text else name

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import keras
 
-from finetune import backbones, data, dense
-from finetune.layers import BackboneInput
-from finetune.recipe import Recipe, load_recipe
+from finetune.backbones.blocks import get_backbone, layout_of
+from finetune.backbones.build import build_backbone
+from finetune.backbones.input_layer import BackboneInput
+from finetune.backbones.reuse import load_saved_model
+from finetune.backbones.spec import BackboneLayout
+from finetune.catalog.layers import dense_stack, output_layer
+from finetune.data import model_io
+from finetune.plan import ModelPlan, load_recipe, resolve
+from finetune.recipe import Recipe
 
 
 def resolve_precision(setting: str) -> str:
@@ -33,7 +40,7 @@ def gpu_available() -> bool:
             import torch
 
             return torch.cuda.is_available()
-    except Exception:  # a broken driver means no usable GPU
+    except Exception:  # noqa: BLE001 - a broken driver means no usable GPU
         return False
     return False
 
@@ -49,73 +56,71 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
-def build_model(recipe: Recipe | str, *, input_shape=None, num_classes: int | None = None) -> keras.Model:
+def build_model(recipe: Recipe | str | Path, *, input_shape=None, num_classes: int | None = None) -> keras.Model:
     """The full classifier for a recipe, taking raw uint8 images.
 
-    The backbone is called with ``training=False`` so its BatchNorm layers
-    keep their moving statistics even when unfrozen; a recipe with a
-    ``train_bn: true`` phase instead lets each BatchNorm layer's trainable
-    flag decide (a frozen one always runs in inference mode).
-
-    ``input_shape`` and ``num_classes`` are the dataset's (the runner passes
-    them); left out, a source with a static shape gives it, and ``tfds:NAME``
-    or ``image_folder`` data is loaded to find out.
+    ``input_shape`` and ``num_classes`` are the dataset's; left out, a source
+    with a static shape gives them, and ``tfds:NAME`` or ``image_folder``
+    data is loaded to find out.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    # Without a dataset's shape: the source's static one, or the data loaded to find out (data.model_io).
-    input_shape, num_classes = data.model_io(recipe.data, recipe.seed, input_shape, num_classes)
-    spec = backbones.spec_for(recipe.model.backbone)
-    height, width = recipe.data.image_hw
-    head = recipe.model.head
-    options = recipe.model.backbone.options
-    inference_only = backbone_inference_only(recipe, spec)
+    plan = resolve(recipe)
+    input_shape, num_classes = model_io(plan.data, plan.seed, input_shape, num_classes)
+    return assemble(plan.model, input_shape, num_classes)
 
-    with dtype_policy(resolve_precision(recipe.precision)):
+
+def assemble(plan: ModelPlan, input_shape, num_classes: int) -> keras.Model:
+    """Input layer, backbone and head for a resolved model section.
+
+    The backbone is called with ``training=False`` so its BatchNorm layers
+    keep their moving statistics even when unfrozen; with a ``train_bn:
+    true`` phase (or a from-scratch stack) each BatchNorm layer's trainable
+    flag decides instead (a frozen one always runs in inference mode).
+    """
+    height, width = plan.image_hw
+    head = plan.head
+    with dtype_policy(resolve_precision(plan.precision)):
         images = keras.Input(shape=input_shape, dtype="uint8", name="images")
         # Preprocessing stays in float32: it is cheap and keeps pixel maths exact.
-        x = BackboneInput(height, width, spec.preprocessing_for(options), channels=spec.channels,
-                          name="backbone_input", dtype="float32")(images)
-        backbone = backbones.build_backbone(spec, (height, width), recipe.model.backbone.weights, options,
-                                            channels=input_shape[-1])
-        x = backbone(x, training=False if inference_only else None)
+        backbone_input = BackboneInput(
+            height, width, plan.preprocessing, channels=plan.backbone.channels, name="backbone_input", dtype="float32"
+        )
+        x = backbone_input(images)
+        if plan.reused is not None:
+            trained = plan.reused.trained()
+            backbone = trained.clone()
+            # A reused backbone sees its inputs scaled as in its own training, not by the new data's statistics.
+            backbone_input.mean.assign(trained.input_mean)
+            backbone_input.std.assign(trained.input_std)
+        else:
+            backbone = build_backbone(
+                plan.backbone, plan.image_hw, plan.weights, plan.options, channels=input_shape[-1]
+            )
+        x = backbone(x, training=False if plan.inference_only else None)
         if len(x.shape) == 4:
             pooling = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
             x = pooling(name="head_pool")(x)
-        x = dense.dense_stack(x, head, prefix="head_")
-        outputs = dense.output_layer(x, head, num_classes)
-        model = keras.Model(images, outputs, name="finetune")
-    if recipe.model.backbone.name == "run" and spec.preprocessing == "standardize":
-        from finetune.reuse import copy_input_statistics
-
-        copy_input_statistics(recipe.model.backbone.path, model.get_layer("backbone_input"))
-    return model
+        x = dense_stack(x, head, prefix="head_")
+        outputs = output_layer(x, head, num_classes)
+        return keras.Model(images, outputs, name="finetune")
 
 
-def backbone_inference_only(recipe: Recipe, spec=None) -> bool:
-    """Whether the backbone always runs with ``training=False``.
+def fit_input_statistics(model: keras.Model, plan: ModelPlan, images) -> None:
+    """A ``standardize`` input layer takes the training images' pixel statistics.
 
-    Pretrained backbones do, so BatchNorm keeps its moving statistics; with a
-    train_bn phase (or a from-scratch stack) each layer's trainable flag decides.
+    A reused backbone keeps the statistics it was trained with (set by :func:`assemble`).
     """
-    spec = spec or backbones.spec_for(recipe.model.backbone)
-    return spec.inference_mode and not any(phase.train_bn for phase in recipe.phases)
+    layer = model.get_layer("backbone_input")
+    if layer.preprocessing == "standardize" and plan.reused is None:
+        layer.adapt(images)
+
+
+def layout(model: keras.Model, plan: ModelPlan) -> BackboneLayout:
+    """The backbone inside ``model`` split into its blocks, once for the whole run."""
+    return layout_of(get_backbone(model), plan.backbone, plan.inference_only)
 
 
 def load_model(path, compile: bool = True) -> keras.Model:
-    """A saved finetune model (``model.keras``, ``checkpoint.keras``), safe mode on.
-
-    Imports the modules whose classes such a file names (the input layer, MC
-    dropout, optimizers with learning-rate multipliers, schedules) first.
-    """
-    from finetune import optimizers, regularizers, schedules  # noqa: F401  (register their classes)
-
-    return keras.saving.load_model(path, compile=compile, safe_mode=True)
-
-
-def get_backbone(model: keras.Model) -> keras.Model:
-    """The backbone sub-model inside a model built by :func:`build_model`."""
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    if len(nested) != 1:
-        raise ValueError(f"expected one backbone inside {model.name!r}, found {len(nested)}")
-    return nested[0]
+    """A saved finetune model (``model.keras``, ``checkpoint.keras``), safe mode on."""
+    return load_saved_model(path, compile=compile)

@@ -40,17 +40,32 @@ def recipe_dict(args, size: int, case: str, weights: str) -> dict:
     head_epochs = HEAD_EPOCHS if case in ("head", "both") else 0
     tune_epochs = TUNE_EPOCHS if case in ("finetune", "both") else 0
     return {
-        "name": f"bench_{case}_{size}", "seed": 0, "precision": "float32",
-        "data": {"source": "fashion_mnist", "image_size": size, "validation_split": 0.1,
-                 "train_limit": args.train, "test_limit": args.test},
+        "name": f"bench_{case}_{size}",
+        "seed": 0,
+        "precision": "float32",
+        "data": {
+            "source": "fashion_mnist",
+            "image_size": size,
+            "validation_split": 0.1,
+            "train_limit": args.train,
+            "test_limit": args.test,
+        },
         "model": {"backbone": {"name": "xception", "weights": weights}, "head": {"dropout": 0.2}},
         "training": {"batch_size": BATCH, "verbose": 0},
         "export": {"saved_model": False},
         "phases": [
-            {"name": "head", "epochs": head_epochs, "trainable": "none",
-             "optimizer": {"name": "adam", "learning_rate": 1e-3}},
-            {"name": "finetune", "epochs": tune_epochs, "trainable": {"top_blocks": 2},
-             "optimizer": {"name": "adam", "learning_rate": 1e-4}},
+            {
+                "name": "head",
+                "epochs": head_epochs,
+                "trainable": "none",
+                "optimizer": {"name": "adam", "learning_rate": 1e-3},
+            },
+            {
+                "name": "finetune",
+                "epochs": tune_epochs,
+                "trainable": {"top_blocks": 2},
+                "optimizer": {"name": "adam", "learning_rate": 1e-4},
+            },
         ],
     }
 
@@ -68,9 +83,15 @@ def worker_finetune(args) -> dict:
     wall = time.perf_counter() - started
     train_seconds = sum(float(row["seconds"]) for row in result.history)
     extract_seconds = sum(float(line.rsplit(", ", 1)[-1].rstrip("s")) for line in lines if "computed once" in line)
-    return {"wall": wall, "train_seconds": train_seconds + extract_seconds, "epochs": len(result.history),
-            "accuracy": result.metrics["test"]["accuracy"], "extract_seconds": extract_seconds,
-            "train_images": result.metrics["train_images"], "log": [l for l in lines if "computed once" in l]}
+    return {
+        "wall": wall,
+        "train_seconds": train_seconds + extract_seconds,
+        "epochs": len(result.history),
+        "accuracy": result.metrics["test"]["accuracy"],
+        "extract_seconds": extract_seconds,
+        "train_images": result.metrics["train_images"],
+        "log": [line for line in lines if "computed once" in line],
+    }
 
 
 def worker_baseline(args) -> dict:
@@ -80,6 +101,7 @@ def worker_baseline(args) -> dict:
 
     import finetune
     from finetune import backbones, data
+    from finetune.backbones.blocks import split_into_blocks
 
     recipe = finetune.load_recipe(json.loads(args.recipe))
     keras.utils.set_random_seed(0)
@@ -112,44 +134,53 @@ def worker_baseline(args) -> dict:
         if phase.epochs == 0:
             continue
         if phase.trainable != "none":
-            _, blocks = backbones.split_into_blocks(base, backbones.get("xception"))
-            top = {id(layer) for block in blocks[-phase.trainable.top_blocks:] for layer in block.layers}
+            _, blocks = split_into_blocks(base, backbones.get("xception"))
+            top = {id(layer) for block in blocks[-phase.trainable.top_blocks :] for layer in block.layers}
             base.trainable = True
             for layer in base.layers:
                 layer.trainable = id(layer) in top and not isinstance(layer, keras.layers.BatchNormalization)
-        model.compile(optimizer=keras.optimizers.Adam(phase.optimizer.learning_rate),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(phase.optimizer.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
         fit_started = time.perf_counter()
         model.fit(train, epochs=phase.epochs, validation_data=val, verbose=0)
         train_seconds += time.perf_counter() - fit_started
         epochs += phase.epochs
     _, accuracy = model.evaluate(test, verbose=0)
-    return {"wall": time.perf_counter() - started, "train_seconds": train_seconds, "epochs": epochs,
-            "accuracy": float(accuracy), "train_images": len(dataset.train)}
+    return {
+        "wall": time.perf_counter() - started,
+        "train_seconds": train_seconds,
+        "epochs": epochs,
+        "accuracy": float(accuracy),
+        "train_images": len(dataset.train),
+    }
 
 
 def make_weights(path: Path, size: int, images: int = 512) -> None:
     """Random Xception weights with BatchNorm statistics calibrated on Fashion-MNIST."""
-    import keras
+    from finetune.backbones.calibration import save_calibrated_weights
 
-    from finetune import backbones, data
-    from finetune.layers import BackboneInput
-    from finetune.recipe import DataConfig
-
-    keras.utils.set_random_seed(0)
-    spec = backbones.get("xception")
-    backbone = backbones.build_backbone(spec, (size, size), None)
-    split = data.load_dataset(DataConfig(train_limit=images, validation_split=0.0), seed=1).train
-    backbones.calibrate_batch_norm(backbone, BackboneInput(size, size, spec.preprocessing)(split.images))
-    backbone.save_weights(path)
+    save_calibrated_weights("xception", size, path, images=images, data_seed=1)
 
 
 # --- driver ---------------------------------------------------------------
 
 
 def run_worker(kind: str, recipe: dict, scratch: Path, overrides: list | None = None) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--recipe", json.dumps(recipe), "--scratch", str(scratch),
-               "--overrides", json.dumps(overrides or [])]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--recipe",
+        json.dumps(recipe),
+        "--scratch",
+        str(scratch),
+        "--overrides",
+        json.dumps(overrides or []),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{result.stderr[-3000:]}")
@@ -162,12 +193,26 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[71, 96])
     parser.add_argument("--cases", nargs="+", default=["head", "finetune", "both"])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override for the finetune side, e.g. training.jit_compile=false")
-    parser.add_argument("--precisions", nargs="+", default=["float32"],
-                        help="one finetune run per precision, after the (float32) baseline; e.g. float32 mixed_bfloat16")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run the ways of each case this many times in turn; ratios are medians of the rounds")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for the finetune side, e.g. training.jit_compile=false",
+    )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["float32"],
+        help="one finetune run per precision, after the (float32) baseline; e.g. float32 mixed_bfloat16",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the ways of each case this many times in turn; ratios are medians of the rounds",
+    )
     parser.add_argument("--worker", choices=["baseline", "finetune", "weights"], help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -196,8 +241,13 @@ def main() -> int:
             for case in args.cases:
                 recipe = recipe_dict(args, size, case, str(weights))
                 ways = [("baseline", "baseline", [])] + [
-                    ("finetune", "finetune" if len(args.precisions) == 1 else f"finetune, {precision}",
-                     [*args.overrides, f"precision={precision}"]) for precision in args.precisions]
+                    (
+                        "finetune",
+                        "finetune" if len(args.precisions) == 1 else f"finetune, {precision}",
+                        [*args.overrides, f"precision={precision}"],
+                    )
+                    for precision in args.precisions
+                ]
                 rounds = []
                 for round_index in range(args.repeat):
                     reports = {}
@@ -206,19 +256,31 @@ def main() -> int:
                         scratch.mkdir()
                         reports[way] = report = run_worker(kind, recipe, scratch, overrides)
                         speed = report["train_images"] * report["epochs"] / report["train_seconds"]
-                        print(f"| {size} | {case} | {way} | {report['wall']:.1f} | {report['train_seconds']:.1f} | "
-                              f"{speed:.0f} | {report['peak_rss_mb']:.0f} | {report['accuracy']:.4f} |", flush=True)
+                        print(
+                            f"| {size} | {case} | {way} | {report['wall']:.1f} | {report['train_seconds']:.1f} | "
+                            f"{speed:.0f} | {report['peak_rss_mb']:.0f} | {report['accuracy']:.4f} |",
+                            flush=True,
+                        )
                     rounds.append(reports)
                 for _, way, _ in ways[1:]:
                     # Each round's ratio is of two runs made one after the other: the machine's drift cancels.
                     pairs = [(r["baseline"], r[way]) for r in rounds]
-                    ratios.append((size, case, way, _spread([b["wall"] / f["wall"] for b, f in pairs]),
-                                   _spread([b["train_seconds"] / f["train_seconds"] for b, f in pairs]),
-                                   statistics.median(f["accuracy"] - b["accuracy"] for b, f in pairs),
-                                   statistics.median(f.get("extract_seconds", 0.0) for _, f in pairs)))
+                    ratios.append(
+                        (
+                            size,
+                            case,
+                            way,
+                            _spread([b["wall"] / f["wall"] for b, f in pairs]),
+                            _spread([b["train_seconds"] / f["train_seconds"] for b, f in pairs]),
+                            statistics.median(f["accuracy"] - b["accuracy"] for b, f in pairs),
+                            statistics.median(f.get("extract_seconds", 0.0) for _, f in pairs),
+                        )
+                    )
     print()
-    print("| size | case | way | wall: baseline / finetune | training: baseline / finetune | "
-          "accuracy: finetune - baseline | finetune's one pass of the frozen part, s |")
+    print(
+        "| size | case | way | wall: baseline / finetune | training: baseline / finetune | "
+        "accuracy: finetune - baseline | finetune's one pass of the frozen part, s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for size, case, way, wall, train, accuracy, extract in ratios:
         print(f"| {size} | {case} | {way} | {wall} | {train} | {accuracy * 100:+.1f} pt | {extract:.1f} |")

@@ -34,8 +34,11 @@ def run(recipe: str, out: Path, overrides: list[str]) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"{recipe} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     metrics = json.loads((out / "metrics.json").read_text())["test"]
-    return {"accuracy": metrics["accuracy"], "examples": metrics["examples"],
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "accuracy": metrics["accuracy"],
+        "examples": metrics["examples"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def main() -> int:
@@ -50,26 +53,42 @@ def main() -> int:
         seed_set = [f"seed={seed}"]
         results["a"].append(run("book_transfer_a", folder / "a", seed_set))
         results["b_scratch"].append(run("book_transfer_b_scratch", folder / "b_scratch", seed_set))
-        results["b_on_a"].append(run("book_transfer_b_on_a", folder / "b_on_a",
-                                     seed_set + [f"model.backbone.path={folder / 'a'}"]))
-        print(f"seed {seed}: " + ", ".join(f"{key} {rows[-1]['accuracy']:.4f} ({rows[-1]['seconds']:.0f}s)"
-                                           for key, rows in results.items()), file=sys.stderr, flush=True)
+        results["b_on_a"].append(
+            run("book_transfer_b_on_a", folder / "b_on_a", [*seed_set, f"model.backbone.path={folder / 'a'}"])
+        )
+        print(
+            f"seed {seed}: "
+            + ", ".join(
+                f"{key} {rows[-1]['accuracy']:.4f} ({rows[-1]['seconds']:.0f}s)" for key, rows in results.items()
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    labels = {"a": "A: 8 classes, 20 epochs", "b_scratch": "B from scratch (200 images)",
-              "b_on_a": "B on A (200 images)"}
+    labels = {
+        "a": "A: 8 classes, 20 epochs",
+        "b_scratch": "B from scratch (200 images)",
+        "b_on_a": "B on A (200 images)",
+    }
     print(f"| model | test images | book | mean over {args.seeds} seeds | std | min | max | per seed |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, rows in results.items():
         values = [row["accuracy"] for row in rows]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         book = f"{BOOK[key]:.2%}" if key in BOOK else "-"
-        print(f"| {labels[key]} | {rows[0]['examples']} | {book} | {statistics.mean(values):.2%} | "
-              f"{spread:.2%} | {min(values):.2%} | {max(values):.2%} | "
-              + ", ".join(f"{value:.4f}" for value in values) + " |")
-    gains = [b["accuracy"] - s["accuracy"] for b, s in zip(results["b_on_a"], results["b_scratch"])]
-    print(f"\nB on A minus B from scratch, per seed: " + ", ".join(f"{gain:+.2%}" for gain in gains)
-          + f" (book: {BOOK['b_on_a'] - BOOK['b_scratch']:+.2%}); results in {out}")
+        print(
+            f"| {labels[key]} | {rows[0]['examples']} | {book} | {statistics.mean(values):.2%} | "
+            f"{spread:.2%} | {min(values):.2%} | {max(values):.2%} | "
+            + ", ".join(f"{value:.4f}" for value in values)
+            + " |"
+        )
+    gains = [b["accuracy"] - s["accuracy"] for b, s in zip(results["b_on_a"], results["b_scratch"], strict=True)]
+    print(
+        "\nB on A minus B from scratch, per seed: "
+        + ", ".join(f"{gain:+.2%}" for gain in gains)
+        + f" (book: {BOOK['b_on_a'] - BOOK['b_scratch']:+.2%}); results in {out}"
+    )
     return 0
 
 

@@ -45,8 +45,10 @@ def main() -> int:
             extra = ""
             if "mc_dropout" in metrics:
                 mc = metrics["mc_dropout"]
-                extra = (f"single pass {mc['accuracy_single_pass']:.4f}; "
-                         f"mean predictive entropy {mc['mean_predictive_entropy']:.3f}")
+                extra = (
+                    f"single pass {mc['accuracy_single_pass']:.4f}; "
+                    f"mean predictive entropy {mc['mean_predictive_entropy']:.3f}"
+                )
             rows.append((recipe.stem, f"{metrics['accuracy']:.4f}", f"{metrics['loss']:.4f}", f"{seconds:.0f}", extra))
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print("| recipe | test accuracy | test loss | wall s | notes |")

@@ -58,19 +58,9 @@ def on_device_batches(x, y, steps: int):
 
 
 def _calibrated_weights(path: Path, size: int) -> None:
-    import keras
+    from finetune.backbones.calibration import save_calibrated_weights
 
-    from finetune import backbones, data
-    from finetune.layers import BackboneInput
-    from finetune.recipe import DataConfig
-
-    keras.utils.set_random_seed(0)
-    spec = backbones.get("xception")
-    backbone = backbones.build_backbone(spec, (size, size), None)
-    split = data.load_dataset(DataConfig(train_limit=128, validation_split=0.0), seed=1).train
-    inputs = BackboneInput(size, size, spec.preprocessing)(split.images)
-    backbones.calibrate_batch_norm(backbone, inputs, batch_size=16)
-    backbone.save_weights(path)
+    save_calibrated_weights("xception", size, path, images=128, batch_size=16, data_seed=1)
 
 
 def main() -> int:
@@ -90,37 +80,60 @@ def main() -> int:
     import numpy as np
 
     import finetune
-    from finetune import caching, data, training
-    from finetune.model import resolve_precision
+    from finetune import data
+    from finetune.model import layout, resolve_precision
+    from finetune.plan import resolve
+    from finetune.training.cuts import plan_cut
+    from finetune.training.phases import compile_for_phase, configure_phase
 
     device = jax.devices()[0]
-    report = {"device": str(getattr(device, "device_kind", device)), "backend": keras.backend.backend(),
-              "keras": keras.__version__, "jax": jax.__version__, "size": args.size, "batch": args.batch}
+    report = {
+        "device": str(getattr(device, "device_kind", device)),
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "jax": jax.__version__,
+        "size": args.size,
+        "batch": args.batch,
+    }
     # No ImageNet files here: random weights with BatchNorm statistics calibrated on the data,
     # so the frozen features carry signal and the accuracy means something.
     weights = args.out / "xception_calibrated.weights.h5"
     _calibrated_weights(weights, args.size)
     overrides = {
-        "model.backbone.weights": str(weights), "data.image_size": args.size, "precision": args.precision,
-        "training.batch_size": args.batch, "export.saved_model": False, "training.verbose": 2,
+        "model.backbone.weights": str(weights),
+        "data.image_size": args.size,
+        "precision": args.precision,
+        "training.batch_size": args.batch,
+        "export.saved_model": False,
+        "training.verbose": 2,
     }
 
     if not args.skip_run:
-        recipe = finetune.load_recipe("recipes/xception_fmnist.yaml", overrides={
-            **overrides, "data.train_limit": args.run_images, "data.test_limit": 2000,
-            "phases.head.epochs": 3, "phases.finetune.epochs": 2,
-        })
+        recipe = finetune.load_recipe(
+            "recipes/xception_fmnist.yaml",
+            overrides={
+                **overrides,
+                "data.train_limit": args.run_images,
+                "data.test_limit": 2000,
+                "phases.head.epochs": 3,
+                "phases.finetune.epochs": 2,
+            },
+        )
         started = time.perf_counter()
         result = finetune.run(recipe, out=args.out / "run", log=lambda line: print(line, flush=True))
-        report["end_to_end"] = {"seconds": time.perf_counter() - started, "precision": result.metrics["precision"],
-                                "test_accuracy": result.metrics["test"]["accuracy"],
-                                "history": result.history}
+        report["end_to_end"] = {
+            "seconds": time.perf_counter() - started,
+            "precision": result.metrics["precision"],
+            "test_accuracy": result.metrics["test"]["accuracy"],
+            "history": result.history,
+        }
         (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
 
     recipe = finetune.load_recipe("recipes/xception_fmnist.yaml", overrides=overrides)
     report["precision"] = resolve_precision(recipe.precision)
-    split = data.load_dataset(recipe.data.model_copy(update={"train_limit": args.images, "validation_split": 0.0}),
-                              seed=0).train
+    split = data.load_dataset(
+        recipe.data.model_copy(update={"train_limit": args.images, "validation_split": 0.0}), seed=0
+    ).train
     images, labels = split.images[: args.images], split.labels[: args.images]
     steps = len(images) // args.batch
     synthetic_x = jax.device_put(np.random.default_rng(0).integers(0, 256, (args.batch, 28, 28, 1), dtype=np.uint8))
@@ -128,40 +141,50 @@ def main() -> int:
 
     # Head phase: the frozen backbone's forward pass (what caching runs once per split).
     model = finetune.build_model(recipe)
-    cut = caching.plan_cut(model, recipe, recipe.phase("head"))
+    model_layout = layout(model, resolve(recipe).model)
+    cut = plan_cut(model, model_layout, recipe.phase("head"))
     cut.bottom.predict(images[: args.batch * 2], batch_size=args.batch, verbose=0)  # compile
     real = timed(lambda: cut.bottom.predict(images, batch_size=args.batch, verbose=0))
     cut.bottom.predict(on_device_batches(synthetic_x, None, 2), verbose=0)
     synthetic = timed(lambda: cut.bottom.predict(on_device_batches(synthetic_x, None, steps), verbose=0))
-    report["head_forward"] = {"real_images_per_s": len(images) / real,
-                              "synthetic_images_per_s": steps * args.batch / synthetic}
+    report["head_forward"] = {
+        "real_images_per_s": len(images) / real,
+        "synthetic_images_per_s": steps * args.batch / synthetic,
+    }
     (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
     print(report["head_forward"], flush=True)
 
     # Full fine-tuning: every layer trainable (BatchNorm frozen, the Keras rule), mixed precision.
     phase = recipe.phase("finetune").model_copy(update={"trainable": "all", "epochs": 1})
-    training.configure_phase(model, recipe, phase)
-    training.compile_for_phase(model, phase, steps, recipe_training=recipe.training)
+    configure_phase(model, model_layout, phase)
+    compile_for_phase(model, model_layout, phase, steps, settings=recipe.training)
     model.fit(images[: args.batch * 4], labels[: args.batch * 4], batch_size=args.batch, epochs=1, verbose=0)
     real = timed(lambda: model.fit(images, labels, batch_size=args.batch, epochs=1, verbose=0, shuffle=True) and None)
     model.fit(on_device_batches(synthetic_x, synthetic_y, 2), epochs=1, verbose=0)
-    synthetic = timed(lambda: model.fit(on_device_batches(synthetic_x, synthetic_y, steps), epochs=1,
-                                        verbose=0) and None)
-    report["full_finetune"] = {"real_images_per_s": len(images) / real,
-                               "synthetic_images_per_s": steps * args.batch / synthetic}
+    synthetic = timed(
+        lambda: model.fit(on_device_batches(synthetic_x, synthetic_y, steps), epochs=1, verbose=0) and None
+    )
+    report["full_finetune"] = {
+        "real_images_per_s": len(images) / real,
+        "synthetic_images_per_s": steps * args.batch / synthetic,
+    }
 
     for key in ("head_forward", "full_finetune"):
         entry = report[key]
         entry["input_overhead"] = 1 - entry["real_images_per_s"] / entry["synthetic_images_per_s"]
     (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{report['device']}, Keras {report['keras']} on JAX {report['jax']}, {report['precision']}, "
-          f"Xception at {args.size}px, batch {args.batch}")
+    print(
+        f"\n{report['device']}, Keras {report['keras']} on JAX {report['jax']}, {report['precision']}, "
+        f"Xception at {args.size}px, batch {args.batch}"
+    )
     print("| work | real data, images/s | synthetic on GPU, images/s | input overhead |")
     print("| --- | --- | --- | --- |")
     for key, label in (("head_forward", "head phase (frozen forward)"), ("full_finetune", "full fine-tuning")):
         entry = report[key]
-        print(f"| {label} | {entry['real_images_per_s']:.0f} | {entry['synthetic_images_per_s']:.0f} | "
-              f"{entry['input_overhead']:.1%} |")
+        print(
+            f"| {label} | {entry['real_images_per_s']:.0f} | {entry['synthetic_images_per_s']:.0f} | "
+            f"{entry['input_overhead']:.1%} |"
+        )
     return 0
 
 

@@ -52,18 +52,43 @@ def measure(folder: Path, size: int, cache_dir: Path, out: Path, code: Path) -> 
     anonymous RSS is the memory the process itself holds.
     """
     command = [
-        sys.executable, "-m", "finetune", "run",
-        str(ROOT / "recipes" / "image_folder_example.yaml"), "--out", str(out),
-        "--set", f"data.data_dir={folder}", "--set", f"data.image_size={size}",
-        "--set", "model.backbone.weights=null", "--set", "model.backbone.options={alpha: 0.35}",
-        "--set", "phases.head.epochs=1", "--set", "phases.finetune.epochs=0",
-        "--set", "training.cache=off", "--set", "training.verbose=0", "--set", "export.saved_model=false",
-        "--set", "precision=float32",
+        sys.executable,
+        "-m",
+        "finetune",
+        "run",
+        str(ROOT / "recipes" / "image_folder_example.yaml"),
+        "--out",
+        str(out),
+        "--set",
+        f"data.data_dir={folder}",
+        "--set",
+        f"data.image_size={size}",
+        "--set",
+        "model.backbone.weights=null",
+        "--set",
+        "model.backbone.options={alpha: 0.35}",
+        "--set",
+        "phases.head.epochs=1",
+        "--set",
+        "phases.finetune.epochs=0",
+        "--set",
+        "training.cache=off",
+        "--set",
+        "training.verbose=0",
+        "--set",
+        "export.saved_model=false",
+        "--set",
+        "precision=float32",
     ]
     with open(out.parent / "stderr.txt", "w") as errors:
         # `python -m` imports the package from its working directory first: the checkout measured.
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, cwd=code,
-                                   env={**os.environ, "FINETUNE_CACHE_DIR": str(cache_dir)})
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            cwd=code,
+            env={**os.environ, "FINETUNE_CACHE_DIR": str(cache_dir)},
+        )
         peak_rss = peak_anon = 0
         while process.poll() is None:
             status = _proc_status(process.pid)
@@ -110,17 +135,23 @@ def main() -> int:
             subprocess.run(["rm", "-rf", str(leftover)], check=True)
         peak, anonymous, decoded, accuracy = measure(folder, args.size, cache_dir, base / "run", args.code.resolve())
         rows.append((count, decoded, peak, anonymous, accuracy))
-        print(f"{count} images: decoded {decoded / 1e6:.0f} MB, peak RSS {peak / 1e6:.0f} MB, "
-              f"peak anonymous RSS {anonymous / 1e6:.0f} MB, test accuracy {accuracy}", file=sys.stderr, flush=True)
+        print(
+            f"{count} images: decoded {decoded / 1e6:.0f} MB, peak RSS {peak / 1e6:.0f} MB, "
+            f"peak anonymous RSS {anonymous / 1e6:.0f} MB, test accuracy {accuracy}",
+            file=sys.stderr,
+            flush=True,
+        )
     print("| images | decoded images (MB) | peak RSS (MB) | peak anonymous RSS (MB) | test accuracy |")
     print("| --- | --- | --- | --- | --- |")
     for count, decoded, peak, anonymous, accuracy in rows:
         print(f"| {count} | {decoded / 1e6:.0f} | {peak / 1e6:.0f} | {anonymous / 1e6:.0f} | {accuracy} |")
     (small, small_data, small_peak, small_anon, _), (large, large_data, large_peak, large_anon, _) = rows[0], rows[-1]
     grew = max(large_data - small_data, 1)
-    print(f"\nfrom {small} to {large} images the decoded data grew by {grew / 1e6:.0f} MB, peak RSS by "
-          f"{(large_peak - small_peak) / 1e6:.0f} MB (ratio {(large_peak - small_peak) / grew:.2f}) and peak "
-          f"anonymous RSS by {(large_anon - small_anon) / 1e6:.0f} MB (ratio {(large_anon - small_anon) / grew:.2f})")
+    print(
+        f"\nfrom {small} to {large} images the decoded data grew by {grew / 1e6:.0f} MB, peak RSS by "
+        f"{(large_peak - small_peak) / 1e6:.0f} MB (ratio {(large_peak - small_peak) / grew:.2f}) and peak "
+        f"anonymous RSS by {(large_anon - small_anon) / 1e6:.0f} MB (ratio {(large_anon - small_anon) / grew:.2f})"
+    )
     return 0
 
 

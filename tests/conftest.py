@@ -17,8 +17,13 @@ TINY_RECIPE = {
     "name": "tiny",
     "seed": 0,
     "precision": "float32",
-    "data": {"source": "fashion_mnist", "image_size": 32, "validation_split": 0.2,
-             "train_limit": 200, "test_limit": 100},
+    "data": {
+        "source": "fashion_mnist",
+        "image_size": 32,
+        "validation_split": 0.2,
+        "train_limit": 200,
+        "test_limit": 100,
+    },
     "model": {
         "backbone": {"name": "mobilenet_v2", "weights": None, "options": {"alpha": 0.35}},
         "head": {"dense": [16], "dropout": 0.1},
@@ -26,8 +31,12 @@ TINY_RECIPE = {
     "training": {"batch_size": 32, "verbose": 0},
     "phases": [
         {"name": "head", "epochs": 1, "trainable": "none", "optimizer": {"name": "adam", "learning_rate": 1e-3}},
-        {"name": "finetune", "epochs": 1, "trainable": {"top_blocks": 2},
-         "optimizer": {"name": "sgd", "learning_rate": 1e-2, "momentum": 0.9}},
+        {
+            "name": "finetune",
+            "epochs": 1,
+            "trainable": {"top_blocks": 2},
+            "optimizer": {"name": "sgd", "learning_rate": 1e-2, "momentum": 0.9},
+        },
     ],
 }
 
@@ -50,19 +59,11 @@ def isolated_weight_folders(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_backbone_weights(tmp_path_factory):
     """MobileNetV2 (alpha 0.35, 32x32) weights with calibrated BatchNorm statistics."""
-    from finetune import backbones, data
-    from finetune.layers import BackboneInput
-    from finetune.recipe import DataConfig
+    from finetune.backbones.calibration import save_calibrated_weights
 
-    keras.utils.set_random_seed(0)
-    spec = backbones.get("mobilenet_v2")
-    backbone = backbones.build_backbone(spec, (32, 32), None, {"alpha": 0.35})
-    dataset = data.load_dataset(DataConfig(train_limit=256, validation_split=0.0), seed=0)
-    images = BackboneInput(32, 32, spec.preprocessing)(dataset.train.images)
     # Random weights with calibrated BatchNorm act like a pretrained backbone (healthy features).
-    backbones.calibrate_batch_norm(backbone, images)
     path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_035_32_calibrated.weights.h5"
-    backbone.save_weights(path)
+    save_calibrated_weights("mobilenet_v2", 32, path, images=256, options={"alpha": 0.35}, batch_size=256)
     keras.backend.clear_session()
     return path
 
@@ -90,5 +91,32 @@ def no_network(monkeypatch):
         calls.append(fname)
         raise Exception(f"URL fetch failure on {origin}: no network in tests")
 
-    monkeypatch.setattr(file_utils, "get_file", refuse)
+    monkeypatch.setattr(file_utils, "get_file", refuse)  # what keras.applications call
+    monkeypatch.setattr(keras.utils, "get_file", refuse)  # the public name, as finetune's fetch calls it
     return calls
+
+
+def layout_of(model, recipe):
+    """The backbone layout a run of ``recipe`` computes for ``model``."""
+    from finetune.model import layout
+    from finetune.plan import resolve
+
+    return layout(model, resolve(recipe).model)
+
+
+def configure(model, recipe, phase):
+    from finetune.training.phases import configure_phase
+
+    return configure_phase(model, layout_of(model, recipe), phase)
+
+
+def compile_phase(model, recipe, phase, steps=1):
+    from finetune.training.phases import compile_for_phase
+
+    return compile_for_phase(model, layout_of(model, recipe), phase, steps, settings=recipe.training)
+
+
+def fit(model, recipe, phase, dataset, **kwargs):
+    from finetune.training.phases import fit_phase
+
+    return fit_phase(model, layout_of(model, recipe), phase, dataset, recipe.training, seed=recipe.seed, **kwargs)

@@ -1,6 +1,6 @@
 """A stand-in for another package's entry points (see test_catalog)."""
 
-from finetune.optimizers import SGD
+from finetune.catalog.optimizers import SGD
 
 
 def build_fake_sgd(**settings):

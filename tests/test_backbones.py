@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 
 from finetune import backbones
-from finetune.errors import WeightsError
-from finetune.layers import BackboneInput
+from finetune.backbones.blocks import split_into_blocks
+from finetune.backbones.build import build_backbone
+from finetune.backbones.input_layer import BackboneInput
+from finetune.errors import RecipeError, WeightsError
 
 
 @pytest.mark.parametrize(
@@ -35,8 +37,8 @@ def test_grayscale_is_resized_then_repeated_to_rgb():
 def blocks_of(name, size=None):
     spec = backbones.get(name)
     size = size or max(spec.min_size, 32)
-    model = backbones.build_backbone(spec, (size, size), None)
-    stem, blocks = backbones.split_into_blocks(model, spec)
+    model = build_backbone(spec, (size, size), None)
+    stem, blocks = split_into_blocks(model, spec)
     return model, stem, blocks
 
 
@@ -63,12 +65,20 @@ def test_block_structure_from_layer_names(name, count, first, last):
 def test_xception_residual_shortcut_belongs_to_the_block_it_bypasses():
     model, _, blocks = blocks_of("xception", 71)
     block13 = {layer.name for layer in blocks[-2].layers}
+
+    def made_by(tensor):
+        (layer,) = [layer for layer in model.layers if layer.output is tensor]
+        return layer
+
     pool = model.get_layer("block13_pool")
     # The add after block13_pool joins it with the shortcut conv + BN of block 13.
-    add = next(node.operation for node in pool._outbound_nodes)
-    shortcut = [t._keras_history.operation for t in add._inbound_nodes[0].input_tensors if
-                t._keras_history.operation is not pool][0]
-    conv = shortcut._inbound_nodes[0].input_tensors[0]._keras_history.operation
+    (add,) = [
+        layer
+        for layer in model.layers
+        if isinstance(layer.input, list) and any(tensor is pool.output for tensor in layer.input)
+    ]
+    (shortcut,) = [made_by(tensor) for tensor in add.input if tensor is not pool.output]
+    conv = made_by(shortcut.input)
     assert isinstance(shortcut, keras.layers.BatchNormalization) and isinstance(conv, keras.layers.Conv2D)
     assert shortcut.name in block13 and conv.name in block13
 
@@ -76,8 +86,11 @@ def test_xception_residual_shortcut_belongs_to_the_block_it_bypasses():
 def test_every_keras_application_is_registered():
     import inspect
 
-    constructors = {name for name in dir(keras.applications)
-                    if inspect.isfunction(getattr(keras.applications, name)) and name[0].isupper()}
+    constructors = {
+        name
+        for name in dir(keras.applications)
+        if inspect.isfunction(getattr(keras.applications, name)) and name[0].isupper()
+    }
     registered = {backbones.get(name).notes.split(".")[-1] for name in backbones.backbones.names()}
     assert constructors <= registered
 
@@ -94,21 +107,21 @@ def test_imagenet_weights_resolve_from_weights_dir_without_network(tmp_path, mon
     file_name = spec.imagenet_file((71, 71))
     assert file_name == "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"
     keras.utils.set_random_seed(123)
-    reference = backbones.build_backbone(spec, (71, 71), None)
+    reference = build_backbone(spec, (71, 71), None)
     save_canonical_weights(reference, tmp_path / "weights", file_name)
     monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path / "weights"))
 
     keras.utils.set_random_seed(999)  # a different random init, so equality means loading happened
-    loaded = backbones.build_backbone(spec, (71, 71), "imagenet")
+    loaded = build_backbone(spec, (71, 71), "imagenet")
     assert no_network == []
-    for expected, got in zip(reference.weights, loaded.weights):
+    for expected, got in zip(reference.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(expected), keras.ops.convert_to_numpy(got))
 
 
 def test_missing_imagenet_weights_offline_is_one_line(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(WeightsError) as caught:
-        backbones.build_backbone(backbones.get("mobilenet_v2"), (32, 32), "imagenet", {"alpha": 0.35})
+        build_backbone(backbones.get("mobilenet_v2"), (32, 32), "imagenet", {"alpha": 0.35})
     message = str(caught.value)
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5" in message
     assert "FINETUNE_WEIGHTS_DIR" in message and "\n" not in message
@@ -135,18 +148,18 @@ def test_missing_imagenet_weights_offline_is_one_line(tmp_path, monkeypatch, no_
 def test_canonical_file_names_are_the_ones_keras_asks_for(name, size, options, no_network):
     spec = backbones.get(name)
     with pytest.raises(WeightsError):
-        backbones.build_backbone(spec, (size, size), "imagenet", options)
+        build_backbone(spec, (size, size), "imagenet", options)
     assert no_network == [spec.imagenet_file((size, size), options)]
 
 
 def test_weights_file_path_is_loaded(tmp_path):
     spec = backbones.get("mobilenet_v2")
     keras.utils.set_random_seed(5)
-    reference = backbones.build_backbone(spec, (32, 32), None, {"alpha": 0.35})
+    reference = build_backbone(spec, (32, 32), None, {"alpha": 0.35})
     path = tmp_path / "mine.weights.h5"
     reference.save_weights(path)
     keras.utils.set_random_seed(6)
-    loaded = backbones.build_backbone(spec, (32, 32), str(path), {"alpha": 0.35})
+    loaded = build_backbone(spec, (32, 32), str(path), {"alpha": 0.35})
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(reference.weights[0]), keras.ops.convert_to_numpy(loaded.weights[0])
     )
@@ -156,7 +169,7 @@ def test_unloadable_weights_file_is_a_weights_error(tmp_path):
     path = tmp_path / "broken.weights.h5"
     path.write_bytes(b"not an h5 file")
     with pytest.raises(WeightsError, match="cannot load weights"):
-        backbones.build_backbone(backbones.get("mobilenet_v2"), (32, 32), str(path), {"alpha": 0.35})
+        build_backbone(backbones.get("mobilenet_v2"), (32, 32), str(path), {"alpha": 0.35})
 
 
 @pytest.mark.slow
@@ -166,11 +179,11 @@ def test_every_backbone_builds_splits_and_names_its_weights(name, no_network):
     size = 331 if name == "nasnet_large" else 224 if name == "nasnet_mobile" else spec.min_size
     if spec.locate_weights is None:  # keras.applications: offline, Keras's download of this very file fails
         with pytest.raises(WeightsError):
-            backbones.build_backbone(spec, (size, size), "imagenet")
+            build_backbone(spec, (size, size), "imagenet")
         assert no_network == [spec.imagenet_file((size, size))]
     keras.backend.clear_session()
-    model = backbones.build_backbone(spec, (size, size), None)
-    stem, blocks = backbones.split_into_blocks(model, spec)
+    model = build_backbone(spec, (size, size), None)
+    stem, blocks = split_into_blocks(model, spec)
     assert len(blocks) >= 5
     assigned = list(stem) + [layer for block in blocks for layer in block.layers]
     assert len(assigned) == len({id(layer) for layer in assigned}) == len(model.layers) - 1
@@ -182,3 +195,33 @@ def test_a_backbone_without_imagenet_weights_refuses_them(tiny_recipe_dict):
     tiny_recipe_dict["model"]["backbone"] = {"name": "mlp", "weights": "imagenet"}
     with pytest.raises(finetune.RecipeError, match="mlp has no ImageNet weights"):
         finetune.load_recipe(tiny_recipe_dict)
+
+
+def test_an_imagenet_width_keras_has_no_file_for_is_a_recipe_error_naming_the_allowed_ones(tiny_recipe_dict):
+    import finetune
+
+    tiny_recipe_dict["model"]["backbone"] = {"name": "mobilenet", "weights": "imagenet", "options": {"alpha": 0.3}}
+    with pytest.raises(RecipeError) as caught:
+        finetune.load_recipe(tiny_recipe_dict)
+    message = str(caught.value)
+    assert "model.backbone.options.alpha" in message and "0.25, 0.5, 0.75, 1 only, got 0.3" in message
+    assert backbones.get("mobilenet").imagenet_file((128, 128), {"alpha": 0.25}) == "mobilenet_2_5_128_tf_no_top.h5"
+    with pytest.raises(RecipeError, match=r"alpha 0.35, 0.5, 0.75, 1, 1.3, 1.4 only"):
+        backbones.get("mobilenet_v2").imagenet_file((96, 96), {"alpha": 0.25})
+
+
+def test_a_constructor_that_refuses_its_options_is_reported_as_such(no_network):
+    # Keras refuses a depth multiplier for MobileNet's ImageNet weights before any download:
+    # that is the recipe's setting, not a missing file.
+    spec = backbones.get("mobilenet")
+    with pytest.raises(RecipeError) as caught:
+        build_backbone(spec, (128, 128), "imagenet", {"depth_multiplier": 2})
+    assert "backbone 'mobilenet'" in str(caught.value) and "depth multiplier must be 1" in str(caught.value)
+    assert "offline" not in str(caught.value) and no_network == []
+    assert build_backbone(spec, (128, 128), None, {"depth_multiplier": 2}).name  # fine without ImageNet weights
+    with pytest.raises(RecipeError, match=r"model.backbone.options for 'vgg16'.*unexpected keyword"):
+        build_backbone(backbones.get("vgg16"), (32, 32), None, {"depth_multiplier": 2})
+    # A download that fails is still a weights error naming the file.
+    with pytest.raises(WeightsError, match=r"mobilenet_1_0_128_tf_no_top\.h5"):
+        build_backbone(spec, (128, 128), "imagenet")
+    assert no_network == ["mobilenet_1_0_128_tf_no_top.h5"]

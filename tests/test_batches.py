@@ -4,9 +4,11 @@ import keras
 import numpy as np
 import pytest
 
-from finetune import evaluation
-from finetune.batches import FileBatches
-from finetune.data import MappedImages, Split, _take, on_disk, pick_rows
+from finetune.data import Split
+from finetune.data.arrays import MappedImages, on_disk, pick_rows
+from finetune.data.batches import FileBatches
+from finetune.data.loading import _take
+from finetune.evaluation import metrics as evaluation
 
 
 @pytest.fixture
@@ -67,9 +69,10 @@ def test_training_from_batches_of_a_file_equals_training_on_the_array(mapped):
     labels = (np.arange(50) % 3).astype(np.int32)
     in_memory, from_file = tiny_classifier(), tiny_classifier()
     in_memory.fit(np.asarray(mapped), labels, batch_size=8, epochs=2, shuffle=False, verbose=0)
-    from_file.fit(FileBatches(MappedImages(mapped, np.arange(50)), labels, batch_size=8), epochs=2, verbose=0,
-                  shuffle=False)  # Keras would otherwise shuffle the batch order of a PyDataset
-    for a, b in zip(in_memory.weights, from_file.weights):
+    from_file.fit(
+        FileBatches(MappedImages(mapped, np.arange(50)), labels, batch_size=8), epochs=2, verbose=0, shuffle=False
+    )  # Keras would otherwise shuffle the batch order of a PyDataset
+    for a, b in zip(in_memory.weights, from_file.weights, strict=True):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), rtol=1e-5, atol=1e-6)
 
 
@@ -84,7 +87,7 @@ def test_evaluation_of_mapped_images_equals_evaluation_of_the_array(mapped):
 
 
 def test_standardize_statistics_from_a_file_match_numpy(mapped):
-    from finetune.layers import BackboneInput
+    from finetune.backbones.input_layer import BackboneInput
 
     layer = BackboneInput(6, 6, "standardize", channels=None)
     layer.adapt(MappedImages(mapped, np.arange(50)))

@@ -7,11 +7,16 @@ from importlib import metadata
 import keras
 import numpy as np
 import pytest
+from conftest import compile_phase, configure, fit
 
 import finetune
-from finetune import backbones, callbacks, dense, evaluation, optimizers, regularizers, schedules, training
+from finetune import backbones
+from finetune.backbones.blocks import get_backbone, split_into_blocks
+from finetune.catalog import callbacks, optimizers, regularizers, schedules
+from finetune.catalog import layers as dense
 from finetune.errors import RecipeError
-from finetune.model import get_backbone
+from finetune.evaluation import metrics as evaluation
+from finetune.training import phases as training
 
 
 def to_numpy(value):
@@ -97,7 +102,8 @@ def test_piecewise_constant_schedule_in_epochs():
         context(0.01, steps_per_epoch=10),
     )
     assert values(built.learning_rate, [0, 49, 51, 149, 151, 1000]) == pytest.approx(
-        [0.01, 0.01, 0.005, 0.005, 0.001, 0.001])
+        [0.01, 0.01, 0.005, 0.005, 0.001, 0.001]
+    )
 
 
 def test_piecewise_constant_needs_one_more_value_than_boundaries():
@@ -112,17 +118,18 @@ def test_one_cycle_peak_and_end():
     half = (total - (total // 10 + 1)) // 2  # 44, as the chapter's notebook computes it
     assert cycle.half == half
     lr = values(cycle, [0, half // 2, half, 2 * half, total])
-    assert lr[0] == pytest.approx(0.01)                 # lr0 / 10
+    assert lr[0] == pytest.approx(0.01)  # lr0 / 10
     assert lr[1] == pytest.approx(0.01 + 0.09 / 2, rel=1e-4)
-    assert lr[2] == pytest.approx(0.1)                  # the peak, halfway
-    assert lr[3] == pytest.approx(0.01)                 # back down
+    assert lr[2] == pytest.approx(0.1)  # the peak, halfway
+    assert lr[3] == pytest.approx(0.01)  # back down
     assert lr[4] == pytest.approx(0.01 / 1000, rel=1e-3)  # annealed (float32 arithmetic)
     assert max(values(cycle, range(total + 1))) == pytest.approx(0.1)
 
 
 def test_cosine_schedule_with_warmup():
-    built = schedules.build_schedule({"name": "cosine", "warmup": 1, "unit": "epoch", "alpha": 0.1},
-                                     context(0.1, steps_per_epoch=10, epochs=5))
+    built = schedules.build_schedule(
+        {"name": "cosine", "warmup": 1, "unit": "epoch", "alpha": 0.1}, context(0.1, steps_per_epoch=10, epochs=5)
+    )
     lr = values(built.learning_rate, [0, 5, 10, 30, 50])
     assert lr[0] == pytest.approx(0.0, abs=1e-7) and lr[1] == pytest.approx(0.05, rel=1e-4)
     assert lr[2] == pytest.approx(0.1, rel=1e-4)
@@ -145,14 +152,21 @@ def test_performance_schedule_halves_the_rate_after_patience():
 @pytest.fixture
 def mlp_recipe_dict():
     return {
-        "name": "mlp", "seed": 0, "precision": "float32",
-        "data": {"source": "fashion_mnist", "image_size": 28, "validation_split": 0.2, "train_limit": 320,
-                 "test_limit": 100},
-        "model": {"backbone": {"name": "mlp", "weights": None, "options": {"dense": [32, 16]}},
-                  "head": {}},
+        "name": "mlp",
+        "seed": 0,
+        "precision": "float32",
+        "data": {
+            "source": "fashion_mnist",
+            "image_size": 28,
+            "validation_split": 0.2,
+            "train_limit": 320,
+            "test_limit": 100,
+        },
+        "model": {"backbone": {"name": "mlp", "weights": None, "options": {"dense": [32, 16]}}, "head": {}},
         "training": {"batch_size": 32, "verbose": 0},
-        "phases": [{"name": "train", "epochs": 1, "trainable": "all",
-                    "optimizer": {"name": "sgd", "learning_rate": 0.05}}],
+        "phases": [
+            {"name": "train", "epochs": 1, "trainable": "all", "optimizer": {"name": "sgd", "learning_rate": 0.05}}
+        ],
     }
 
 
@@ -169,16 +183,16 @@ def compile_and_fit(recipe, dataset, epochs=None):
     phase = recipe.phases[0]
     if epochs is not None:
         phase = phase.model_copy(update={"epochs": epochs})
-    training.configure_phase(model, recipe, phase)
-    setup = training.compile_for_phase(model, phase, training.steps_per_epoch(recipe, phase, len(dataset.train)))
-    training.fit_phase(model, recipe, phase, dataset, callbacks=setup.callbacks)
+    configure(model, recipe, phase)
+    setup = compile_phase(model, recipe, phase, training.steps_per_epoch(phase, recipe.training, len(dataset.train)))
+    fit(model, recipe, phase, dataset, callbacks=setup.callbacks)
     return model, setup
 
 
 def test_a_schedule_really_drives_the_optimizer(mlp_recipe_dict, mlp_data):
     mlp_recipe_dict["phases"][0]["schedule"] = {"name": "exponential", "s": 1, "unit": "epoch"}
     recipe = finetune.load_recipe(mlp_recipe_dict)
-    model, setup = compile_and_fit(recipe, mlp_data, epochs=2)
+    _model, setup = compile_and_fit(recipe, mlp_data, epochs=2)
     steps = int(to_numpy(setup.optimizer.iterations))
     assert steps == 16  # 256 training images, batch 32, 2 epochs
     assert training.optimizer_learning_rate(setup.optimizer) == pytest.approx(0.05 * 0.1 ** (steps / 8), rel=1e-5)
@@ -186,7 +200,8 @@ def test_a_schedule_really_drives_the_optimizer(mlp_recipe_dict, mlp_data):
 
 def test_one_cycle_moves_momentum_against_the_rate_during_fit(mlp_recipe_dict, mlp_data, tmp_path):
     mlp_recipe_dict["phases"][0].update(
-        schedule={"name": "one_cycle"}, optimizer={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9})
+        schedule={"name": "one_cycle"}, optimizer={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}
+    )
     recipe = finetune.load_recipe(mlp_recipe_dict)
     seen = []
 
@@ -196,9 +211,9 @@ def test_one_cycle_moves_momentum_against_the_rate_during_fit(mlp_recipe_dict, m
 
     model = finetune.build_model(recipe)
     phase = recipe.phases[0].model_copy(update={"epochs": 4})
-    training.configure_phase(model, recipe, phase)
-    setup = training.compile_for_phase(model, phase, 8)
-    training.fit_phase(model, recipe, phase, mlp_data, callbacks=[*setup.callbacks, Record()])
+    configure(model, recipe, phase)
+    setup = compile_phase(model, recipe, phase, 8)
+    fit(model, recipe, phase, mlp_data, callbacks=[*setup.callbacks, Record()])
     cycle = schedules.OneCycle(0.1, total_steps=32, start=0.01, end=1e-5)  # 8 steps x 4 epochs
     assert seen[0] == pytest.approx(0.95) and min(seen) == pytest.approx(0.85, abs=0.01)
     assert seen[cycle.half] == pytest.approx(0.85, abs=1e-6) and seen[-1] == pytest.approx(0.95)
@@ -238,19 +253,23 @@ def test_decay_together_with_a_schedule_is_refused(mlp_recipe_dict):
 def test_max_norm_keeps_every_incoming_weight_vector_under_the_limit():
     constraint = regularizers.regularizers.lookup("max_norm").build(max_value=1.0)
     kernel = np.full((8, 4), 0.01, dtype="float32")
-    before, after = one_step(optimizers.get({"name": "sgd", "learning_rate": 1.0}), kernel=kernel,
-                             constraint=constraint)
+    _before, after = one_step(
+        optimizers.get({"name": "sgd", "learning_rate": 1.0}), kernel=kernel, constraint=constraint
+    )
     norms = np.linalg.norm(after, axis=0)  # each unit's incoming weights
     assert norms.max() <= 1.0 + 1e-5 and norms.max() == pytest.approx(1.0, rel=1e-4)
     _, unconstrained = one_step(optimizers.get({"name": "sgd", "learning_rate": 1.0}), kernel=kernel)
     assert np.linalg.norm(unconstrained, axis=0).max() > 1.0
 
 
-@pytest.mark.parametrize("spec, penalty", [
-    ({"name": "l2", "l2": 0.01}, lambda w: 0.01 * np.sum(w ** 2)),
-    ({"name": "l1", "l1": 0.003}, lambda w: 0.003 * np.sum(np.abs(w))),
-    ({"name": "l1_l2", "l1": 0.003, "l2": 0.01}, lambda w: 0.003 * np.sum(np.abs(w)) + 0.01 * np.sum(w ** 2)),
-])
+@pytest.mark.parametrize(
+    "spec, penalty",
+    [
+        ({"name": "l2", "l2": 0.01}, lambda w: 0.01 * np.sum(w**2)),
+        ({"name": "l1", "l1": 0.003}, lambda w: 0.003 * np.sum(np.abs(w))),
+        ({"name": "l1_l2", "l1": 0.003, "l2": 0.01}, lambda w: 0.003 * np.sum(np.abs(w)) + 0.01 * np.sum(w**2)),
+    ],
+)
 def test_weight_penalties_add_exactly_their_formula_to_the_loss(spec, penalty):
     regularizer = regularizers.regularizers.lookup(spec["name"]).build(**{k: v for k, v in spec.items() if k != "name"})
     layer = keras.layers.Dense(3, kernel_regularizer=regularizer, kernel_initializer="he_normal")
@@ -304,16 +323,21 @@ def test_regularizers_are_attached_when_the_layers_are_built(mlp_recipe_dict):
 def test_batch_norm_before_and_after_the_activation(mlp_recipe_dict):
     orders = {}
     for placement in ("before", "after"):
-        mlp_recipe_dict["model"]["backbone"]["options"] = {"dense": [8], "batch_norm": placement, "activation": "elu",
-                                                         "input_batch_norm": True, "dropout": 0.1}
+        mlp_recipe_dict["model"]["backbone"]["options"] = {
+            "dense": [8],
+            "batch_norm": placement,
+            "activation": "elu",
+            "input_batch_norm": True,
+            "dropout": 0.1,
+        }
         recipe = finetune.load_recipe(mlp_recipe_dict)
         backbone = get_backbone(finetune.build_model(recipe))
         orders[placement] = [type(layer).__name__ for layer in backbone.layers[1:]]
         dense_layer = backbone.get_layer("block1_dense")
         assert dense_layer.use_bias == (placement == "after")  # BN's beta replaces the bias
-        stem, blocks = backbones.split_into_blocks(backbone, backbones.get("mlp"))
+        stem, blocks = split_into_blocks(backbone, backbones.get("mlp"))
         assert [layer.name for layer in stem] == ["flatten", "input_bn"]
-        assert [layer.name for layer in blocks[0].layers][0] == "block1_dropout"
+        assert next(layer.name for layer in blocks[0].layers) == "block1_dropout"
     assert orders["before"] == ["Flatten", "BatchNormalization", "Dropout", "Dense", "BatchNormalization", "Activation"]
     assert orders["after"] == ["Flatten", "BatchNormalization", "Dropout", "Dense", "Activation", "BatchNormalization"]
 
@@ -332,14 +356,17 @@ def test_named_activations_compute_keras_functions(name):
     np.testing.assert_allclose(out, to_numpy(keras.activations.get(name)(x)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name, variance", [
-    ("glorot_uniform", lambda fan_in, fan_out: 2 / (fan_in + fan_out)),
-    ("glorot_normal", lambda fan_in, fan_out: 2 / (fan_in + fan_out)),
-    ("he_normal", lambda fan_in, fan_out: 2 / fan_in),
-    ("he_uniform", lambda fan_in, fan_out: 2 / fan_in),
-    ("lecun_normal", lambda fan_in, fan_out: 1 / fan_in),
-    ("lecun_uniform", lambda fan_in, fan_out: 1 / fan_in),
-])
+@pytest.mark.parametrize(
+    "name, variance",
+    [
+        ("glorot_uniform", lambda fan_in, fan_out: 2 / (fan_in + fan_out)),
+        ("glorot_normal", lambda fan_in, fan_out: 2 / (fan_in + fan_out)),
+        ("he_normal", lambda fan_in, fan_out: 2 / fan_in),
+        ("he_uniform", lambda fan_in, fan_out: 2 / fan_in),
+        ("lecun_normal", lambda fan_in, fan_out: 1 / fan_in),
+        ("lecun_uniform", lambda fan_in, fan_out: 1 / fan_in),
+    ],
+)
 def test_initializer_variance_matches_its_formula(name, variance):
     fan_in, fan_out = 400, 600
     weights = to_numpy(dense.new_initializer(name)((fan_in, fan_out)))
@@ -352,8 +379,13 @@ def test_initializer_variance_matches_its_formula(name, variance):
 
 
 def selu_recipe(mlp_recipe_dict, **changes):
-    options = {"dense": [16, 16], "activation": "selu", "kernel_initializer": "lecun_normal",
-               "input_scaling": "standardize", **changes}
+    options = {
+        "dense": [16, 16],
+        "activation": "selu",
+        "kernel_initializer": "lecun_normal",
+        "input_scaling": "standardize",
+        **changes,
+    }
     mlp_recipe_dict["model"]["backbone"]["options"] = options
     return finetune.load_recipe(mlp_recipe_dict)
 
@@ -362,13 +394,16 @@ def test_a_proper_selu_stack_gets_no_warning(mlp_recipe_dict):
     assert selu_recipe(mlp_recipe_dict).notices == []
 
 
-@pytest.mark.parametrize("changes, expected", [
-    ({"kernel_initializer": "he_normal"}, "not lecun_normal"),
-    ({"input_scaling": "unit"}, "not standardized"),
-    ({"batch_norm": "after"}, "batch norm"),
-    ({"dropout": 0.1}, "dropout is used, not alpha_dropout"),
-    ({"regularizers": ["l2"]}, "l1/l2 or max_norm"),
-])
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"kernel_initializer": "he_normal"}, "not lecun_normal"),
+        ({"input_scaling": "unit"}, "not standardized"),
+        ({"batch_norm": "after"}, "batch norm"),
+        ({"dropout": 0.1}, "dropout is used, not alpha_dropout"),
+        ({"regularizers": ["l2"]}, "l1/l2 or max_norm"),
+    ],
+)
 def test_selu_conditions_that_break_self_normalization_are_named(mlp_recipe_dict, changes, expected):
     notices = selu_recipe(mlp_recipe_dict, **changes).notices
     assert len(notices) == 1 and expected in notices[0] and "selu will not self-normalize" in notices[0]
@@ -407,9 +442,9 @@ def test_backbone_lr_multiplier_scales_only_the_backbone_update(mlp_recipe_dict,
         head_layer = model.get_layer("predictions")
         before = [to_numpy(backbone_layer.kernel).copy(), to_numpy(head_layer.kernel).copy()]
         phase = recipe.phases[0]
-        training.configure_phase(model, recipe, phase)
-        setup = training.compile_for_phase(model, phase, 1)
-        training.fit_phase(model, recipe, phase, mlp_data)
+        configure(model, recipe, phase)
+        setup = compile_phase(model, recipe, phase, 1)
+        fit(model, recipe, phase, mlp_data)
         steps[multiplier] = [to_numpy(backbone_layer.kernel) - before[0], to_numpy(head_layer.kernel) - before[1]]
         if multiplier != 1.0:
             model.save(tmp_path / "discriminative.keras")
@@ -455,8 +490,16 @@ def test_plugins_json_lists_every_kind_and_the_required_names():
     result = CliRunner().invoke(main, ["plugins", "--json"])
     assert result.exit_code == 0, result.output
     listed = json.loads(result.output)
-    assert list(listed) == ["optimizers", "schedules", "regularizers", "initializers", "activations",
-                            "backbones", "callbacks", "datasets"]
+    assert list(listed) == [
+        "optimizers",
+        "schedules",
+        "regularizers",
+        "initializers",
+        "activations",
+        "backbones",
+        "callbacks",
+        "datasets",
+    ]
     required = {
         "optimizers": {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "nadam", "adamw"},
         "schedules": {"power", "exponential", "piecewise_constant", "performance", "one_cycle", "cosine"},
@@ -501,7 +544,8 @@ def test_unknown_names_list_what_exists():
 
 def test_callbacks_write_inside_the_run_folder(tmp_path):
     built = callbacks.build_callbacks(
-        ["early_stopping", {"name": "model_checkpoint", "monitor": "val_accuracy"}, "csv_logger"], tmp_path, "head")
+        ["early_stopping", {"name": "model_checkpoint", "monitor": "val_accuracy"}, "csv_logger"], tmp_path, "head"
+    )
     assert isinstance(built[0], keras.callbacks.EarlyStopping) and built[0].restore_best_weights
     assert built[1].filepath == str(tmp_path / "best_head.keras")
     assert built[2].filename == str(tmp_path / "keras_log_head.csv")

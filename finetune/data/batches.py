@@ -1,0 +1,48 @@
+"""Batches read on demand, for images and features that live in files.
+
+Keras's ``fit`` and ``predict`` turn a numpy array into one tensor before
+the first step, copying a memory-mapped file into RAM whole. A
+:class:`FileBatches` reads one batch of rows at a time instead, so a decoded
+image folder or a disk feature cache of any size trains in flat memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from finetune.data.arrays import read_rows
+
+
+class FileBatches(keras.utils.PyDataset):
+    """Batches of ``inputs`` (an array or a list of arrays with the same rows) and ``labels``.
+
+    With ``shuffle``, the order is a new seeded permutation every epoch;
+    without it, rows come in order (validation, prediction).
+    """
+
+    def __init__(self, inputs, labels=None, batch_size: int = 32, shuffle: bool = False, seed: int = 0):
+        super().__init__()
+        self.inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        self.single = not isinstance(inputs, (list, tuple))
+        self.labels = None if labels is None else np.asarray(labels)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rows = len(self.inputs[0])
+        self._rng = np.random.default_rng(seed)
+        self._order = self._rng.permutation(self.rows) if shuffle else np.arange(self.rows)
+
+    def __len__(self) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+    def __getitem__(self, index: int):
+        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        arrays = [read_rows(array, rows) for array in self.inputs]
+        x = arrays[0] if self.single else tuple(arrays)
+        return x if self.labels is None else (x, self.labels[rows])
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self._order = self._rng.permutation(self.rows)

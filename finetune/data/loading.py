@@ -1,0 +1,90 @@
+"""A dataset for a run: a source's splits, its classes kept, seeded subsets, a validation hold-out.
+
+The stored form is compact pixels (uint8, N x H x W x C); resizing to the
+backbone's input and colour conversion happen inside the model, so memory
+does not grow with the backbone's input size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from finetune.data.arrays import pick_rows
+from finetune.data.sampling import per_class_sample, select_classes, stratified_sample
+from finetune.data.sources import get
+from finetune.data.splits import Dataset, Split
+from finetune.errors import DataError
+
+
+def load_dataset(config, seed: int) -> Dataset:
+    """Load ``config.source``, keep ``data.classes``, take the seeded subsets and hold out validation.
+
+    Order: classes (relabelled 0..k-1 in the given order), train_per_class,
+    train_limit, test_limit, then the validation hold-out from what is left
+    of the training images. Subsets are chosen on labels; images are copied
+    once, at the end.
+    """
+    source = get(config.source)
+    train, test, class_names, where = source.load(config)
+    train_positions, test_positions = np.arange(len(train)), np.arange(len(test))
+    train_labels, test_labels = train.labels, test.labels
+    if config.classes is not None:
+        chosen = select_classes(class_names, config.classes)
+        relabel = np.full(len(class_names), -1, dtype=np.int32)
+        relabel[chosen] = np.arange(len(chosen), dtype=np.int32)
+        train_labels, test_labels = relabel[train.labels], relabel[test.labels]
+        train_positions, test_positions = np.flatnonzero(train_labels >= 0), np.flatnonzero(test_labels >= 0)
+        class_names = tuple(class_names[index] for index in chosen)
+    rng = np.random.default_rng(seed)
+    if config.train_per_class is not None:
+        picked = per_class_sample(train_labels[train_positions], config.train_per_class, class_names, rng)
+        train_positions = train_positions[picked]
+    if config.train_limit is not None and config.train_limit < len(train_positions):
+        train_positions = train_positions[stratified_sample(train_labels[train_positions], config.train_limit, rng)]
+    if config.test_limit is not None and config.test_limit < len(test_positions):
+        test_positions = test_positions[np.sort(stratified_sample(test_labels[test_positions], config.test_limit, rng))]
+    validation = None
+    if config.validation_split > 0:
+        size = int(round(len(train_positions) * config.validation_split))
+        if size == 0 or size >= len(train_positions):
+            raise DataError(
+                f"data.validation_split {config.validation_split} of {len(train_positions)} training images "
+                f"leaves {size} for validation; raise train_limit or change the split"
+            )
+        held_out = stratified_sample(train_labels[train_positions], size, rng)
+        keep = np.setdiff1d(np.arange(len(train_positions)), held_out)
+        validation = _take(train, train_labels, train_positions[held_out])
+        train_positions = train_positions[rng.permutation(keep)]
+    return Dataset(
+        train=_take(train, train_labels, train_positions),
+        validation=validation,
+        test=_take(test, test_labels, test_positions),
+        class_names=tuple(class_names),
+        source=where,
+    )
+
+
+def _take(split: Split, labels: np.ndarray, positions: np.ndarray) -> Split:
+    if len(positions) == len(split) and np.array_equal(positions, np.arange(len(split))):
+        return Split(split.images, labels.astype(np.int32, copy=False), split.indices)  # no copy of a memmap
+    return Split(
+        pick_rows(split.images, positions), labels[positions].astype(np.int32, copy=False), split.indices[positions]
+    )
+
+
+def model_io(config, seed: int, input_shape=None, num_classes: int | None = None) -> tuple[tuple, int]:
+    """``(input_shape, num_classes)`` for a model built without a loaded dataset.
+
+    Sources with a static shape answer at once; data-dependent sources
+    (``tfds:NAME``, ``image_folder``) load the dataset to find out (an image
+    folder's decode cache makes that cheap after the first time).
+    """
+    if input_shape is not None and num_classes:
+        return tuple(input_shape), num_classes
+    source = get(config.source)
+    if source.input_shape is not None and source.num_classes is not None:
+        shape, count = source.input_shape, len(config.classes) if config.classes else source.num_classes
+    else:
+        dataset = load_dataset(config, seed)
+        shape, count = dataset.input_shape, dataset.num_classes
+    return tuple(input_shape or shape), num_classes or count

@@ -1,0 +1,252 @@
+"""Your own images: one sub-folder per class, decoded once into a memory-mapped cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from finetune.data.images import IMAGE_EXTENSIONS, is_gray_mode, to_stored
+from finetune.data.sampling import carve_test_split
+from finetune.data.splits import DatasetSource, Split, split_source
+from finetune.errors import DataError, RecipeError, first_line
+
+
+def check_folder_setting(config) -> None:
+    """The folder may be named once only: in ``data.source`` (``image_folder:PATH``) or in ``data.data_dir``."""
+    _given_folder(config)
+
+
+def _given_folder(config) -> str | None:
+    _, argument = split_source(config.source)
+    if argument and config.data_dir and Path(argument).expanduser() != Path(config.data_dir).expanduser():
+        raise RecipeError(f"data.source names folder {argument!r} but data.data_dir is {config.data_dir!r}; keep one")
+    return argument or config.data_dir
+
+
+def image_folder_path(config) -> Path:
+    """The folder of ``image_folder`` (``data.data_dir`` or ``image_folder:PATH``), which must exist."""
+    folder = _given_folder(config)
+    if not folder:
+        raise DataError(
+            "data.source image_folder needs data.data_dir: a folder with one sub-folder per class "
+            "(--set data.data_dir=PATH)"
+        )
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise DataError(f"image folder {str(path)!r} {'is not a folder' if path.exists() else 'does not exist'}")
+    return path
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(
+        (path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")),
+        key=lambda path: path.name,
+    )
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder`` (hidden files and folders skipped), sorted."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        found += [
+            Path(parent) / name
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        ]
+    return sorted(found)
+
+
+def scan_image_folder(root: Path) -> tuple[tuple[str, ...], list[tuple[Path, int]], list[tuple[Path, int]] | None]:
+    """``(class names, train files, test files or None)``; no image is opened.
+
+    ``root/train/<class>`` and ``root/test/<class>`` when both ``train`` and
+    ``test`` exist, else ``root/<class>``.
+    """
+    split_layout = (root / "train").is_dir() and (root / "test").is_dir()
+    train_root = root / "train" if split_layout else root
+    classes = _class_folders(train_root)
+    names = tuple(folder.name for folder in classes)
+    if len(classes) < 2:
+        raise DataError(
+            f"image folder {str(train_root)!r} needs at least 2 class sub-folders, found "
+            f"{len(classes)}{': ' + names[0] if names else ''}"
+        )
+
+    def files_of(base: Path, required: bool) -> list[tuple[Path, int]]:
+        found = []
+        for label, name in enumerate(names):
+            files = _image_files(base / name) if (base / name).is_dir() else []
+            if not files and required:
+                raise DataError(
+                    f"class folder {str(base / name)!r} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+            found += [(path, label) for path in files]
+        return found
+
+    train = files_of(train_root, required=True)
+    if not split_layout:
+        return names, train, None
+    extra = sorted(set(folder.name for folder in _class_folders(root / "test")) - set(names))
+    if extra:
+        raise DataError(
+            f"{str(root / 'test')!r} has class folder(s) {', '.join(extra)} missing from {str(train_root)!r}"
+        )
+    return names, train, files_of(root / "test", required=False)
+
+
+def peek_image_folder(config) -> tuple[str, ...]:
+    return scan_image_folder(image_folder_path(config))[0]
+
+
+def cache_root() -> Path:
+    """Where decoded image folders are kept: ``$FINETUNE_CACHE_DIR``, else ``~/.cache/finetune``."""
+    if os.environ.get("FINETUNE_CACHE_DIR"):
+        return Path(os.environ["FINETUNE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "finetune"
+
+
+_CACHE_FORMAT = 1
+
+
+def load_image_folder(config) -> tuple[Split, Split, tuple[str, ...], str]:
+    """A folder of images, decoded once into a uint8 ``.npy`` that later runs memory-map.
+
+    The cache entry is keyed by the files (path, size, mtime), the class
+    list, the stored size, the resize mode and the test split, so editing the
+    folder or the recipe's data settings decodes afresh.
+    """
+    root = image_folder_path(config).resolve()
+    class_names, train_files, test_files = scan_image_folder(root)
+    if test_files is None:
+        labels = np.array([label for _, label in train_files], dtype=np.int32)
+        test_positions = carve_test_split(labels, config.test_split, str(root))
+        in_test = np.zeros(len(labels), dtype=bool)
+        in_test[test_positions] = True
+        test_files = [item for item, chosen in zip(train_files, in_test, strict=True) if chosen]
+        train_files = [item for item, chosen in zip(train_files, in_test, strict=True) if not chosen]
+        layout = f"test_split {config.test_split}"
+    else:
+        layout = "train/ and test/ folders"
+    files = train_files + test_files
+    labels = np.array([label for _, label in files], dtype=np.int32)
+    size_hw = config.stored_hw
+    key_material = {
+        "format": _CACHE_FORMAT,
+        "root": str(root),
+        "classes": class_names,
+        "size": size_hw,
+        "resize": config.resize,
+        "layout": layout,
+        "train": len(train_files),
+        "files": [[*_file_key(path, root), label] for path, label in files],
+    }
+    key = hashlib.sha256(json.dumps(key_material).encode()).hexdigest()[:20]
+    entry = cache_root() / "image_folder" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', root.name)[:40]}-{key}"
+    if (entry / "meta.json").is_file():
+        images, how = np.load(entry / "images.npy", mmap_mode="r"), "cached"
+    else:
+        images, how = _decode_into_cache(files, size_hw, config.resize, entry, class_names, root), "decoded"
+    count = len(train_files)
+    train = Split(images[:count], labels[:count])
+    test = Split(images[count:], labels[count:])
+    return train, test, class_names, f"{root} ({layout}; {how}, {len(files)} images at {entry})"
+
+
+def _file_key(path: Path, root: Path) -> list:
+    stat = path.stat()
+    return [str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns]
+
+
+def _image_mode(path: Path) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return image.mode
+    except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for a bad file
+        raise DataError(f"cannot read image {path}: {first_line(error)}") from None
+
+
+def _decode_image(path: Path, size_hw: tuple[int, int], channels: int, resize: str) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                # Let libjpeg decode at a reduced scale that still covers the stored size.
+                image.draft(None, (max(size_hw),) * 2)
+            return to_stored(ImageOps.exif_transpose(image), size_hw, channels, resize)
+    except Exception as error:  # noqa: BLE001
+        raise DataError(f"cannot read image {path}: {first_line(error)}") from None
+
+
+def _decode_into_cache(files, size_hw, resize, entry: Path, class_names, root: Path) -> np.ndarray:
+    """Decode ``files`` into ``entry/images.npy`` (written aside, then renamed) and map it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [path for path, _ in files]
+    # Headers first: one channel only if every image is greyscale, decided before any pixel is written.
+    channels = 1 if all(is_gray_mode(_image_mode(path)) for path in paths) else 3
+    height, width = size_hw
+    partial = entry.with_name(f".{entry.name}.partial-{os.getpid()}")
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"cannot write the image cache {partial.parent}: {first_line(error)}; "
+            "set FINETUNE_CACHE_DIR to a writable folder"
+        ) from None
+    try:
+        images = np.lib.format.open_memmap(
+            partial / "images.npy", mode="w+", dtype=np.uint8, shape=(len(paths), height, width, channels)
+        )
+        chunk = 256  # bounds the decoded images held at once
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+            for start in range(0, len(paths), chunk):
+                part = paths[start : start + chunk]
+                decoded = pool.map(lambda path: _decode_image(path, size_hw, channels, resize), part)
+                for offset, pixels in enumerate(decoded):
+                    images[start + offset] = pixels
+        images.flush()
+        del images
+        (partial / "meta.json").write_text(
+            json.dumps(
+                {
+                    "classes": list(class_names),
+                    "images": len(paths),
+                    "shape": [height, width, channels],
+                    "resize": resize,
+                    "root": str(root),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+        try:
+            partial.rename(entry)
+        except OSError:
+            if not (entry / "meta.json").is_file():
+                raise
+            shutil.rmtree(partial)  # another process finished the same entry first
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return np.load(entry / "images.npy", mmap_mode="r")
+
+
+SOURCE = DatasetSource(
+    name="image_folder",
+    load=load_image_folder,
+    argument="PATH",
+    resizes=True,
+    peek=peek_image_folder,
+    check=check_folder_setting,
+)

@@ -1,0 +1,74 @@
+"""The data's types: a split of images and labels, a dataset, and a registered source."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from finetune.data.arrays import pick_rows
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, (N, H, W, C)
+    labels: np.ndarray  # int32, (N,)
+    indices: np.ndarray = None  # type: ignore[assignment]  # positions in the source's split; set when None
+
+    def __post_init__(self):
+        if self.indices is None:
+            object.__setattr__(self, "indices", np.arange(len(self.labels)))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, positions: np.ndarray) -> Split:
+        return Split(pick_rows(self.images, positions), self.labels[positions], self.indices[positions])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    validation: Split | None
+    test: Split
+    class_names: tuple[str, ...]
+    source: str = ""
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A registered dataset: how to load it, and what its images look like.
+
+    ``input_shape``/``num_classes``/``class_names`` are None when they depend
+    on the data (``tfds:NAME``, ``image_folder``). ``argument`` names what may
+    follow a colon in ``data.source`` (``tfds:NAME``); ``peek(config)`` gives
+    the class names without loading images, or None when that is not cheap.
+    """
+
+    name: str
+    load: Callable[..., tuple[Split, Split, tuple[str, ...], str]]
+    """``load(config) -> (train, test, class_names, where it was found)``"""
+    input_shape: tuple[int, int, int] | None = None
+    num_classes: int | None = None
+    class_names: tuple[str, ...] | None = None
+    argument: str | None = None
+    argument_required: bool = False
+    resizes: bool = False  # honours data.stored_size
+    peek: Callable[..., tuple[str, ...] | None] | None = None
+    check: Callable[..., None] | None = None
+    """``check(config)`` raises RecipeError for settings the source cannot use, without reading files."""
+
+
+def split_source(source: str) -> tuple[str, str | None]:
+    """``"tfds:mnist"`` -> ``("tfds", "mnist")``; ``"fashion_mnist"`` -> ``("fashion_mnist", None)``."""
+    name, colon, argument = source.partition(":")
+    return name.strip(), (argument.strip() if colon else None)

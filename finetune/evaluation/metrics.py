@@ -1,0 +1,68 @@
+"""Evaluation on the test split: loss, accuracy, per-class accuracy, confusion matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from finetune.data.arrays import on_disk
+
+# Keras clips probabilities by this epsilon in its cross-entropy.
+_EPSILON = 1e-7
+
+
+def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int = 0) -> dict:
+    """Metrics from one prediction pass over ``split``, or the mean of ``mc_samples`` passes.
+
+    With MC dropout (``mc_samples`` > 0) the dropout layers stay active, the
+    metrics are those of the averaged probabilities, and ``mc_dropout``
+    reports the predictive uncertainty: the mean entropy of the averaged
+    prediction and the mean standard deviation, across passes, of the
+    probability of the predicted class.
+    """
+
+    def predict():
+        if on_disk(split.images):  # read a batch at a time rather than copying the file into one tensor
+            from finetune.data.batches import FileBatches
+
+            probabilities = model.predict(FileBatches(split.images, batch_size=batch_size), verbose=0)
+        else:
+            probabilities = model.predict(split.images, batch_size=batch_size, verbose=0)
+        return np.asarray(probabilities, dtype=np.float64)
+
+    if not mc_samples:
+        return metrics_from_probabilities(predict(), split.labels, class_names)
+    passes = np.stack([predict() for _ in range(mc_samples)])
+    mean = passes.mean(axis=0)
+    metrics = metrics_from_probabilities(mean, split.labels, class_names)
+    predicted = mean.argmax(axis=1)
+    entropy = -np.sum(mean * np.log(np.clip(mean, _EPSILON, 1.0)), axis=1)
+    spread = passes[:, np.arange(len(predicted)), predicted].std(axis=0)
+    metrics["mc_dropout"] = {
+        "samples": int(mc_samples),
+        "accuracy_single_pass": float(np.mean(passes[0].argmax(axis=1) == np.asarray(split.labels))),
+        "mean_predictive_entropy": float(entropy.mean()),
+        "mean_std_of_predicted_class": float(spread.mean()),
+    }
+    return metrics
+
+
+def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, class_names) -> dict:
+    labels = np.asarray(labels, dtype=np.int64)
+    predictions = probabilities.argmax(axis=1)
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], _EPSILON, 1.0 - _EPSILON)
+    num_classes = len(class_names)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    support = confusion.sum(axis=1)
+    per_class = {
+        name: (float(confusion[index, index] / support[index]) if support[index] else None)
+        for index, name in enumerate(class_names)
+    }
+    return {
+        "loss": float(-np.mean(np.log(picked))),
+        "accuracy": float(np.mean(predictions == labels)),
+        "examples": len(labels),
+        "per_class_accuracy": per_class,
+        "class_names": list(class_names),
+        "confusion_matrix": confusion.tolist(),
+    }

@@ -1,0 +1,1 @@
+"""Export: the trained model in formats that serve it without finetune (saved_model.py)."""

@@ -1,0 +1,24 @@
+"""Export: a TensorFlow SavedModel whose ``serve`` takes raw uint8 images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+from finetune.files import write_text_atomically
+
+
+def export_saved_model(model, path: Path, class_names) -> Path:
+    """Write ``path`` (a SavedModel) and ``labels.txt`` inside it.
+
+    ``tf.saved_model.load(path).serve(images)`` takes a batch shaped like
+    the dataset's images, dtype uint8, and returns class probabilities.
+    """
+    path = Path(path)
+    try:
+        import tensorflow  # noqa: F401  (SavedModel is a TensorFlow format)
+    except ImportError:
+        raise FinetuneError("export.saved_model needs TensorFlow installed; set export.saved_model: false") from None
+    model.export(str(path), format="tf_saved_model", verbose=False)
+    write_text_atomically(path / "labels.txt", "".join(f"{name}\n" for name in class_names))
+    return path

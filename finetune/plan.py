@@ -1,0 +1,247 @@
+"""The recipe resolved once: each stage's part, checked against the registries.
+
+:func:`resolve` turns a schema-valid :class:`~finetune.recipe.Recipe` into a
+:class:`RunPlan`: the backbone spec (a reused run folder read once), the
+data section, the phases, and every name a registry must know, checked
+before anything heavy starts. :func:`load_recipe` is reading plus these
+checks; the runner resolves the recipe it runs and hands each stage only
+its part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.backbones import backbones, earlier_run, spec_for
+from finetune.backbones.reuse import EarlierRun
+from finetune.backbones.spec import BackboneSpec
+from finetune.catalog import callbacks, layers, optimizers, regularizers, schedules
+from finetune.data import check_config, datasets
+from finetune.errors import RecipeError
+from finetune.recipe import (
+    DataConfig,
+    DenseStackConfig,
+    EvaluationConfig,
+    ExportConfig,
+    HeadConfig,
+    MLPOptions,
+    PhaseConfig,
+    Recipe,
+    TrainingConfig,
+    read_recipe,
+    source_label,
+)
+from finetune.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What building the model needs: the backbone spec with its settings, the head, the precision."""
+
+    backbone: BackboneSpec
+    weights: str | None
+    options: dict
+    image_hw: tuple[int, int]
+    head: HeadConfig
+    precision: str
+    inference_only: bool
+    """The backbone always runs with ``training=False`` (pretrained BatchNorm statistics stay)."""
+    reused: EarlierRun | None = None
+
+    @property
+    def preprocessing(self) -> str:
+        return self.backbone.preprocessing_for(self.options)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A whole run, resolved: what each stage gets."""
+
+    name: str
+    seed: int
+    data: DataConfig
+    model: ModelPlan
+    phases: tuple[PhaseConfig, ...]
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    export: ExportConfig
+    notices: tuple[str, ...] = ()
+
+
+def load_recipe(
+    source: str | Path | Mapping[str, Any],
+    overrides: Mapping[str, Any] | list[str] | None = None,
+) -> Recipe:
+    """Read, override and validate a recipe, and check it against the registries.
+
+    ``source`` is a YAML file or an already parsed mapping. ``overrides`` maps
+    dotted paths to values (``{"phases.head.epochs": 1}``) or is a list of
+    ``KEY=VALUE`` strings whose values are read as YAML. Any problem is a
+    one-line :class:`~finetune.errors.RecipeError` naming the key.
+    """
+    recipe = read_recipe(source, overrides)
+    plan = resolve(recipe, source_label(source))
+    new = [notice for notice in plan.notices if notice not in recipe.notices]
+    recipe.notices.extend(new)
+    return recipe
+
+
+def resolve(recipe: Recipe, label: str = "recipe") -> RunPlan:
+    """``recipe`` as each stage needs it; a RecipeError (prefixed with ``label``) names what is wrong."""
+    try:
+        model = _model_plan(recipe)
+        _check_phases(recipe.phases)
+        _check_mc_dropout(recipe)
+    except RecipeError as error:
+        raise RecipeError(f"{label}: {error}") from None
+    return RunPlan(
+        name=recipe.name,
+        seed=recipe.seed,
+        data=recipe.data,
+        model=model,
+        phases=tuple(recipe.phases),
+        training=recipe.training,
+        evaluation=recipe.evaluation,
+        export=recipe.export,
+        notices=tuple(recipe.notices) + tuple(technique_warnings(recipe)),
+    )
+
+
+def _model_plan(recipe: Recipe) -> ModelPlan:
+    check_config(recipe.data)
+    config = recipe.model.backbone
+    if config.name not in backbones:
+        raise RecipeError(f"model.backbone.name: {backbones.unknown_message(config.name)}")
+    spec = spec_for(config)
+    height, width = recipe.data.image_hw
+    reused = earlier_run(config.path) if config.name == "run" else None
+    if reused is not None and (height, width) != reused.trained_size:
+        raise RecipeError(
+            f"data.image_size: the backbone from {config.path!r} was trained at "
+            f"{reused.trained_size[0]}x{reused.trained_size[1]}; use that size"
+        )
+    if min(height, width) < spec.min_size:
+        raise RecipeError(
+            f"data.image_size: {config.name} needs at least {spec.min_size}x{spec.min_size} inputs, "
+            f"got {height}x{width}"
+        )
+    weights = config.weights if reused is None else None
+    if weights not in (None, "imagenet") and not Path(weights).expanduser().is_file():
+        raise RecipeError(
+            f"model.backbone.weights: file {weights!r} does not exist (use imagenet, null or a weights file)"
+        )
+    if weights == "imagenet":
+        if spec.weights_file is None:
+            raise RecipeError(
+                f"model.backbone.weights: {config.name} has no ImageNet weights; use null or a weights file"
+            )
+        spec.imagenet_file((height, width), config.options)  # a width with no ImageNet file fails here
+    if config.name == "mlp":
+        layers.check_stack(_mlp_options(recipe), "model.backbone.options")
+    layers.check_stack(recipe.model.head, "model.head")
+    return ModelPlan(
+        backbone=spec,
+        weights=weights,
+        options={**spec.default_options, **config.options},
+        image_hw=(height, width),
+        head=recipe.model.head,
+        precision=recipe.precision,
+        inference_only=spec.inference_mode and not any(phase.train_bn for phase in recipe.phases),
+        reused=reused,
+    )
+
+
+def _mlp_options(recipe: Recipe) -> MLPOptions:
+    from finetune.backbones import mlp
+
+    return mlp.options(recipe.model.backbone.options)
+
+
+def _check_phases(phases) -> None:
+    for phase in phases:
+        where = f"phases.{phase.name}"
+        try:
+            optimizers.get(phase.optimizer.as_identifier())
+        except RecipeError as error:
+            raise RecipeError(f"{where}.optimizer: {error}") from None
+        try:
+            spec = schedules.schedule_spec(phase.schedule)
+            if phase.schedule is not None:
+                schedules.build_schedule(
+                    phase.schedule,
+                    schedules.ScheduleContext(
+                        phase.optimizer.learning_rate, steps_per_epoch=100, epochs=max(phase.epochs, 1)
+                    ),
+                )
+            names = [callbacks.callback_name(item) for item in phase.callbacks]
+            for name in names:
+                callbacks.callbacks.entry(name)
+        except RecipeError as error:
+            raise RecipeError(f"{where}: {error}") from None
+        if spec is not None and spec.step_based and "reduce_lr_on_plateau" in names:
+            raise RecipeError(
+                f"{where}: the {spec.name} schedule and reduce_lr_on_plateau would both own the learning rate "
+                "(Keras fails mid-run); use schedule: performance, or drop the callback"
+            )
+
+
+def _dense_stacks(recipe: Recipe) -> list[tuple[str, DenseStackConfig]]:
+    stacks: list[tuple[str, DenseStackConfig]] = [("model.head", recipe.model.head)]
+    if recipe.model.backbone.name == "mlp":
+        stacks.append(("model.backbone.options", _mlp_options(recipe)))
+    return stacks
+
+
+def _check_mc_dropout(recipe: Recipe) -> None:
+    if not recipe.evaluation.mc_samples:
+        return
+    kinds = [
+        regularizers.resolve(stack.dropout, stack.regularizers).dropout_names for _, stack in _dense_stacks(recipe)
+    ]
+    if not any("mc_dropout" in names for names in kinds):
+        raise RecipeError("evaluation.mc_samples: needs an mc_dropout layer (dropout: {name: mc_dropout, rate: 0.2})")
+
+
+def technique_warnings(recipe: Recipe) -> list[str]:
+    """Combinations that break what a technique relies on (SELU self-normalization)."""
+    backbone = recipe.model.backbone
+    mlp = _mlp_options(recipe) if backbone.name == "mlp" else None
+    warnings = []
+    for where, stack in _dense_stacks(recipe):
+        if layers.activation_name(stack.activation) != "selu" or not stack.dense:
+            continue
+        broken = []
+        initializer = layers.initializers.split(stack.kernel_initializer)[0]
+        if initializer != "lecun_normal":
+            broken.append(f"kernel_initializer is {initializer}, not lecun_normal")
+        if mlp is None or mlp.input_scaling != "standardize":
+            broken.append("inputs are not standardized (mlp input_scaling: standardize)")
+        if stack.batch_norm != "none" or (mlp is not None and mlp.input_batch_norm):
+            broken.append("batch norm is used")
+        regularization = regularizers.resolve(stack.dropout, stack.regularizers)
+        if any(name != "alpha_dropout" for name in regularization.dropout_names):
+            broken.append(f"{regularization.dropout_names[0]} is used, not alpha_dropout")
+        if regularization.kernel_regularizer or regularization.kernel_constraint:
+            broken.append("l1/l2 or max_norm regularization is used")
+        if backbone.name != "mlp":
+            broken.append(f"the network is not a plain dense stack ({backbone.name} backbone)")
+        if broken:
+            warnings.append(f"{where}: selu will not self-normalize: " + "; ".join(broken))
+    return warnings
+
+
+def registries() -> dict[str, Registry]:
+    """Every registry a recipe can name entries of, for ``finetune plugins`` and for extension."""
+    return {
+        "optimizers": optimizers.optimizers,
+        "schedules": schedules.schedules,
+        "regularizers": regularizers.regularizers,
+        "initializers": layers.initializers,
+        "activations": layers.activations,
+        "backbones": backbones,
+        "callbacks": callbacks.callbacks,
+        "datasets": datasets,
+    }

@@ -1,0 +1,39 @@
+"""The recipe: its schema and how it is read. Nothing here knows the registries."""
+
+from finetune.recipe.load import format_validation_error, parse_assignments, parse_yaml, read_recipe, source_label
+from finetune.recipe.schema import (
+    BackboneConfig,
+    DataConfig,
+    DenseStackConfig,
+    EvaluationConfig,
+    ExportConfig,
+    HeadConfig,
+    MLPOptions,
+    ModelConfig,
+    OptimizerConfig,
+    PhaseConfig,
+    Recipe,
+    TopBlocks,
+    TrainingConfig,
+)
+
+__all__ = [
+    "BackboneConfig",
+    "DataConfig",
+    "DenseStackConfig",
+    "EvaluationConfig",
+    "ExportConfig",
+    "HeadConfig",
+    "MLPOptions",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PhaseConfig",
+    "Recipe",
+    "TopBlocks",
+    "TrainingConfig",
+    "format_validation_error",
+    "parse_assignments",
+    "parse_yaml",
+    "read_recipe",
+    "source_label",
+]

@@ -1,0 +1,278 @@
+"""What a recipe is: the pydantic schema of the YAML file that drives a run.
+
+Only types, ranges and the rules that need nothing but the recipe itself
+live here; names that registries know (backbones, optimizers, data sources)
+are checked when the recipe is resolved (:mod:`finetune.plan`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    source: str = Field("fashion_mnist", description="fashion_mnist | tfds:NAME | image_folder (or image_folder:PATH)")
+    data_dir: str | None = Field(
+        None,
+        description=(
+            "fashion_mnist: folder of the IDX files; tfds: the TFDS data dir; image_folder: the folder of class folders"
+        ),
+    )
+    image_size: int | tuple[int, int] = Field(96, description="backbone input size: N or [height, width]")
+    stored_size: int | tuple[int, int] | None = Field(
+        None,
+        description=(
+            "image_folder (and tfds images that vary in size): size the images are decoded to; default image_size"
+        ),
+    )
+    resize: Literal["crop", "pad", "stretch"] = Field(
+        "crop", description=("how images of another aspect reach stored_size: centre crop, pad with black, or stretch")
+    )
+    test_split: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description=("test fraction carved out (seeded, stratified) when the source has no test split"),
+    )
+    classes: list[str | int] | None = Field(
+        None, min_length=2, description=("keep these classes (names, or indices), relabelled 0..k-1 in this order")
+    )
+    train_per_class: int | None = Field(
+        None, gt=0, description=("keep this many training images per class (before the validation hold-out)")
+    )
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0)
+    train_limit: int | None = Field(None, gt=0, description="stratified subset of the training images")
+    test_limit: int | None = Field(None, gt=0, description="stratified subset of the test images")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _folder_shorthand(cls, value):
+        # `source: image_folder:PATH` is `source: image_folder` with `data_dir: PATH`.
+        if isinstance(value, dict) and isinstance(value.get("source"), str):
+            name, colon, folder = value["source"].partition(":")
+            if colon and name.strip() == "image_folder" and folder.strip():
+                if value.get("data_dir") not in (None, folder.strip()):
+                    raise ValueError(f"source names folder {folder.strip()!r} but data_dir is {value['data_dir']!r}")
+                value = {**value, "source": "image_folder", "data_dir": folder.strip()}
+        return value
+
+    @field_validator("image_size", "stored_size")
+    @classmethod
+    def _positive_size(cls, value):
+        if value is None:
+            return value
+        sizes = (value, value) if isinstance(value, int) else value
+        if min(sizes) <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value):
+        if value is not None and len(set(map(repr, value))) != len(value):
+            raise ValueError("lists a class twice")
+        return value
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+    @property
+    def stored_hw(self) -> tuple[int, int]:
+        """The size resized sources store images at (``stored_size``, else ``image_size``)."""
+        size = self.image_size if self.stored_size is None else self.stored_size
+        return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+class BackboneConfig(_Strict):
+    name: str = "xception"
+    weights: str | None = Field("imagenet", description="imagenet, null (random init) or a weights file")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments, e.g. alpha")
+    path: str | None = Field(None, description="for name: run, a finished run folder whose backbone is reused")
+
+    @model_validator(mode="after")
+    def _path_only_for_runs(self):
+        if self.name == "run" and not self.path:
+            raise ValueError("name run needs path: a finished run folder")
+        if self.name != "run" and self.path:
+            raise ValueError(f"path is only for name: run (got name {self.name!r})")
+        if self.name == "run" and (self.options or self.weights not in (None, "imagenet")):
+            raise ValueError("name run takes its weights and options from the run folder; set only path")
+        return self
+
+
+Identifier = str | dict[str, Any]
+
+
+class DenseStackConfig(_Strict):
+    """Hidden Dense layers and the chapter-11 techniques that shape them."""
+
+    dense: list[int] = Field(default_factory=list, description="units of the hidden Dense layers")
+    activation: Identifier = "relu"
+    kernel_initializer: Identifier = "glorot_uniform"
+    batch_norm: Literal["none", "before", "after"] = Field("none", description="relative to the activation")
+    dropout: float | Identifier | None = Field(None, description="a rate, or a dropout-family regularizer")
+    regularizers: list[Identifier] = Field(default_factory=list, description="l1, l2, l1_l2, max_norm, ...")
+
+    @field_validator("dense")
+    @classmethod
+    def _positive_units(cls, value):
+        if any(units <= 0 for units in value):
+            raise ValueError("units must be positive")
+        return value
+
+
+class HeadConfig(DenseStackConfig):
+    pooling: Literal["avg", "max"] = "avg"
+
+
+class MLPOptions(DenseStackConfig):
+    """Options of the ``mlp`` backbone."""
+
+    dense: list[int] = Field(default_factory=lambda: [300, 100])
+    input_batch_norm: bool = False
+    input_scaling: Literal["unit", "standardize"] = "unit"
+
+
+class ModelConfig(_Strict):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+
+class TopBlocks(_Strict):
+    top_blocks: int = Field(gt=0)
+
+
+class OptimizerConfig(BaseModel):
+    """An optimizer name and its settings (any Keras optimizer argument)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "adam"
+    learning_rate: float = Field(1e-3, gt=0.0)
+
+    def as_identifier(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class PhaseConfig(_Strict):
+    name: str
+    epochs: int = Field(ge=0, description="0 skips the phase")
+    trainable: Literal["none", "all"] | TopBlocks = "none"
+    train_bn: bool = Field(False, description="let backbone BatchNorm layers train (batch statistics)")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: Identifier | None = Field(None, description="learning-rate schedule; lr0 is optimizer.learning_rate")
+    backbone_lr_multiplier: float = Field(1.0, gt=0.0, description="backbone rate = head rate * this")
+    callbacks: list[Identifier] = Field(default_factory=list)
+    batch_size: int | None = Field(None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", value):
+            raise ValueError("use letters, digits, '_' and '-' (it names files and --set paths)")
+        return value
+
+    @property
+    def schedule_name(self) -> str | None:
+        if self.schedule is None:
+            return None
+        return self.schedule if isinstance(self.schedule, str) else str(self.schedule.get("name"))
+
+    def describe(self) -> str:
+        """The optimizer, rate, schedule and backbone multiplier, for logs: ``adam lr 0.001, schedule cosine``."""
+        parts = [f"{self.optimizer.name} lr {self.optimizer.learning_rate:g}"]
+        if self.schedule_name:
+            parts.append(f"schedule {self.schedule_name}")
+        if self.backbone_lr_multiplier != 1:
+            parts.append(f"backbone lr x{self.backbone_lr_multiplier:g}")
+        return ", ".join(parts)
+
+
+class TrainingConfig(_Strict):
+    batch_size: int = Field(64, gt=0)
+    verbose: Literal["auto", 0, 1, 2] = "auto"
+    shuffle: bool = True
+    cache: Literal["auto", "memory", "disk", "off"] = Field(
+        "auto", description="compute the frozen part once per phase (auto: memory or disk by size)"
+    )
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    steps_per_execution: int = Field(1, gt=0)
+    checkpoint_seconds: float = Field(
+        60.0,
+        ge=0.0,
+        description=(
+            "write the epoch checkpoint at most this often (0: every epoch); the last epoch of a phase "
+            "and an interrupted run are always saved"
+        ),
+    )
+    jit_compile: Literal["auto", True, False] = "auto"
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` as false (and `on` as true).
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
+    def batch_size_for(self, phase: PhaseConfig) -> int:
+        return phase.batch_size or self.batch_size
+
+
+class EvaluationConfig(_Strict):
+    batch_size: int = Field(256, gt=0)
+    mc_samples: int = Field(0, ge=0, description="average this many stochastic passes (needs mc_dropout)")
+
+
+class ExportConfig(_Strict):
+    saved_model: bool = True
+
+
+class Recipe(_Strict):
+    """A whole fine-tuning run."""
+
+    _notices: list[str] = PrivateAttr(default_factory=list)
+
+    name: str = "recipe"
+    seed: int = 42
+    precision: Precision = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    phases: list[PhaseConfig] = Field(min_length=1)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [phase.name for phase in self.phases]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"phases: duplicate phase name(s) {', '.join(duplicates)}")
+        return self
+
+    @property
+    def notices(self) -> list[str]:
+        """What loading changed or found doubtful (printed, never silent)."""
+        return self._notices
+
+    def phase(self, name: str) -> PhaseConfig:
+        for phase in self.phases:
+            if phase.name == name:
+                return phase
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

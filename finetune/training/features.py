@@ -1,0 +1,259 @@
+"""Feature caching: run the frozen part of the model once, train the rest.
+
+While a phase trains only the top of the model, and everything below the
+trainable part is deterministic (backbone in inference mode, no dropout or
+augmentation before the cut), the frozen bottom gives the same numbers every
+epoch. Such a phase computes the bottom's output once per split and fits a
+"top" model on it (:mod:`finetune.training.cuts`). Once the phase ends the
+full model holds the trained weights, and evaluation and export use it
+unchanged.
+
+A :class:`FeatureStore` keeps the extracted outputs across phases while the
+layers below the cut stay frozen, so a run of a head phase and then a
+top-block phase runs the frozen bottom once: the head phase extracts at the
+later phase's (lower) cut and computes its pooled features from there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from finetune.backbones.spec import BackboneLayout
+from finetune.recipe import TrainingConfig
+from finetune.training.cuts import CutModels, bridge, plan_cut, single
+
+
+def feature_bytes(bottom: keras.Model, images: int, dtype: str) -> int:
+    per_image = sum(math.prod(t.shape[1:]) for t in _as_list(bottom.output))
+    return per_image * images * np.dtype(dtype).itemsize
+
+
+def choose_storage(setting: str, estimated_bytes: int, folder: Path | None = None) -> str:
+    """``auto``: memory while the features fit comfortably, else disk; ``off`` when neither has room."""
+    if setting != "auto":
+        return setting
+    budget = min(2 * 1024**3, _available_memory() // 4)
+    if estimated_bytes <= budget:
+        return "memory"
+    # Leave the disk room for checkpoints and the saved model: a full disk would fail the run.
+    return "disk" if estimated_bytes * 1.05 + 2 * 1024**3 <= _free_disk(folder) else "off"
+
+
+def _free_disk(folder: Path | None) -> int:
+    import tempfile
+
+    place = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return shutil.disk_usage(place).free
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3
+
+
+def extract(
+    bottom: keras.Model, images, batch_size: int, dtype: str, storage: str, folder: Path | None, name: str
+) -> list[np.ndarray]:
+    """The bottom's outputs for ``images`` (an array or a list of arrays), in chunks into RAM or files."""
+    outputs = _as_list(bottom.output)
+    inputs = _as_list(images)
+    rows = len(inputs[0])
+    arrays: list[np.ndarray] = []
+    for index, tensor in enumerate(outputs):
+        shape = (rows, *tensor.shape[1:])
+        if storage == "disk":
+            assert folder is not None, "disk storage needs a folder"
+            folder.mkdir(parents=True, exist_ok=True)
+            arrays.append(
+                np.lib.format.open_memmap(folder / f"{name}_{index}.npy", mode="w+", dtype=dtype, shape=shape)
+            )
+        else:
+            arrays.append(np.empty(shape, dtype=dtype))
+    chunk = max(batch_size, 1024)  # bounds what predict holds before it is written out
+    for start in range(0, rows, chunk):
+        block = [array[start : start + chunk] for array in inputs]
+        produced = _as_list(bottom.predict(block if len(block) > 1 else block[0], batch_size=batch_size, verbose=0))
+        for array, values in zip(arrays, produced, strict=True):
+            array[start : start + len(values)] = keras.ops.convert_to_numpy(values).astype(dtype, copy=False)
+    for array in arrays:
+        if isinstance(array, np.memmap):
+            array.flush()
+    return arrays
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclass
+class PhaseFeatures:
+    """What a cached phase fits: the top model and its inputs per split."""
+
+    top: keras.Model
+    train: object
+    validation: object | None
+
+
+class FeatureStore:
+    """The frozen part's outputs, kept across a run's phases while the layers below the cut stay frozen.
+
+    Before the first cached phase extracts, it looks at the phases after it:
+    when a later phase cuts lower (more blocks trainable) and nothing below
+    that cut trains in between, it extracts there once, keeps the result, and
+    computes each phase's own features from it with a forward pass of the
+    frozen layers in between. A phase that trains a layer below the kept cut
+    (``trainable: all``, ``train_bn``) drops what is kept.
+    """
+
+    def __init__(
+        self,
+        phases,
+        settings: TrainingConfig,
+        layout: BackboneLayout,
+        cache_dir: Path | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.phases = list(phases)
+        self.settings = settings
+        self.layout = layout
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.log = log or (lambda message: None)
+        self.kept: CutModels | None = None
+        self.kept_from = ""
+        self.splits: dict[str, list] = {}
+        self._plans: dict[str, CutModels | None] = {}
+        self._temporary: list[Path] = []
+
+    def plan(self, model: keras.Model, phase) -> CutModels | None:
+        if self.settings.cache == "off":
+            return None
+        if phase.name not in self._plans:
+            self._plans[phase.name] = plan_cut(model, self.layout, phase)
+        return self._plans[phase.name]
+
+    def features(self, model: keras.Model, phase, dataset, batch_size: int) -> PhaseFeatures | None:
+        """The inputs of a cached fit of ``phase``, or None where it must run the whole model."""
+        self._drop_if_trained(model)
+        cut = self.plan(model, phase)
+        if cut is None:
+            return None
+        splits = {"train": dataset.train.images}
+        if dataset.validation is not None:
+            splits["validation"] = dataset.validation.images
+        images = sum(len(split) for split in splits.values())
+        if self.kept is None or not self.kept.frozen <= cut.frozen:
+            source = self._lowest_shared_cut(model, phase, cut)
+            if source is not cut and self._storage(source.bottom, images) == "off":
+                source = cut
+            shared = "" if source is cut else ", kept for the later phases"
+            self.kept, self.splits = None, {}  # what was kept is of no use here: free it first
+            kept = self._compute(
+                source.bottom,
+                splits,
+                phase,
+                batch_size,
+                f"frozen_{phase.name}",
+                f"frozen part computed once ({source.where}{shared})",
+            )
+            if kept is None:
+                return None
+            self.kept, self.kept_from, self.splits = source, phase.name, kept
+        elif self.kept.key == cut.key:
+            self.log(f"[finetune] phase {phase.name}: frozen part reused from phase {self.kept_from} ({cut.where})")
+        own = self.splits
+        if self.kept.key != cut.key:
+            derived = self._compute(
+                bridge(self.kept, cut),
+                self.splits,
+                phase,
+                batch_size,
+                phase.name,
+                f"its features computed once from the kept part ({cut.where})",
+            )
+            if derived is None:
+                return None
+            own = derived
+        return PhaseFeatures(cut.top, single(own["train"]), single(own["validation"]) if "validation" in own else None)
+
+    def close(self) -> None:
+        """Forget what is kept and delete temporary files."""
+        self.kept, self.splits = None, {}
+        for folder in self._temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._temporary = []
+
+    def _drop_if_trained(self, model: keras.Model) -> None:
+        if self.kept is None:
+            return
+        trained = {id(layer) for layer in self.layout.backbone.layers if layer.trainable and layer.weights}
+        if trained & self.kept.frozen:
+            self.kept, self.splits = None, {}
+
+    def _lowest_shared_cut(self, model: keras.Model, phase, cut: CutModels) -> CutModels:
+        if not self.layout.inference_only:
+            return cut  # later cuts would depend on which layers are trainable then
+        names = [p.name for p in self.phases]
+        source = cut
+        for later in self.phases[names.index(phase.name) + 1 :]:
+            if later.epochs == 0:
+                continue
+            other = self.plan(model, later)
+            if other is None:
+                break
+            if other.frozen <= source.frozen:
+                source = other
+            elif not source.frozen <= other.frozen:
+                break
+        return source
+
+    def _storage(self, producer: keras.Model, images: int) -> str:
+        size = feature_bytes(producer, images, self.settings.cache_dtype)
+        return choose_storage(self.settings.cache, size, self.cache_dir)
+
+    def _folder(self, name: str) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir / name
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="finetune-cache-"))
+        self._temporary.append(folder)
+        return folder
+
+    def _compute(
+        self, producer: keras.Model, splits: dict, phase, batch_size: int, folder_name: str, what: str
+    ) -> dict | None:
+        """``producer``'s outputs for each split, in memory or on disk; None (said) when neither has room."""
+        images = sum(len(_as_list(inputs)[0]) for inputs in splits.values())
+        storage = self._storage(producer, images)
+        if storage == "off":
+            size = feature_bytes(producer, images, self.settings.cache_dtype)
+            self.log(
+                f"[finetune] phase {phase.name}: no room to cache the frozen part ({size / 1e9:,.1f} GB); "
+                "running the whole model each epoch"
+            )
+            return None
+        folder = self._folder(folder_name) if storage == "disk" else None
+        started = time.perf_counter()
+        computed = {
+            name: extract(producer, inputs, batch_size, self.settings.cache_dtype, storage, folder, name)
+            for name, inputs in splits.items()
+        }
+        size = sum(array.nbytes for arrays in computed.values() for array in arrays)
+        self.log(
+            f"[finetune] phase {phase.name}: {what}, {size / 1e6:,.0f} MB in {storage}, "
+            f"{time.perf_counter() - started:.1f}s"
+        )
+        return computed

@@ -1,0 +1,250 @@
+"""One training phase: set what trains, build a fresh optimizer, recompile, fit.
+
+Keras only applies a change of ``trainable`` at the next ``compile()``, so
+every phase compiles again with its own new optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from finetune.backbones.blocks import nested_layers
+from finetune.backbones.spec import BackboneLayout, Block
+from finetune.catalog import callbacks as callback_registry
+from finetune.catalog import optimizers, schedules
+from finetune.data.arrays import on_disk
+from finetune.errors import RecipeError
+from finetune.recipe import PhaseConfig, TopBlocks, TrainingConfig
+
+
+@dataclass(frozen=True)
+class TrainableSet:
+    """What a phase trains, for logs and tests."""
+
+    phase: str
+    trainable_blocks: tuple[str, ...]
+    total_blocks: int
+    trainable_backbone_weights: int
+    backbone_weights: int
+
+    def describe(self) -> str:
+        if not self.trainable_blocks:
+            return "backbone frozen"
+        return (
+            f"{len(self.trainable_blocks)} of {self.total_blocks} backbone blocks trainable "
+            f"({self.trainable_backbone_weights:,} of {self.backbone_weights:,} backbone weights)"
+        )
+
+
+def configure_phase(model: keras.Model, layout: BackboneLayout, phase: PhaseConfig) -> TrainableSet:
+    """Set the backbone's trainable flags for ``phase``; the head always trains.
+
+    BatchNorm layers of the backbone stay frozen (and so in inference mode)
+    unless the phase says ``train_bn: true``.
+    """
+    backbone = layout.backbone
+    if phase.trainable == "none":
+        chosen_blocks: tuple[Block, ...] = ()
+        chosen: set[int] = set()
+    elif phase.trainable == "all":
+        chosen_blocks = layout.blocks
+        chosen = {id(layer) for layer in layout.stem} | {id(layer) for block in layout.blocks for layer in block.layers}
+    else:
+        chosen_blocks = _top_blocks(layout, phase)
+        chosen = {id(layer) for block in chosen_blocks for layer in block.layers}
+
+    for layer in model.layers:
+        if layer is not backbone:
+            layer.trainable = True
+    backbone.trainable = True
+    for layer in backbone.layers:
+        train_layer = id(layer) in chosen
+        for inner in nested_layers(layer):
+            is_batch_norm = isinstance(inner, keras.layers.BatchNormalization)
+            inner.trainable = train_layer and (phase.train_bn or not is_batch_norm)
+    return TrainableSet(
+        phase=phase.name,
+        trainable_blocks=tuple(block.name for block in chosen_blocks),
+        total_blocks=len(layout.blocks),
+        trainable_backbone_weights=_count(backbone.trainable_weights),
+        backbone_weights=_count(backbone.weights),
+    )
+
+
+def _count(variables) -> int:
+    return int(sum(math.prod(variable.shape) for variable in variables))
+
+
+def _top_blocks(layout: BackboneLayout, phase: PhaseConfig) -> tuple[Block, ...]:
+    assert isinstance(phase.trainable, TopBlocks)
+    count = phase.trainable.top_blocks
+    if count > len(layout.blocks):
+        raise RecipeError(f"phases.{phase.name}.trainable.top_blocks: {layout.describe()}, got {count}")
+    return layout.top(count)
+
+
+def check_phases(layout: BackboneLayout, phases) -> None:
+    """Fail before any training if a phase asks for more blocks than the backbone has."""
+    for phase in phases:
+        if isinstance(phase.trainable, TopBlocks):
+            _top_blocks(layout, phase)
+
+
+def setup_warnings(layout: BackboneLayout, weights: str | None, phases) -> list[str]:
+    """Settings that are valid but probably not what the user wants."""
+    has_batch_norm = any(
+        isinstance(inner, keras.layers.BatchNormalization)
+        for layer in layout.backbone.layers
+        for inner in nested_layers(layer)
+    )
+    if weights is None and has_batch_norm and not any(phase.train_bn for phase in phases):
+        return [
+            "the backbone starts from random weights and its BatchNorm layers never train, so their "
+            "statistics match nothing and its features carry almost no signal; set train_bn: true on a "
+            "phase that trains the backbone (or use pretrained weights)"
+        ]
+    return []
+
+
+@dataclass
+class PhaseSetup:
+    """A compiled phase: its optimizer and the callbacks its settings need."""
+
+    optimizer: keras.optimizers.Optimizer
+    callbacks: list
+
+
+def steps_per_epoch(phase: PhaseConfig, settings: TrainingConfig, train_size: int) -> int:
+    return max(1, math.ceil(train_size / settings.batch_size_for(phase)))
+
+
+def compile_for_phase(
+    model: keras.Model,
+    layout: BackboneLayout,
+    phase: PhaseConfig,
+    steps: int = 1,
+    run_dir: Path | None = None,
+    settings: TrainingConfig | None = None,
+) -> PhaseSetup:
+    """A fresh optimizer (with the phase's schedule and backbone rate), then compile.
+
+    ``steps`` is the number of optimizer steps per epoch (schedules in epochs need it).
+    """
+    settings = settings or TrainingConfig()
+    context = schedules.ScheduleContext(phase.optimizer.learning_rate, steps, phase.epochs)
+    schedule = schedules.build_schedule(phase.schedule, context)
+    multipliers = None
+    if phase.backbone_lr_multiplier != 1.0:
+        multipliers = {variable.path: phase.backbone_lr_multiplier for variable in layout.backbone.trainable_weights}
+    optimizer = optimizers.get(
+        phase.optimizer.as_identifier(), learning_rate=schedule.learning_rate, lr_multipliers=multipliers
+    )
+    extra = []
+    for callback in schedule.callbacks:
+        if hasattr(callback, "bind"):  # a momentum schedule waiting for its optimizer
+            callback = callback.bind(optimizer)
+        if callback is not None:
+            extra.append(callback)
+    extra.extend(callback_registry.build_callbacks(phase.callbacks, run_dir, phase.name))
+    # A momentum schedule moves between every two steps, so those run one at a time.
+    one_step = any(isinstance(callback, schedules.OneCycleMomentum) for callback in extra)
+    compile_model(model, optimizer, 1 if one_step else settings.steps_per_execution, settings.jit_compile)
+    return PhaseSetup(optimizer, extra)
+
+
+def compile_model(model: keras.Model, optimizer, steps_per_execution: int = 1, jit_compile="auto") -> None:
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+        jit_compile=jit_compile,
+    )
+
+
+def fit_phase(
+    model: keras.Model,
+    layout: BackboneLayout,
+    phase: PhaseConfig,
+    dataset,
+    settings: TrainingConfig,
+    *,
+    seed: int = 0,
+    initial_epoch: int = 0,
+    callbacks: list | None = None,
+    features=None,
+) -> keras.callbacks.History:
+    """Fit one compiled phase; epochs are counted across phases.
+
+    When ``settings.cache`` allows it and the phase trains only the top of
+    the model, the frozen bottom runs once per split and the fit runs on its
+    outputs (:mod:`finetune.training.features`). ``features`` (a
+    :class:`~finetune.training.features.FeatureStore`) keeps them across a
+    run's phases; without one, they last for this phase.
+    """
+    from finetune.training.features import FeatureStore
+
+    batch_size = settings.batch_size_for(phase)
+    validation = dataset.validation
+    train_x, val_x = dataset.train.images, validation.images if validation is not None else None
+    fit_model = model
+    store = features if features is not None else FeatureStore([phase], settings, layout)
+    cached = store.features(model, phase, dataset, batch_size)
+    if cached is not None:
+        compile_model(cached.top, model.optimizer, model.steps_per_execution, settings.jit_compile)
+        fit_model, train_x, val_x = cached.top, cached.train, cached.validation
+        for callback in callbacks or []:
+            if hasattr(callback, "full_model") and callback.full_model is None:
+                callback.full_model = model
+    try:
+        return _fit(fit_model, phase, dataset, train_x, val_x, settings, seed, initial_epoch, callbacks)
+    finally:
+        if features is None:  # a store of this phase alone
+            store.close()
+
+
+def _fit(fit_model, phase, dataset, train_x, val_x, settings: TrainingConfig, seed, initial_epoch, callbacks):
+    from finetune.data.batches import FileBatches
+
+    batch_size = settings.batch_size_for(phase)
+    validation = dataset.validation
+    common = dict(
+        epochs=initial_epoch + phase.epochs,
+        initial_epoch=initial_epoch,
+        callbacks=callbacks or [],
+        verbose=resolve_verbosity(settings.verbose),
+    )
+    if on_disk(train_x) or on_disk(val_x):
+        # Keras would copy a memory-mapped array into one tensor: read it a batch at a time instead.
+        validation_batches = None if validation is None else FileBatches(val_x, validation.labels, batch_size)
+        return fit_model.fit(
+            FileBatches(train_x, dataset.train.labels, batch_size, shuffle=settings.shuffle, seed=seed + initial_epoch),
+            validation_data=validation_batches,
+            shuffle=False,  # FileBatches shuffles rows itself
+            **common,
+        )
+    return fit_model.fit(
+        train_x,
+        dataset.train.labels,
+        batch_size=batch_size,
+        validation_data=(val_x, validation.labels) if validation is not None else None,
+        shuffle=settings.shuffle,
+        **common,
+    )
+
+
+def resolve_verbosity(setting) -> int:
+    """``auto``: a progress bar on a terminal, one line per epoch in a log file."""
+    if setting != "auto":
+        return int(setting)
+    return 1 if sys.stdout.isatty() else 2
+
+
+def optimizer_learning_rate(optimizer) -> float:
+    """The rate the optimizer uses now (a schedule evaluated at the current step)."""
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
