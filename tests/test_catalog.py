@@ -549,3 +549,36 @@ def test_callbacks_write_inside_the_run_folder(tmp_path):
     assert isinstance(built[0], keras.callbacks.EarlyStopping) and built[0].restore_best_weights
     assert built[1].filepath == str(tmp_path / "best_head.keras")
     assert built[2].filename == str(tmp_path / "keras_log_head.csv")
+
+
+# --- callbacks that end a phase early ---------------------------------------
+
+
+def run_phase(mlp_recipe_dict, tmp_path, name, **phase):
+    mlp_recipe_dict["export"] = {"saved_model": False}
+    mlp_recipe_dict["phases"][0].update(phase)
+    result = finetune.run(finetune.load_recipe(mlp_recipe_dict), out=tmp_path / name, log=lambda line: None)
+    return result, [row for row in result.history if row["phase"] == "train"]
+
+
+def test_early_stopping_ends_the_phase_and_restores_the_best_weights(mlp_recipe_dict, tmp_path):
+    # In "max" mode a falling training loss never improves: the phase stops after its second epoch.
+    stopping = {"name": "early_stopping", "monitor": "loss", "mode": "max", "patience": 0}
+    stopped, rows = run_phase(mlp_recipe_dict, tmp_path, "stopped", epochs=10, callbacks=[stopping])
+    assert len(rows) == 2 and float(rows[1]["loss"]) < float(rows[0]["loss"])
+    assert stopped.metrics["test"]["examples"] == 100  # the run goes on to evaluate the restored model
+    keras.backend.clear_session()
+    one_epoch, _ = run_phase(mlp_recipe_dict, tmp_path, "one", epochs=1, callbacks=[])
+    for restored, first in zip(stopped.model.weights, one_epoch.model.weights, strict=True):
+        np.testing.assert_allclose(to_numpy(restored), to_numpy(first), rtol=1e-5, atol=1e-6)
+
+
+def test_terminate_on_nan_stops_a_phase_whose_loss_explodes(mlp_recipe_dict, tmp_path):
+    exploding = {"name": "sgd", "learning_rate": 1.0e12}
+    _, stopped = run_phase(
+        mlp_recipe_dict, tmp_path, "stopped", epochs=5, optimizer=exploding, callbacks=["terminate_on_nan"]
+    )
+    assert len(stopped) == 1 and math.isnan(float(stopped[0]["loss"]))
+    keras.backend.clear_session()
+    _, unguarded = run_phase(mlp_recipe_dict, tmp_path, "unguarded", epochs=5, optimizer=exploding, callbacks=[])
+    assert len(unguarded) == 5  # without the callback the phase runs on, on NaN weights

@@ -175,3 +175,22 @@ def test_a_reused_standardize_backbone_keeps_its_training_statistics(tmp_path):
 
     new_images = data_module.load_dataset(finetune.load_recipe(recipe).data, seed=1).train.images
     assert abs(float(new_images.mean()) - float(keras.ops.convert_to_numpy(trained.mean))) > 1.0  # would have moved
+
+
+def test_a_reused_run_folder_is_read_once_per_process(trained_run, tmp_path, monkeypatch):
+    """Loading, resolving, building and training read the run's recipe once and its model.keras once."""
+    from finetune.backbones import reuse
+
+    reuse._earlier_run.cache_clear()
+    reuse._trained_backbone.cache_clear()
+    reads, loads = [], []
+    read_recipe, load_saved_model = reuse.read_recipe, reuse.load_saved_model
+    monkeypatch.setattr(reuse, "read_recipe", lambda path: reads.append(path) or read_recipe(path))
+    monkeypatch.setattr(
+        reuse, "load_saved_model", lambda path, **kw: loads.append(path) or load_saved_model(path, **kw)
+    )
+    recipe = finetune.load_recipe(reuse_recipe(trained_run.run_dir))
+    finetune.build_model(recipe)
+    finetune.run(recipe, out=tmp_path / "run", log=lambda _: None)
+    assert [path.name for path in reads] == ["recipe.yaml"]
+    assert [str(path) for path in loads] == [str(trained_run.run_dir.resolve() / "model.keras")]
