@@ -10,30 +10,18 @@ its part.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from finetune.backbones import backbones, earlier_run, spec_for
-from finetune.backbones.reuse import EarlierRun
+from finetune.backbones import mlp
+from finetune.backbones.registry import backbones, get
+from finetune.backbones.reuse import EarlierRun, earlier_run
 from finetune.backbones.spec import BackboneSpec
 from finetune.catalog import callbacks, layers, optimizers, regularizers, schedules
 from finetune.data import check_config, datasets
 from finetune.errors import RecipeError
-from finetune.recipe import (
-    DataConfig,
-    DenseStackConfig,
-    EvaluationConfig,
-    ExportConfig,
-    HeadConfig,
-    MLPOptions,
-    PhaseConfig,
-    Recipe,
-    TrainingConfig,
-    read_recipe,
-    source_label,
-)
+from finetune.recipe import Recipe, read_recipe, schema, source_label
+from finetune.recipe.load import Overrides, RecipeSource
 from finetune.registry import Registry
 
 
@@ -45,7 +33,7 @@ class ModelPlan:
     weights: str | None
     options: dict
     image_hw: tuple[int, int]
-    head: HeadConfig
+    head: schema.HeadConfig
     precision: str
     inference_only: bool
     """The backbone always runs with ``training=False`` (pretrained BatchNorm statistics stay)."""
@@ -62,25 +50,19 @@ class RunPlan:
 
     name: str
     seed: int
-    data: DataConfig
+    data: schema.DataConfig
     model: ModelPlan
-    phases: tuple[PhaseConfig, ...]
-    training: TrainingConfig
-    evaluation: EvaluationConfig
-    export: ExportConfig
+    phases: tuple[schema.PhaseConfig, ...]
+    training: schema.TrainingConfig
+    evaluation: schema.EvaluationConfig
+    export: schema.ExportConfig
     notices: tuple[str, ...] = ()
 
 
-def load_recipe(
-    source: str | Path | Mapping[str, Any],
-    overrides: Mapping[str, Any] | list[str] | None = None,
-) -> Recipe:
-    """Read, override and validate a recipe, and check it against the registries.
+def load_recipe(source: RecipeSource, overrides: Overrides = None) -> Recipe:
+    """:func:`~finetune.recipe.read_recipe` (YAML, ``--set`` overrides, schema), then checked against the registries.
 
-    ``source`` is a YAML file or an already parsed mapping. ``overrides`` maps
-    dotted paths to values (``{"phases.head.epochs": 1}``) or is a list of
-    ``KEY=VALUE`` strings whose values are read as YAML. Any problem is a
-    one-line :class:`~finetune.errors.RecipeError` naming the key.
+    Any problem is a one-line :class:`~finetune.errors.RecipeError` naming the key.
     """
     recipe = read_recipe(source, overrides)
     plan = resolve(recipe, source_label(source))
@@ -115,14 +97,11 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
     config = recipe.model.backbone
     if config.name not in backbones:
         raise RecipeError(f"model.backbone.name: {backbones.unknown_message(config.name)}")
-    spec = spec_for(config)
-    height, width = recipe.data.image_hw
     reused = earlier_run(config.path) if config.name == "run" else None
-    if reused is not None and (height, width) != reused.trained_size:
-        raise RecipeError(
-            f"data.image_size: the backbone from {config.path!r} was trained at "
-            f"{reused.trained_size[0]}x{reused.trained_size[1]}; use that size"
-        )
+    spec = reused.spec if reused is not None else get(config.name)
+    height, width = recipe.data.image_hw
+    if reused is not None:
+        reused.check_size((height, width))
     if min(height, width) < spec.min_size:
         raise RecipeError(
             f"data.image_size: {config.name} needs at least {spec.min_size}x{spec.min_size} inputs, "
@@ -154,9 +133,7 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
     )
 
 
-def _mlp_options(recipe: Recipe) -> MLPOptions:
-    from finetune.backbones import mlp
-
+def _mlp_options(recipe: Recipe) -> schema.MLPOptions:
     return mlp.options(recipe.model.backbone.options)
 
 
@@ -188,8 +165,8 @@ def _check_phases(phases) -> None:
             )
 
 
-def _dense_stacks(recipe: Recipe) -> list[tuple[str, DenseStackConfig]]:
-    stacks: list[tuple[str, DenseStackConfig]] = [("model.head", recipe.model.head)]
+def _dense_stacks(recipe: Recipe) -> list[tuple[str, schema.DenseStackConfig]]:
+    stacks: list[tuple[str, schema.DenseStackConfig]] = [("model.head", recipe.model.head)]
     if recipe.model.backbone.name == "mlp":
         stacks.append(("model.backbone.options", _mlp_options(recipe)))
     return stacks

@@ -130,3 +130,11 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 def test_import_api_exposes_the_pipeline():
     assert callable(finetune.load_recipe) and callable(finetune.run) and callable(finetune.build_model)
+
+
+@pytest.mark.parametrize("phases", [3, "head", {"name": "head"}, None])
+def test_phases_of_the_wrong_kind_are_one_line_errors(tiny_recipe_dict, phases):
+    tiny_recipe_dict["phases"] = phases
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(tiny_recipe_dict)
+    assert str(caught.value).startswith("recipe: phases") and "\n" not in str(caught.value)

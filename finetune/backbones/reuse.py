@@ -54,12 +54,16 @@ class EarlierRun:
             notes=f"the trained backbone of {self.folder}",
         )
 
-    def _build(self, input_shape, weights=None, **options):
-        if tuple(input_shape[:2]) != self.trained_size:
+    def check_size(self, image_hw) -> None:
+        """The backbone sees images at the size it was trained at, or not at all."""
+        if tuple(image_hw) != self.trained_size:
             raise RecipeError(
                 f"data.image_size: the backbone from {str(self.folder)!r} was trained at "
                 f"{self.trained_size[0]}x{self.trained_size[1]}; use that size"
             )
+
+    def _build(self, input_shape, weights=None, **options):
+        self.check_size(input_shape[:2])
         return self.trained().clone()
 
     def trained(self) -> TrainedBackbone:

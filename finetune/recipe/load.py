@@ -42,10 +42,13 @@ def parse_yaml(text: str, source: str = "recipe") -> Any:
         raise RecipeError(f"{source}:{where}: invalid YAML: {problem}") from None
 
 
-def read_recipe(
-    source: str | Path | Mapping[str, Any],
-    overrides: Mapping[str, Any] | list[str] | None = None,
-) -> Recipe:
+#: A recipe file's path, or a recipe already parsed into a mapping.
+RecipeSource = str | Path | Mapping[str, Any]
+#: ``{"phases.head.epochs": 1}``, or ``["phases.head.epochs=1", ...]`` as ``--set`` gives them.
+Overrides = Mapping[str, Any] | list[str] | None
+
+
+def read_recipe(source: RecipeSource, overrides: Overrides = None) -> Recipe:
     """Read, override and validate a recipe against its schema.
 
     ``source`` is a YAML file or an already parsed mapping. ``overrides`` maps
@@ -75,7 +78,7 @@ def read_recipe(
     return recipe
 
 
-def source_label(source: str | Path | Mapping[str, Any]) -> str:
+def source_label(source: RecipeSource) -> str:
     """How errors name a recipe: its file, or ``recipe`` for one given as a mapping."""
     return "recipe" if isinstance(source, Mapping) else str(Path(source))
 
