@@ -74,6 +74,9 @@ def reported(command):
             _fail(error, "interrupted: the run folder keeps history.csv and the last epoch's checkpoint", 130, debug)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except BrokenPipeError:  # `finetune plugins | head`: the reader has gone; say nothing more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except Exception as error:  # noqa: BLE001 - a bug, not the user's input: still one line, and a way to see more
             _fail(error, f"error: unexpected {describe(error)} (run again with --debug for the traceback)", 1, debug)
 

@@ -414,3 +414,63 @@ def test_debug_shows_the_traceback_behind_a_recipe_error():
     debug = CliRunner().invoke(main, [*args, "--debug"])
     assert debug.exit_code == 2 and "Traceback (most recent call last)" in debug.output
     assert "RecipeError" in debug.output and debug.output.strip().splitlines()[-1] == plain.output.strip()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_real_run_exits_130_and_marks_the_folder_interrupted(tmp_path, tiny_backbone_weights):
+    import signal
+    import time
+
+    import yaml
+
+    from conftest import TINY_RECIPE
+
+    recipe = {**TINY_RECIPE, "phases": [{**TINY_RECIPE["phases"][0], "epochs": 200}]}
+    recipe["model"] = {
+        **TINY_RECIPE["model"],
+        "backbone": {**TINY_RECIPE["model"]["backbone"], "weights": str(tiny_backbone_weights)},
+    }
+    recipe["training"] = {**TINY_RECIPE["training"], "checkpoint_seconds": 0, "cache": "off"}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "run", str(path), "--out", str(out)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "history.csv").exists():  # an epoch has finished: the run is well inside fit
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted: the run folder keeps history.csv and the last epoch's checkpoint"
+    )
+    assert "Traceback" not in stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert (out / "checkpoint.keras").is_file()
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path):
+    """`finetune plugins | head -1`: the closed pipe ends the command without a message."""
+    command = f"{sys.executable} -m finetune plugins | head -1"
+    result = subprocess.run(
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.stdout.startswith("optimizers")
+    assert "BrokenPipe" not in result.stderr and "Traceback" not in result.stderr
+    assert not any(line.startswith("error:") for line in result.stderr.splitlines())
