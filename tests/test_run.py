@@ -422,7 +422,6 @@ def test_ctrl_c_on_a_real_run_exits_130_and_marks_the_folder_interrupted(tmp_pat
     import time
 
     import yaml
-
     from conftest import TINY_RECIPE
 
     recipe = {**TINY_RECIPE, "phases": [{**TINY_RECIPE["phases"][0], "epochs": 200}]}
