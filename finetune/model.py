@@ -14,7 +14,7 @@ from finetune.backbones.reuse import load_saved_model
 from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.layers import dense_stack, output_layer
 from finetune.data import model_io
-from finetune.plan import ModelPlan, load_recipe, resolve
+from finetune.plan import ModelPlan, prepare
 from finetune.recipe import Recipe
 
 
@@ -63,9 +63,7 @@ def build_model(recipe: Recipe | str | Path, *, input_shape=None, num_classes: i
     with a static shape gives them, and ``tfds:NAME`` or ``image_folder``
     data is loaded to find out.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    plan = resolve(recipe)
+    _, plan = prepare(recipe)
     input_shape, num_classes = model_io(plan.data, plan.seed, input_shape, num_classes)
     return assemble(plan.model, input_shape, num_classes)
 

@@ -64,11 +64,17 @@ def load_recipe(source: RecipeSource, overrides: Overrides = None) -> Recipe:
 
     Any problem is a one-line :class:`~finetune.errors.RecipeError` naming the key.
     """
+    return prepare(source, overrides)[0]
+
+
+def prepare(source: Recipe | RecipeSource, overrides: Overrides = None) -> tuple[Recipe, RunPlan]:
+    """A recipe (read from ``source`` unless it is one already) and its plan, resolved once."""
+    if isinstance(source, Recipe):
+        return source, resolve(source)
     recipe = read_recipe(source, overrides)
     plan = resolve(recipe, source_label(source))
-    new = [notice for notice in plan.notices if notice not in recipe.notices]
-    recipe.notices.extend(new)
-    return recipe
+    recipe.notices.extend([notice for notice in plan.notices if notice not in recipe.notices])
+    return recipe, plan
 
 
 def resolve(recipe: Recipe, label: str = "recipe") -> RunPlan:

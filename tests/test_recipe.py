@@ -138,3 +138,13 @@ def test_phases_of_the_wrong_kind_are_one_line_errors(tiny_recipe_dict, phases):
     with pytest.raises(RecipeError) as caught:
         load_recipe(tiny_recipe_dict)
     assert str(caught.value).startswith("recipe: phases") and "\n" not in str(caught.value)
+
+
+def test_building_from_a_recipe_file_resolves_it_once(monkeypatch):
+    from finetune import plan
+
+    calls = []
+    resolve = plan.resolve
+    monkeypatch.setattr(plan, "resolve", lambda recipe, label="recipe": calls.append(label) or resolve(recipe, label))
+    finetune.build_model(ROOT / "recipes" / "ch11_adam.yaml")
+    assert calls == [str(ROOT / "recipes" / "ch11_adam.yaml")]

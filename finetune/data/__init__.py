@@ -6,7 +6,7 @@ views of memory-mapped files in :mod:`finetune.data.arrays`.
 """
 
 from finetune.data.loading import load_dataset, model_io
-from finetune.data.sources import check_config, datasets, get, peek_class_names
+from finetune.data.sources import check_config, datasets, peek_class_names
 from finetune.data.splits import Dataset, DatasetSource, Split
 
 __all__ = [
@@ -15,7 +15,6 @@ __all__ = [
     "Split",
     "check_config",
     "datasets",
-    "get",
     "load_dataset",
     "model_io",
     "peek_class_names",

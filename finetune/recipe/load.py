@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune.errors import RecipeError, first_line
+from finetune.errors import RecipeError
 from finetune.recipe.schema import Recipe
 
 
@@ -187,13 +187,6 @@ def _check_known_key(raw: dict, parts: list[str], here: str) -> None:
         else:
             model = annotation
             index += 1
-
-
-def pydantic_error_line(error: Exception) -> str:
-    """A pydantic error as one line (for option dicts validated outside the recipe)."""
-    if isinstance(error, ValidationError):
-        return format_validation_error(error, {})
-    return first_line(error)
 
 
 def format_validation_error(error: ValidationError, raw: Mapping[str, Any]) -> str:

@@ -81,8 +81,8 @@ class RunFolder:
             shutil.rmtree(self.path / "cache")  # large, and rebuilt on demand
         self._write(status="finished", finished=_now())
 
-    def save_model(self, model, name: str = "model.keras") -> Path:
-        return write_atomically(self.path / name, model.save)
+    def save_model(self, model) -> Path:
+        return write_atomically(self.path / "model.keras", model.save)
 
     def write_json(self, name: str, payload) -> Path:
         return write_json_atomically(self.path / name, payload)

@@ -15,7 +15,7 @@ from finetune.data import Dataset, load_dataset, peek_class_names
 from finetune.evaluation import metrics as metrics_stage
 from finetune.evaluation import pictures
 from finetune.export.saved_model import export_saved_model
-from finetune.plan import RunPlan, load_recipe, resolve
+from finetune.plan import RunPlan, prepare
 from finetune.recipe import Recipe
 from finetune.runner.folder import RunFolder, check_run_dir
 from finetune.training.checkpoints import read_history
@@ -48,8 +48,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     ``saved_model/``. Everything that can fail on bad input (the ``--out``
     folder, data, weights, phases) fails before the folder exists.
     """
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    plan = resolve(recipe)
+    recipe, plan = prepare(recipe)
     started = time.perf_counter()
     check_run_dir(out)
     dataset = load_data(plan)
