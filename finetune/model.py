@@ -12,6 +12,8 @@ from finetune.backbones.build import build_backbone
 from finetune.backbones.input_layer import BackboneInput
 from finetune.backbones.reuse import load_saved_model
 from finetune.backbones.spec import BackboneLayout
+from finetune.backbones.truncate import truncate
+from finetune.catalog.augment import build_augmentation
 from finetune.catalog.layers import dense_stack, output_layer
 from finetune.data import model_io
 from finetune.plan import ModelPlan, prepare
@@ -80,11 +82,15 @@ def assemble(plan: ModelPlan, input_shape, num_classes: int) -> keras.Model:
     head = plan.head
     with dtype_policy(resolve_precision(plan.precision)):
         images = keras.Input(shape=input_shape, dtype="uint8", name="images")
+        x = images
+        # Augmentation acts on the stored pixels (cheaper than after the resize), in float32, in training only.
+        for layer in build_augmentation(list(plan.augment), seed=plan.seed):
+            x = layer(x)
         # Preprocessing stays in float32: it is cheap and keeps pixel maths exact.
         backbone_input = BackboneInput(
             height, width, plan.preprocessing, channels=plan.backbone.channels, name="backbone_input", dtype="float32"
         )
-        x = backbone_input(images)
+        x = backbone_input(x)
         if plan.reused is not None:
             trained = plan.reused.trained()
             backbone = trained.clone()
@@ -95,6 +101,7 @@ def assemble(plan: ModelPlan, input_shape, num_classes: int) -> keras.Model:
             backbone = build_backbone(
                 plan.backbone, plan.image_hw, plan.weights, plan.options, channels=input_shape[-1]
             )
+        backbone = truncate(backbone, plan.backbone, plan.cut_at, plan.top_blocks_removed)
         x = backbone(x, training=False if plan.inference_only else None)
         if len(x.shape) == 4:
             pooling = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D

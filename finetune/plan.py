@@ -17,7 +17,7 @@ from finetune.backbones import mlp
 from finetune.backbones.registry import backbones, get
 from finetune.backbones.reuse import EarlierRun, earlier_run
 from finetune.backbones.spec import BackboneSpec
-from finetune.catalog import callbacks, layers, optimizers, regularizers, schedules
+from finetune.catalog import augment, callbacks, layers, optimizers, regularizers, schedules
 from finetune.data import check_config, datasets
 from finetune.errors import RecipeError
 from finetune.recipe import Recipe, read_recipe, schema, source_label
@@ -38,6 +38,11 @@ class ModelPlan:
     inference_only: bool
     """The backbone always runs with ``training=False`` (pretrained BatchNorm statistics stay)."""
     reused: EarlierRun | None = None
+    cut_at: str | None = None
+    top_blocks_removed: int | None = None
+    augment: tuple = ()
+    """Augmentation identifiers, in order (:mod:`finetune.catalog.augment`)."""
+    seed: int = 0
 
     @property
     def preprocessing(self) -> str:
@@ -127,6 +132,10 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
     if config.name == "mlp":
         layers.check_stack(_mlp_options(recipe), "model.backbone.options")
     layers.check_stack(recipe.model.head, "model.head")
+    try:
+        augment.build_augmentation(recipe.model.augment)
+    except RecipeError as error:
+        raise RecipeError(f"model.augment: {error}") from None
     return ModelPlan(
         backbone=spec,
         weights=weights,
@@ -136,6 +145,10 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
         precision=recipe.precision,
         inference_only=spec.inference_mode and not any(phase.train_bn for phase in recipe.phases),
         reused=reused,
+        cut_at=config.cut_at,
+        top_blocks_removed=config.top_blocks_removed,
+        augment=tuple(recipe.model.augment),
+        seed=recipe.seed,
     )
 
 
@@ -227,4 +240,5 @@ def registries() -> dict[str, Registry]:
         "backbones": backbones,
         "callbacks": callbacks.callbacks,
         "datasets": datasets,
+        "augmentations": augment.augmentations,
     }

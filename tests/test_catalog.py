@@ -499,6 +499,7 @@ def test_plugins_json_lists_every_kind_and_the_required_names():
         "backbones",
         "callbacks",
         "datasets",
+        "augmentations",
     ]
     required = {
         "optimizers": {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "nadam", "adamw"},
@@ -508,6 +509,7 @@ def test_plugins_json_lists_every_kind_and_the_required_names():
         "activations": {"relu", "leaky_relu", "elu", "selu", "gelu", "swish"},
         "backbones": {"xception", "mobilenet_v2", "mlp"},
         "callbacks": {"early_stopping", "model_checkpoint", "tensorboard", "csv_logger"},
+        "augmentations": {"random_translation", "random_flip", "random_zoom", "random_rotation", "random_erasing"},
         "datasets": {"fashion_mnist"},
     }
     for kind, names in required.items():

@@ -46,3 +46,22 @@ class FileBatches(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         if self.shuffle:
             self._order = self._rng.permutation(self.rows)
+
+
+class ViewBatches(FileBatches):
+    """Batches from one of several versions of the same rows, the next version each epoch.
+
+    ``views`` holds K arrays (or lists of arrays) with the same rows and
+    ``labels``: the frozen part's outputs for K augmented copies of the
+    training images. Epoch ``e`` of the fit reads version ``e % K``.
+    """
+
+    def __init__(self, views: list, labels, batch_size: int = 32, shuffle: bool = True, seed: int = 0):
+        super().__init__(views[0], labels, batch_size, shuffle, seed)
+        self.views = [list(view) if isinstance(view, (list, tuple)) else [view] for view in views]
+        self.view = 0
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        self.view = (self.view + 1) % len(self.views)
+        self.inputs = self.views[self.view]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune.data.arrays import on_disk
+from finetune.data.arrays import chunks, on_disk
 
 # Keras clips probabilities by this epsilon in its cross-entropy.
 _EPSILON = 1e-7
 
 
-def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int = 0) -> dict:
+def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int = 0, tta=()) -> dict:
     """Metrics from one prediction pass over ``split``, or the mean of ``mc_samples`` passes.
+
+    With test-time augmentation (``tta: [flip]``) each pass averages the
+    probabilities of the images and of their mirror images.
 
     With MC dropout (``mc_samples`` > 0) the dropout layers stay active, the
     metrics are those of the averaged probabilities, and ``mc_dropout``
@@ -21,13 +24,8 @@ def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int =
     """
 
     def predict():
-        if on_disk(split.images):  # read a batch at a time rather than copying the file into one tensor
-            from finetune.data.batches import FileBatches
-
-            probabilities = model.predict(FileBatches(split.images, batch_size=batch_size), verbose=0)
-        else:
-            probabilities = model.predict(split.images, batch_size=batch_size, verbose=0)
-        return np.asarray(probabilities, dtype=np.float64)
+        views = [predict_view(model, split.images, batch_size, view) for view in ("none", *tta)]
+        return np.mean(views, axis=0)
 
     if not mc_samples:
         return metrics_from_probabilities(predict(), split.labels, class_names)
@@ -44,6 +42,20 @@ def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int =
         "mean_std_of_predicted_class": float(spread.mean()),
     }
     return metrics
+
+
+def predict_view(model, images, batch_size: int, view: str = "none") -> np.ndarray:
+    """Class probabilities of ``images`` as they are (``none``) or mirrored left to right (``flip``)."""
+    if view == "flip":
+        parts = [model.predict(chunk[:, :, ::-1], batch_size=batch_size, verbose=0) for chunk in chunks(images, 4096)]
+        return np.concatenate(parts).astype(np.float64)
+    if view != "none":
+        raise ValueError(f"unknown test-time view {view!r}")
+    if on_disk(images):  # read a batch at a time rather than copying the file into one tensor
+        from finetune.data.batches import FileBatches
+
+        return np.asarray(model.predict(FileBatches(images, batch_size=batch_size), verbose=0), dtype=np.float64)
+    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
 
 
 def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, class_names) -> dict:

@@ -100,9 +100,15 @@ class BackboneConfig(_Strict):
     weights: str | None = Field("imagenet", description="imagenet, null (random init) or a weights file")
     options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments, e.g. alpha")
     path: str | None = Field(None, description="for name: run, a finished run folder whose backbone is reused")
+    cut_at: str | None = Field(
+        None, description="build the backbone only up to this block (its name, e.g. block5c); the head sits there"
+    )
+    top_blocks_removed: int | None = Field(None, ge=0, description="build the backbone without its last N blocks")
 
     @model_validator(mode="after")
     def _path_only_for_runs(self):
+        if self.cut_at is not None and self.top_blocks_removed:
+            raise ValueError("give cut_at or top_blocks_removed, not both")
         if self.name == "run" and not self.path:
             raise ValueError("name run needs path: a finished run folder")
         if self.name != "run" and self.path:
@@ -148,6 +154,13 @@ class MLPOptions(DenseStackConfig):
 class ModelConfig(_Strict):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
+    augment: list[Identifier] = Field(
+        default_factory=list,
+        description=(
+            "training-only augmentation layers inside the model, at the stored resolution: random_translation, "
+            "random_flip, random_zoom, random_rotation, random_erasing, rand_augment, ..."
+        ),
+    )
 
 
 class TopBlocks(_Strict):
@@ -199,14 +212,29 @@ class PhaseConfig(_Strict):
         return ", ".join(parts)
 
 
+class LossConfig(_Strict):
+    """The training loss: sparse categorical cross-entropy, optionally with label smoothing."""
+
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="targets (1 - e) one-hot + e / classes")
+
+
 class TrainingConfig(_Strict):
     batch_size: int = Field(64, gt=0)
+    loss: LossConfig = Field(default_factory=LossConfig)
     verbose: Literal["auto", 0, 1, 2] = "auto"
     shuffle: bool = True
     cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="compute the frozen part once per phase (auto: memory or disk by size)"
     )
     cache_dtype: Literal["float32", "float16"] = "float32"
+    augmented_views: int = Field(
+        0,
+        ge=0,
+        description=(
+            "with model.augment: compute the frozen part for this many augmented copies of the training "
+            "images once and train on one copy per epoch (0: no caching while augmenting)"
+        ),
+    )
     steps_per_execution: int = Field(1, gt=0)
     checkpoint_seconds: float = Field(
         60.0,
@@ -231,6 +259,9 @@ class TrainingConfig(_Strict):
 class EvaluationConfig(_Strict):
     batch_size: int = Field(256, gt=0)
     mc_samples: int = Field(0, ge=0, description="average this many stochastic passes (needs mc_dropout)")
+    tta: list[Literal["flip"]] = Field(
+        default_factory=list, description="test-time augmentation: also predict on these views and average"
+    )
 
 
 class ExportConfig(_Strict):
@@ -251,6 +282,26 @@ class Recipe(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gradual_unfreezing(cls, value):
+        # `trainable: {top_blocks: [2, 4, 8]}` is fastai-style gradual unfreezing: one phase per count,
+        # each with the phase's epochs and settings, named NAME_top2, NAME_top4, ...
+        if not isinstance(value, dict) or not isinstance(value.get("phases"), list):
+            return value
+        phases = []
+        for phase in value["phases"]:
+            trainable = phase.get("trainable") if isinstance(phase, dict) else None
+            counts = trainable.get("top_blocks") if isinstance(trainable, dict) else None
+            if not isinstance(trainable, dict) or not isinstance(counts, list) or len(trainable) != 1:
+                phases.append(phase)
+                continue
+            if not counts:
+                raise ValueError(f"phases: {phase.get('name')}: top_blocks is an empty list")
+            for count in counts:
+                phases.append({**phase, "name": f"{phase.get('name')}_top{count}", "trainable": {"top_blocks": count}})
+        return {**value, "phases": phases}
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -115,7 +115,12 @@ def announce(plan: RunPlan, dataset: Dataset, layout, folder: RunFolder, log: Ca
 def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], started: float) -> dict:
     """Test metrics of the trained model, with the run's context; validation from its last epoch."""
     test = metrics_stage.evaluate(
-        model, dataset.test, dataset.class_names, plan.evaluation.batch_size, plan.evaluation.mc_samples
+        model,
+        dataset.test,
+        dataset.class_names,
+        plan.evaluation.batch_size,
+        plan.evaluation.mc_samples,
+        plan.evaluation.tta,
     )
     metrics = {
         "test": test,

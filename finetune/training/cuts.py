@@ -17,6 +17,7 @@ import keras
 
 from finetune._keras_compat import calls_in_graph, producer
 from finetune.backbones.spec import BackboneLayout
+from finetune.catalog.augment import augmentation_layers
 from finetune.recipe import PhaseConfig, TopBlocks
 
 # Layers whose output depends on ``training`` (random or batch statistics).
@@ -53,10 +54,17 @@ class CutModels:
         return self.frozen, self.where
 
 
-def plan_cut(model: keras.Model, layout: BackboneLayout, phase: PhaseConfig) -> CutModels | None:
-    """Split ``model`` for ``phase``, or None when caching would change the result."""
+def plan_cut(
+    model: keras.Model, layout: BackboneLayout, phase: PhaseConfig, augmented_views: int = 0
+) -> CutModels | None:
+    """Split ``model`` for ``phase``, or None when caching would change the result.
+
+    Augmented images differ every epoch, so nothing below the augmentation
+    can be computed once, unless the caller computes the bottom for a fixed
+    number of augmented copies (``augmented_views``).
+    """
     backbone = layout.backbone
-    if phase.train_bn:
+    if phase.train_bn or (augmentation_layers(model) and not augmented_views):
         return None
     if phase.trainable == "all":
         return None

@@ -28,6 +28,8 @@ import keras
 import numpy as np
 
 from finetune.backbones.spec import BackboneLayout
+from finetune.catalog.augment import augmentation_layers
+from finetune.errors import RecipeError
 from finetune.recipe import TrainingConfig
 from finetune.training.cuts import CutModels, bridge, plan_cut, single
 
@@ -94,6 +96,22 @@ def extract(
     return arrays
 
 
+def augmented_copy(model: keras.Model, images, batch_size: int) -> np.ndarray:
+    """``images`` through the model's augmentation layers in training mode, stored again as uint8."""
+    layers = augmentation_layers(model)
+    copies = np.empty(images.shape, dtype=np.uint8)
+    for start in range(0, len(images), max(batch_size, 1024)):
+        x = np.asarray(images[start : start + max(batch_size, 1024)])
+        for layer in layers:
+            x = layer(x, training=True)
+        copies[start : start + len(x)] = np.clip(np.rint(keras.ops.convert_to_numpy(x)), 0, 255).astype(np.uint8)
+    return copies
+
+
+def _could_cache(phase) -> bool:
+    return phase.trainable != "all" and not phase.train_bn
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -105,6 +123,8 @@ class PhaseFeatures:
     top: keras.Model
     train: object
     validation: object | None
+    views: list | None = None
+    """With ``training.augmented_views``: the training features of each augmented copy (one per epoch)."""
 
 
 class FeatureStore:
@@ -141,7 +161,14 @@ class FeatureStore:
         if self.settings.cache == "off":
             return None
         if phase.name not in self._plans:
-            self._plans[phase.name] = plan_cut(model, self.layout, phase)
+            views = self._views(model)
+            self._plans[phase.name] = plan_cut(model, self.layout, phase, augmented_views=views)
+            if self._plans[phase.name] is None and augmentation_layers(model) and not views and _could_cache(phase):
+                self.log(
+                    f"[finetune] note: phase {phase.name}: model.augment changes the images every epoch, so the "
+                    "frozen part is not cached and the whole model runs each step (training.augmented_views: K "
+                    "computes it once for K augmented copies instead)"
+                )
         return self._plans[phase.name]
 
     def features(self, model: keras.Model, phase, dataset, batch_size: int) -> PhaseFeatures | None:
@@ -150,6 +177,8 @@ class FeatureStore:
         cut = self.plan(model, phase)
         if cut is None:
             return None
+        if self._views(model):
+            return self._augmented_features(model, cut, phase, dataset, batch_size)
         splits = {"train": dataset.train.images}
         if dataset.validation is not None:
             splits["validation"] = dataset.validation.images
@@ -187,6 +216,32 @@ class FeatureStore:
                 return None
             own = derived
         return PhaseFeatures(cut.top, single(own["train"]), single(own["validation"]) if "validation" in own else None)
+
+    def _views(self, model: keras.Model) -> int:
+        return self.settings.augmented_views if augmentation_layers(model) else 0
+
+    def _augmented_features(self, model, cut: CutModels, phase, dataset, batch_size: int) -> PhaseFeatures:
+        """The frozen part's outputs for K augmented copies of the training images, and the plain validation ones."""
+        views = self._views(model)
+        splits = {
+            f"train_view{index}": augmented_copy(model, dataset.train.images, batch_size) for index in range(views)
+        }
+        if dataset.validation is not None:
+            splits["validation"] = dataset.validation.images
+        computed = self._compute(
+            cut.bottom, splits, phase, batch_size, phase.name, f"frozen part computed for {views} augmented views"
+        )
+        if computed is None:
+            raise RecipeError(
+                f"training.augmented_views: {views} augmented copies of the frozen part's outputs fit neither in "
+                "memory nor on disk; lower augmented_views, or set it to 0 to run the whole model each step"
+            )
+        return PhaseFeatures(
+            cut.top,
+            single(computed["train_view0"]),
+            single(computed["validation"]) if "validation" in computed else None,
+            views=[single(computed[f"train_view{index}"]) for index in range(views)],
+        )
 
     def close(self) -> None:
         """Forget what is kept and delete temporary files."""

@@ -16,7 +16,7 @@ import keras
 from finetune.backbones.blocks import nested_layers
 from finetune.backbones.spec import BackboneLayout, Block
 from finetune.catalog import callbacks as callback_registry
-from finetune.catalog import optimizers, schedules
+from finetune.catalog import losses, optimizers, schedules
 from finetune.data.arrays import on_disk
 from finetune.errors import RecipeError
 from finetune.recipe import PhaseConfig, TopBlocks, TrainingConfig
@@ -153,14 +153,22 @@ def compile_for_phase(
     extra.extend(callback_registry.build_callbacks(phase.callbacks, run_dir, phase.name))
     # A momentum schedule moves between every two steps, so those run one at a time.
     one_step = any(isinstance(callback, schedules.OneCycleMomentum) for callback in extra)
-    compile_model(model, optimizer, 1 if one_step else settings.steps_per_execution, settings.jit_compile)
+    compile_model(
+        model,
+        optimizer,
+        1 if one_step else settings.steps_per_execution,
+        settings.jit_compile,
+        settings.loss.label_smoothing,
+    )
     return PhaseSetup(optimizer, extra)
 
 
-def compile_model(model: keras.Model, optimizer, steps_per_execution: int = 1, jit_compile="auto") -> None:
+def compile_model(
+    model: keras.Model, optimizer, steps_per_execution: int = 1, jit_compile="auto", label_smoothing: float = 0.0
+) -> None:
     model.compile(
         optimizer=optimizer,
-        loss="sparse_categorical_crossentropy",
+        loss=losses.training_loss(label_smoothing),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
@@ -192,24 +200,29 @@ def fit_phase(
     batch_size = settings.batch_size_for(phase)
     validation = dataset.validation
     train_x, val_x = dataset.train.images, validation.images if validation is not None else None
-    fit_model = model
+    fit_model, views = model, None
     store = features if features is not None else FeatureStore([phase], settings, layout)
     cached = store.features(model, phase, dataset, batch_size)
     if cached is not None:
-        compile_model(cached.top, model.optimizer, model.steps_per_execution, settings.jit_compile)
+        compile_model(
+            cached.top, model.optimizer, model.steps_per_execution, settings.jit_compile, settings.loss.label_smoothing
+        )
         fit_model, train_x, val_x = cached.top, cached.train, cached.validation
+        views = cached.views
         for callback in callbacks or []:
             if hasattr(callback, "full_model") and callback.full_model is None:
                 callback.full_model = model
     try:
-        return _fit(fit_model, phase, dataset, train_x, val_x, settings, seed, initial_epoch, callbacks)
+        return _fit(fit_model, phase, dataset, train_x, val_x, settings, seed, initial_epoch, callbacks, views)
     finally:
         if features is None:  # a store of this phase alone
             store.close()
 
 
-def _fit(fit_model, phase, dataset, train_x, val_x, settings: TrainingConfig, seed, initial_epoch, callbacks):
-    from finetune.data.batches import FileBatches
+def _fit(
+    fit_model, phase, dataset, train_x, val_x, settings: TrainingConfig, seed, initial_epoch, callbacks, views=None
+):
+    from finetune.data.batches import FileBatches, ViewBatches
 
     batch_size = settings.batch_size_for(phase)
     validation = dataset.validation
@@ -219,11 +232,16 @@ def _fit(fit_model, phase, dataset, train_x, val_x, settings: TrainingConfig, se
         callbacks=callbacks or [],
         verbose=resolve_verbosity(settings.verbose),
     )
-    if on_disk(train_x) or on_disk(val_x):
+    if views is not None or on_disk(train_x) or on_disk(val_x):
         # Keras would copy a memory-mapped array into one tensor: read it a batch at a time instead.
         validation_batches = None if validation is None else FileBatches(val_x, validation.labels, batch_size)
+        order = dict(shuffle=settings.shuffle, seed=seed + initial_epoch)
+        if views is not None:  # one augmented copy of the frozen part's outputs per epoch
+            train = ViewBatches(views, dataset.train.labels, batch_size, **order)
+        else:
+            train = FileBatches(train_x, dataset.train.labels, batch_size, **order)
         return fit_model.fit(
-            FileBatches(train_x, dataset.train.labels, batch_size, shuffle=settings.shuffle, seed=seed + initial_epoch),
+            train,
             validation_data=validation_batches,
             shuffle=False,  # FileBatches shuffles rows itself
             **common,

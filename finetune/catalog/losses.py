@@ -1,0 +1,38 @@
+"""The training loss: sparse categorical cross-entropy, with label smoothing when asked.
+
+Keras 3's ``SparseCategoricalCrossentropy`` has no ``label_smoothing``; this
+one turns the integer labels into smoothed one-hot targets with ``keras.ops``
+(every backend), so datasets keep their integer labels.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="finetune")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy against ``(1 - e) * one_hot(label) + e / classes`` for probabilities."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        classes = ops.shape(y_pred)[-1]
+        labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        targets = ops.one_hot(labels, classes, dtype=y_pred.dtype)
+        smoothing = ops.cast(self.label_smoothing, y_pred.dtype)
+        targets = targets * (1.0 - smoothing) + smoothing / ops.cast(classes, y_pred.dtype)
+        return keras.losses.categorical_crossentropy(targets, y_pred)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def training_loss(label_smoothing: float = 0.0):
+    """What ``compile`` gets: Keras's own sparse cross-entropy unless labels are smoothed."""
+    if not label_smoothing:
+        return "sparse_categorical_crossentropy"
+    return SmoothedSparseCrossentropy(label_smoothing)
