@@ -140,10 +140,16 @@ def validate(recipe, overrides):
     class_names = peek_class_names(loaded.data)
     height, width = loaded.data.image_hw
     backbone = loaded.model.backbone
+    cut = f" cut after {backbone.cut_at}" if backbone.cut_at else ""
+    if backbone.top_blocks_removed:
+        cut = f" without its top {backbone.top_blocks_removed} blocks"
     click.echo(
         f"{recipe}: valid. {loaded.data.source} -> {backbone.name} "
-        f"({backbone.weights or 'random init'}) at {height}x{width}, precision {loaded.precision}"
+        f"({backbone.weights or 'random init'}){cut} at {height}x{width}, precision {loaded.precision}"
     )
+    if loaded.model.augment:
+        names = [item if isinstance(item, str) else str(item.get("name")) for item in loaded.model.augment]
+        click.echo(f"  augment (training only): {', '.join(names)}")
     if class_names is not None:
         shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
         folder = f" {loaded.data.data_dir}" if loaded.data.data_dir else ""

@@ -1,6 +1,6 @@
 """Where transfer pays: test accuracy against the number of training images.
 
-    python3 scripts/data_efficiency.py [--per-class 10 100 1000 full] [--seeds 3] [--full-seeds 1]
+    python3 scripts/data_efficiency.py [--per-class 10 100 1000 full] [--seeds 3] [--large-seeds 1]
                                        [--models transfer scratch mlp] [--out docs/data_efficiency]
 
 Three models, each trained on N images per class (stratified, seeded) and
@@ -14,8 +14,9 @@ tested on the full 10,000-image Fashion-MNIST test set:
 
 Every run uses all of its images for training (no validation hold-out). A
 phase gets at least ``--min-steps`` optimizer steps (more epochs on small
-sets), so ten images per class are not judged after three steps. Small sizes
-run ``--seeds`` seeds (mean and spread), the full set ``--full-seeds``.
+sets), so ten images per class are not judged after three steps. Sizes under
+1,000 per class run ``--seeds`` seeds (mean and half the range), larger ones
+and the full set ``--large-seeds``.
 Writes ``OUT.json``, ``OUT.md`` (the table) and ``OUT.png`` (accuracy against
 images per class, log scale).
 """
@@ -168,15 +169,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", nargs="+", default=["10", "100", "1000", "full"])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--full-seeds", type=int, default=1)
+    parser.add_argument("--large-seeds", type=int, default=1, help="seeds for 1,000 per class and more")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--min-steps", type=int, default=250)
+    parser.add_argument("--min-steps", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "data_efficiency")
     args = parser.parse_args()
     rows = []
     for size in args.per_class:
         for model in args.models:
-            for seed in range(args.full_seeds if size == "full" else args.seeds):
+            large = size == "full" or int(size) >= 1000
+            for seed in range(args.large_seeds if large else args.seeds):
                 row = measure(model, size, seed, args.min_steps)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

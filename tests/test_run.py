@@ -148,6 +148,13 @@ def test_cli_validate_accepts_the_flagship_recipe():
     assert "phase head" in result.stdout and "phase finetune" in result.stdout
 
 
+def test_cli_validate_shows_the_cut_and_the_augmentation():
+    result = cli("validate", "recipes/lite0_fmnist_full.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "efficientnet_lite0 (imagenet) cut after block5c at 80x80" in result.stdout
+    assert "augment (training only): random_translation, random_flip, random_erasing" in result.stdout
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
