@@ -173,9 +173,14 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--min-steps", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "data_efficiency")
+    parser.add_argument("--from-rows", type=Path, help="only redraw the table and plot from a log of printed rows")
     args = parser.parse_args()
     rows = []
-    for size in args.per_class:
+    if args.from_rows:
+        lines = args.from_rows.read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.startswith("{")]
+        args.per_class = [size for size in args.per_class if any(row["per_class"] == size for row in rows)]
+    for size in [] if args.from_rows else args.per_class:
         for model in args.models:
             large = size == "full" or int(size) >= 1000
             for seed in range(args.large_seeds if large else args.seeds):
