@@ -453,12 +453,13 @@ def test_quickstart_recipe_runs_end_to_end_on_the_pth_backbone(tmp_path, lite0_f
             "export.saved_model": False,
         },
     )
-    assert recipe.model.backbone.weights == "imagenet" and recipe.model.backbone.cut_at == "block5c"
-    # Built, the backbone starts from the file's weights and ends at block5c.
+    assert recipe.model.backbone.weights == "imagenet" and recipe.model.augment
+    # Built, the backbone starts from the file's weights; cut, it ends at block5c.
     state = torch_weights.load_state_dict(lite0_file)
     built = get_backbone(assemble(resolve(recipe).model, (28, 28, 1), 10))
     np.testing.assert_array_equal(_stem_kernel(built), state["_conv_stem.weight"].transpose(2, 3, 1, 0))
-    assert built.layers[-1].name == "block5c_add"
+    cut = finetune.load_recipe(recipe.to_dict(), {"model.backbone.cut_at": "block5c"})
+    assert get_backbone(assemble(resolve(cut).model, (28, 28, 1), 10)).layers[-1].name == "block5c_add"
     result = finetune.run(recipe, out=tmp_path / "run", log=lambda _: None)
     # Chance is 0.1; 190 tiny images already lift it well above.
     assert result.metrics["test"]["accuracy"] > 0.25
