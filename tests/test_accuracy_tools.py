@@ -28,6 +28,16 @@ def _raw(**model):
     return raw
 
 
+def _mobilenet(weights=None, **settings):
+    """The tiny recipe's backbone section, with its weights file and extra settings (cut_at, ...)."""
+    return {
+        "name": "mobilenet_v2",
+        "weights": None if weights is None else str(weights),
+        "options": {"alpha": 0.35},
+        **settings,
+    }
+
+
 def _images(count=16, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(count, 28, 28, 1)).astype(np.uint8)
 
@@ -108,18 +118,9 @@ def test_augmented_phase_is_not_cached_and_says_so(tiny_recipe_dict):
 
 
 def test_cut_at_builds_the_backbone_up_to_that_block_with_its_weights(tiny_backbone_weights):
-    full_plan = _plan(
-        _raw(backbone={"name": "mobilenet_v2", "weights": str(tiny_backbone_weights), "options": {"alpha": 0.35}})
-    )
+    full_plan = _plan(_raw(backbone=_mobilenet(tiny_backbone_weights)))
     full = assemble(full_plan, (28, 28, 1), 10)
-    cut_raw = _raw(
-        backbone={
-            "name": "mobilenet_v2",
-            "weights": str(tiny_backbone_weights),
-            "options": {"alpha": 0.35},
-            "cut_at": "block_10",
-        }
-    )
+    cut_raw = _raw(backbone=_mobilenet(tiny_backbone_weights, cut_at="block_10"))
     cut = assemble(_plan(cut_raw), (28, 28, 1), 10)
     cut_layout = layout(cut, _plan(cut_raw))
     assert cut_layout.blocks[-1].name == "block_10"
@@ -137,13 +138,13 @@ def test_cut_at_builds_the_backbone_up_to_that_block_with_its_weights(tiny_backb
 
 def test_top_blocks_removed_matches_cut_at():
     names = [block.name for block in layout(assemble(_plan(_raw()), (28, 28, 1), 10), _plan(_raw())).blocks]
-    raw = _raw(backbone={"name": "mobilenet_v2", "weights": None, "options": {"alpha": 0.35}, "top_blocks_removed": 3})
+    raw = _raw(backbone=_mobilenet(top_blocks_removed=3))
     model = assemble(_plan(raw), (28, 28, 1), 10)
     assert [block.name for block in layout(model, _plan(raw)).blocks] == names[:-3]
 
 
 def test_cut_errors_name_the_blocks():
-    raw = _raw(backbone={"name": "mobilenet_v2", "weights": None, "options": {"alpha": 0.35}, "cut_at": "block_99"})
+    raw = _raw(backbone=_mobilenet(cut_at="block_99"))
     with pytest.raises(RecipeError, match=r"cut_at: no block 'block_99'; the blocks are expanded_conv, block_1, "):
         assemble(_plan(raw), (28, 28, 1), 10)
     raw["model"]["backbone"]["cut_at"] = None
@@ -156,14 +157,7 @@ def test_cut_errors_name_the_blocks():
 
 
 def test_a_cut_model_trains_saves_and_loads(tmp_path, tiny_backbone_weights):
-    raw = _raw(
-        backbone={
-            "name": "mobilenet_v2",
-            "weights": str(tiny_backbone_weights),
-            "options": {"alpha": 0.35},
-            "cut_at": "block_6",
-        }
-    )
+    raw = _raw(backbone=_mobilenet(tiny_backbone_weights, cut_at="block_6"))
     raw["phases"][1]["trainable"] = {"top_blocks": 1}
     raw["export"] = {"saved_model": False}
     result = finetune.run(read_recipe(raw), out=tmp_path / "run", log=lambda line: None)
@@ -243,8 +237,7 @@ def test_flip_tta_averages_the_image_and_its_mirror(tiny_backbone_weights):
     from finetune.data import Split
     from finetune.evaluation.metrics import evaluate
 
-    backbone = {"name": "mobilenet_v2", "weights": str(tiny_backbone_weights), "options": {"alpha": 0.35}}
-    model = assemble(_plan(_raw(backbone=backbone)), (28, 28, 1), 10)
+    model = assemble(_plan(_raw(backbone=_mobilenet(tiny_backbone_weights))), (28, 28, 1), 10)
     images, labels = _images(24), np.arange(24) % 10
     names = [str(index) for index in range(10)]
     plain = model.predict(images, verbose=0).astype("float64")
