@@ -1,5 +1,7 @@
 """Phase mechanics, proved by what a fit step does to the weights."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -191,3 +193,33 @@ def test_this_machine_without_a_gpu_builds_float32_layers(tiny_recipe_dict):
     tiny_recipe_dict["precision"] = "auto"
     model = finetune.build_model(finetune.load_recipe(tiny_recipe_dict))
     assert get_backbone(model).layers[1].compute_dtype == "float32"
+
+
+def _count_batches_fit(callbacks):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    batches = []
+    counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: batches.append(batch))
+    x = np.zeros((40, 3), "float32")
+    model.fit(x, np.zeros((40, 2), "float32"), batch_size=4, epochs=2, verbose=0, callbacks=[counter, *callbacks])
+    return batches
+
+
+def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit_at_the_next_step():
+    import signal
+    import time
+
+    from finetune.training.interrupts import InterruptAtStepEnd, ctrl_c_remembered
+
+    assert len(_count_batches_fit([InterruptAtStepEnd()])) == 20  # no key pressed: the fit runs to its end
+    before = signal.getsignal(signal.SIGINT)
+    with ctrl_c_remembered():
+        try:  # what a garbage-collector callback does to a KeyboardInterrupt: prints it and carries on
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            _count_batches_fit([InterruptAtStepEnd()])
+    assert signal.getsignal(signal.SIGINT) is before
+    assert len(_count_batches_fit([InterruptAtStepEnd()])) == 20  # the press is forgotten with the block

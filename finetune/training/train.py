@@ -11,6 +11,7 @@ from finetune.backbones.spec import BackboneLayout
 from finetune.recipe import PhaseConfig, TrainingConfig
 from finetune.training.checkpoints import EpochCheckpoint, HistoryCSV
 from finetune.training.features import FeatureStore
+from finetune.training.interrupts import InterruptAtStepEnd, ctrl_c_remembered, interrupt_handled
 from finetune.training.phases import compile_for_phase, configure_phase, fit_phase, steps_per_epoch
 
 
@@ -38,42 +39,49 @@ def train(
     checkpoint = None
     epochs_done = 0
     try:
-        for index, phase in enumerate(phases):
-            if phase.epochs == 0:
-                log(f"[finetune] phase {phase.name}: 0 epochs, skipped")
-                continue
-            trainable = configure_phase(model, layout, phase)
-            steps = steps_per_epoch(phase, settings, len(dataset.train))
-            setup = compile_for_phase(model, layout, phase, steps, run_dir, settings)
-            log(
-                f"[finetune] phase {phase.name} ({index + 1}/{len(phases)}): {phase.epochs} epochs, "
-                f"{trainable.describe()}, {phase.describe()}"
-            )
-            checkpoint = EpochCheckpoint(
-                run_dir,
-                phase.name,
-                index,
-                epochs_done,
-                full_model=model,
-                every_seconds=settings.checkpoint_seconds,
-                last_epoch=epochs_done + phase.epochs,
-            )
-            callbacks = [HistoryCSV(run_dir / "history.csv", phase.name, epochs_done), checkpoint, *setup.callbacks]
-            fit_phase(
-                model,
-                layout,
-                phase,
-                dataset,
-                settings,
-                seed=seed,
-                initial_epoch=epochs_done,
-                callbacks=callbacks,
-                features=features,
-            )
-            checkpoint = None  # the phase's last epoch is saved; a later Ctrl-C has no epoch to save
-            epochs_done += phase.epochs
-            phase_done(phase.name)
+        with ctrl_c_remembered():
+            for index, phase in enumerate(phases):
+                if phase.epochs == 0:
+                    log(f"[finetune] phase {phase.name}: 0 epochs, skipped")
+                    continue
+                trainable = configure_phase(model, layout, phase)
+                steps = steps_per_epoch(phase, settings, len(dataset.train))
+                setup = compile_for_phase(model, layout, phase, steps, run_dir, settings)
+                log(
+                    f"[finetune] phase {phase.name} ({index + 1}/{len(phases)}): {phase.epochs} epochs, "
+                    f"{trainable.describe()}, {phase.describe()}"
+                )
+                checkpoint = EpochCheckpoint(
+                    run_dir,
+                    phase.name,
+                    index,
+                    epochs_done,
+                    full_model=model,
+                    every_seconds=settings.checkpoint_seconds,
+                    last_epoch=epochs_done + phase.epochs,
+                )
+                callbacks = [
+                    InterruptAtStepEnd(),
+                    HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
+                    checkpoint,
+                    *setup.callbacks,
+                ]
+                fit_phase(
+                    model,
+                    layout,
+                    phase,
+                    dataset,
+                    settings,
+                    seed=seed,
+                    initial_epoch=epochs_done,
+                    callbacks=callbacks,
+                    features=features,
+                )
+                checkpoint = None  # the phase's last epoch is saved; a later Ctrl-C has no epoch to save
+                epochs_done += phase.epochs
+                phase_done(phase.name)
     except KeyboardInterrupt:
+        interrupt_handled()
         if checkpoint is not None:
             checkpoint.save_now(interrupted=True)  # between two steps, the weights are consistent
         raise
