@@ -83,6 +83,10 @@ def reported(command):
     return wrapper
 
 
+def _names(identifiers) -> str:
+    return ", ".join(item if isinstance(item, str) else str(item.get("name")) for item in identifiers)
+
+
 def _fail(error: BaseException, line: str, code: int, debug: bool) -> None:
     if debug:
         traceback.print_exception(error, file=sys.stderr)
@@ -148,8 +152,9 @@ def validate(recipe, overrides):
         f"({backbone.weights or 'random init'}){cut} at {height}x{width}, precision {loaded.precision}"
     )
     if loaded.model.augment:
-        names = [item if isinstance(item, str) else str(item.get("name")) for item in loaded.model.augment]
-        click.echo(f"  augment (training only): {', '.join(names)}")
+        click.echo(f"  augment (training only): {_names(loaded.model.augment)}")
+    if loaded.training.mix:
+        click.echo(f"  mix (training batches only): {_names(loaded.training.mix)}")
     if class_names is not None:
         shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
         folder = f" {loaded.data.data_dir}" if loaded.data.data_dir else ""

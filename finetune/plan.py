@@ -17,7 +17,7 @@ from finetune.backbones import mlp
 from finetune.backbones.registry import backbones, get
 from finetune.backbones.reuse import EarlierRun, earlier_run
 from finetune.backbones.spec import BackboneSpec
-from finetune.catalog import augment, callbacks, layers, optimizers, regularizers, schedules
+from finetune.catalog import augment, callbacks, layers, mixing, optimizers, regularizers, schedules
 from finetune.data import check_config, datasets
 from finetune.errors import RecipeError
 from finetune.recipe import Recipe, read_recipe, schema, source_label
@@ -87,6 +87,7 @@ def resolve(recipe: Recipe, label: str = "recipe") -> RunPlan:
     try:
         model = _model_plan(recipe)
         _check_phases(recipe.phases)
+        _check_mix(recipe.training.mix)
         _check_mc_dropout(recipe)
     except RecipeError as error:
         raise RecipeError(f"{label}: {error}") from None
@@ -154,6 +155,13 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
 
 def _mlp_options(recipe: Recipe) -> schema.MLPOptions:
     return mlp.options(recipe.model.backbone.options)
+
+
+def _check_mix(identifiers) -> None:
+    try:
+        mixing.BatchMixer(identifiers)
+    except RecipeError as error:
+        raise RecipeError(f"training.mix: {error}") from None
 
 
 def _check_phases(phases) -> None:
@@ -241,4 +249,5 @@ def registries() -> dict[str, Registry]:
         "callbacks": callbacks.callbacks,
         "datasets": datasets,
         "augmentations": augment.augmentations,
+        "mixers": mixing.mixers,
     }

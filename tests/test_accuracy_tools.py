@@ -1,4 +1,4 @@
-"""What buys accuracy: augmentation, a cut backbone, label smoothing, AdamW, EMA, TTA, gradual unfreezing.
+"""What buys accuracy: augmentation, mixup/CutMix, a cut backbone, label smoothing, AdamW, EMA, TTA, gradual unfreezing.
 
 Each test checks an effect (what the model computes, what the optimizer
 does to a weight), not that a setting was stored.
@@ -337,3 +337,90 @@ def test_a_phase_trains_on_augmented_views(tiny_recipe_dict):
     history = fit(model, recipe, phase, dataset)
     assert len(history.history["loss"]) == 3
     assert not np.allclose(before[0], model.get_layer("predictions").get_weights()[0])
+
+
+# --- batch-level mixing: mixup and CutMix -----------------------------------------------------------------------
+
+
+def _class_coloured_batch(count=32, classes=4, seed=0):
+    """Images of one grey level per class (40 * label + 20), so a pixel says which image it came from."""
+    labels = np.random.default_rng(seed).integers(0, classes, count)
+    images = np.broadcast_to((40 * labels + 20).astype(np.uint8)[:, None, None, None], (count, 28, 28, 1)).copy()
+    return images, np.eye(classes, dtype=np.float32)[labels], labels
+
+
+def test_mixup_mixes_pixels_and_targets_with_the_same_weights():
+    from finetune.catalog.mixing import mixers
+
+    images, targets, _ = _class_coloured_batch()
+    mixed, mixed_targets = mixers.get({"name": "mixup", "alpha": 0.4})(images, targets, np.random.default_rng(3))
+    np.testing.assert_allclose(mixed_targets.sum(axis=1), 1.0, atol=1e-6)
+    assert ((mixed_targets > 0.01) & (mixed_targets < 0.99)).any()  # a real mix, not a copy
+    expected = mixed_targets @ (40 * np.arange(4) + 20)  # each pixel: the targets' weights of the two grey levels
+    assert np.abs(mixed[:, 0, 0, 0] - expected).max() <= 0.5  # rounded to the stored uint8
+    assert mixed.dtype == np.uint8 and np.ptp(mixed.reshape(len(mixed), -1), axis=1).max() == 0
+
+
+def test_cutmix_targets_weigh_each_image_by_its_share_of_the_pixels():
+    from finetune.catalog.mixing import mixers
+
+    images, targets, labels = _class_coloured_batch()
+    mixer = mixers.get("cutmix")
+    for seed in range(5):
+        mixed, mixed_targets = mixer(images, targets, np.random.default_rng(seed))
+        for row in range(len(images)):
+            shares = np.zeros(4)
+            for label in range(4):
+                shares[label] = np.mean(mixed[row] == 40 * label + 20)
+            np.testing.assert_allclose(shares, mixed_targets[row], atol=1e-6)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], 40 * labels + 20)  # the input batch is left alone
+
+
+def test_mixed_batches_repeat_per_seed_and_change_every_epoch():
+    from finetune.catalog.mixing import BatchMixer
+    from finetune.data.batches import MixedBatches
+
+    images, _, labels = _class_coloured_batch(64)
+
+    def batches():
+        return MixedBatches(images, labels, 4, 16, BatchMixer(["mixup", "cutmix"]), shuffle=True, seed=7)
+
+    first, again = batches(), batches()
+    x, y = first[0]
+    assert y.shape == (16, 4) and np.allclose(y.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(x, again[0][0])
+    first.on_epoch_end()
+    assert not np.array_equal(x, first[0][0])
+
+
+def test_a_phase_trains_on_mixed_batches_and_validates_on_plain_labels(tiny_recipe_dict):
+    from conftest import compile_phase, fit
+
+    from finetune.data import load_dataset
+    from finetune.training.features import FeatureStore
+
+    tiny_recipe_dict["training"]["mix"] = ["mixup", {"name": "cutmix", "probability": 0.5}]
+    recipe = read_recipe(tiny_recipe_dict)
+    plan = resolve(recipe)
+    dataset = load_dataset(plan.data, plan.seed)
+    model = assemble(plan.model, dataset.input_shape, dataset.num_classes)
+    notes = []
+    store = FeatureStore(plan.phases, plan.training, layout(model, plan.model), log=notes.append)
+    phase = recipe.phases[0].model_copy(update={"epochs": 2})
+    compile_phase(model, recipe, phase, steps=5)
+    history = fit(model, recipe, phase, dataset, features=store)
+    assert any("training.mix" in note and "not cached" in note for note in notes)
+    # Validation accuracy is the model's own on the unmixed validation images and their labels.
+    predicted = model.predict(dataset.validation.images, verbose=0).argmax(axis=1)
+    expected = float(np.mean(predicted == dataset.validation.labels))
+    assert history.history["val_accuracy"][-1] == pytest.approx(expected, abs=1e-6)
+
+
+def test_unknown_mixer_is_one_line():
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["training"]["mix"] = ["mixop"]
+    with pytest.raises(RecipeError, match=r"training\.mix: unknown mixer 'mixop' \(did you mean 'mixup'\?\)"):
+        resolve(read_recipe(raw))
+    raw["training"]["mix"] = [{"name": "mixup", "alpha": -1}]
+    with pytest.raises(RecipeError, match=r"training\.mix: mixer 'mixup': alpha must be > 0"):
+        resolve(read_recipe(raw))

@@ -500,6 +500,7 @@ def test_plugins_json_lists_every_kind_and_the_required_names():
         "callbacks",
         "datasets",
         "augmentations",
+        "mixers",
     ]
     required = {
         "optimizers": {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "nadam", "adamw"},
@@ -511,6 +512,7 @@ def test_plugins_json_lists_every_kind_and_the_required_names():
         "callbacks": {"early_stopping", "model_checkpoint", "tensorboard", "csv_logger"},
         "augmentations": {"random_translation", "random_flip", "random_zoom", "random_rotation", "random_erasing"},
         "datasets": {"fashion_mnist"},
+        "mixers": {"mixup", "cutmix"},
     }
     for kind, names in required.items():
         assert names <= set(listed[kind]), kind

@@ -149,10 +149,17 @@ def test_cli_validate_accepts_the_flagship_recipe():
 
 
 def test_cli_validate_shows_the_cut_and_the_augmentation():
-    result = cli("validate", "recipes/lite0_fmnist_full.yaml")
+    result = cli(
+        "validate",
+        "recipes/quickstart_lite0.yaml",
+        *("--set", "model.backbone.cut_at=block5c", "--set", "data.image_size=80"),
+        *("--set", "model.augment=[random_translation, random_flip, random_erasing]"),
+        *("--set", "training.mix=[mixup, {name: cutmix, alpha: 0.5}]"),
+    )
     assert result.returncode == 0, result.stderr
     assert "efficientnet_lite0 (imagenet) cut after block5c at 80x80" in result.stdout
     assert "augment (training only): random_translation, random_flip, random_erasing" in result.stdout
+    assert "mix (training batches only): mixup, cutmix" in result.stdout
 
 
 @pytest.mark.parametrize(

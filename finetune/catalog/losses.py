@@ -31,8 +31,10 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
-def training_loss(label_smoothing: float = 0.0):
-    """What ``compile`` gets: Keras's own sparse cross-entropy unless labels are smoothed."""
+def training_loss(label_smoothing: float = 0.0, soft_labels: bool = False):
+    """What ``compile`` gets: Keras's own sparse cross-entropy unless labels are smoothed or soft (mixed)."""
+    if soft_labels:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     if not label_smoothing:
         return "sparse_categorical_crossentropy"
     return SmoothedSparseCrossentropy(label_smoothing)

@@ -65,3 +65,31 @@ class ViewBatches(FileBatches):
         super().on_epoch_end()
         self.view = (self.view + 1) % len(self.views)
         self.inputs = self.views[self.view]
+
+
+class MixedBatches(FileBatches):
+    """Shuffled training batches with one-hot targets, each batch passed through ``mix``.
+
+    ``mix(images, targets, rng)`` returns the mixed batch (see
+    :mod:`finetune.catalog.mixing`). Each batch's generator is seeded from
+    the seed, the epoch and the batch's position, so a run repeats exactly.
+    """
+
+    def __init__(self, images, labels, classes: int, batch_size: int, mix, shuffle: bool = True, seed: int = 0):
+        super().__init__(images, one_hot(labels, classes), batch_size, shuffle, seed)
+        self.mix = mix
+        self.seed = seed
+        self.epoch = 0
+
+    def __getitem__(self, index: int):
+        images, targets = super().__getitem__(index)
+        return self.mix(images, targets, np.random.default_rng([self.seed, self.epoch, index]))
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        self.epoch += 1
+
+
+def one_hot(labels, classes: int) -> np.ndarray:
+    """Integer labels as float32 one-hot rows (the targets mixed batches train on)."""
+    return np.eye(classes, dtype=np.float32)[np.asarray(labels).reshape(-1)]

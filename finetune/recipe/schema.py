@@ -235,6 +235,13 @@ class TrainingConfig(_Strict):
             "images once and train on one copy per epoch (0: no caching while augmenting)"
         ),
     )
+    mix: list[Identifier] = Field(
+        default_factory=list,
+        description=(
+            "batch-level augmentation mixing two training images and their labels: mixup, cutmix "
+            "(several: each batch draws one); training batches only, never validation or evaluation"
+        ),
+    )
     steps_per_execution: int = Field(1, gt=0)
     checkpoint_seconds: float = Field(
         60.0,

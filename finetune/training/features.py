@@ -163,6 +163,14 @@ class FeatureStore:
     def plan(self, model: keras.Model, phase) -> CutModels | None:
         if self.settings.cache == "off":
             return None
+        if self.settings.mix:
+            if phase.name not in self._plans and _could_cache(phase):
+                self.log(
+                    f"[finetune] note: phase {phase.name}: training.mix mixes the images of each batch, so the "
+                    "frozen part is not cached and the whole model runs each step"
+                )
+            self._plans[phase.name] = None
+            return None
         if phase.name not in self._plans:
             views = self._views(model)
             self._plans[phase.name] = plan_cut(model, self.layout, phase, augmented_views=views)

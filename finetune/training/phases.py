@@ -17,6 +17,7 @@ from finetune.backbones.blocks import nested_layers
 from finetune.backbones.spec import BackboneLayout, Block
 from finetune.catalog import callbacks as callback_registry
 from finetune.catalog import losses, optimizers, schedules
+from finetune.catalog.mixing import BatchMixer
 from finetune.data.arrays import on_disk
 from finetune.errors import RecipeError
 from finetune.recipe import PhaseConfig, TopBlocks, TrainingConfig
@@ -159,16 +160,23 @@ def compile_for_phase(
         1 if one_step else settings.steps_per_execution,
         settings.jit_compile,
         settings.loss.label_smoothing,
+        soft_labels=bool(settings.mix),
     )
     return PhaseSetup(optimizer, extra)
 
 
 def compile_model(
-    model: keras.Model, optimizer, steps_per_execution: int = 1, jit_compile="auto", label_smoothing: float = 0.0
+    model: keras.Model,
+    optimizer,
+    steps_per_execution: int = 1,
+    jit_compile="auto",
+    label_smoothing: float = 0.0,
+    soft_labels: bool = False,
 ) -> None:
+    """``soft_labels``: targets are probability rows (mixed batches), validation labels one-hot."""
     model.compile(
         optimizer=optimizer,
-        loss=losses.training_loss(label_smoothing),
+        loss=losses.training_loss(label_smoothing, soft_labels),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
@@ -222,7 +230,7 @@ def fit_phase(
 def _fit(
     fit_model, phase, dataset, train_x, val_x, settings: TrainingConfig, seed, initial_epoch, callbacks, views=None
 ):
-    from finetune.data.batches import FileBatches, ViewBatches
+    from finetune.data.batches import FileBatches, MixedBatches, ViewBatches, one_hot
 
     batch_size = settings.batch_size_for(phase)
     validation = dataset.validation
@@ -232,6 +240,24 @@ def _fit(
         callbacks=callbacks or [],
         verbose=resolve_verbosity(settings.verbose),
     )
+    if settings.mix:  # the images of the whole model, never cached features (FeatureStore.plan)
+        classes = fit_model.output_shape[-1]
+        return fit_model.fit(
+            MixedBatches(
+                train_x,
+                dataset.train.labels,
+                classes,
+                batch_size,
+                BatchMixer(settings.mix),
+                shuffle=settings.shuffle,
+                seed=seed + initial_epoch,
+            ),
+            validation_data=None
+            if validation is None
+            else FileBatches(val_x, one_hot(validation.labels, classes), batch_size),
+            shuffle=False,
+            **common,
+        )
     if views is not None or on_disk(train_x) or on_disk(val_x):
         # Keras would copy a memory-mapped array into one tensor: read it a batch at a time instead.
         validation_batches = None if validation is None else FileBatches(val_x, validation.labels, batch_size)
