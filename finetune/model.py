@@ -127,5 +127,5 @@ def layout(model: keras.Model, plan: ModelPlan) -> BackboneLayout:
 
 
 def load_model(path, compile: bool = True) -> keras.Model:
-    """A saved finetune model (``model.keras``, ``checkpoint.keras``), safe mode on."""
+    """A saved finetune model (``model.keras``, ``checkpoint.keras`` or a run folder), safe mode on."""
     return load_saved_model(path, compile=compile)

@@ -424,3 +424,26 @@ def test_unknown_mixer_is_one_line():
     raw["training"]["mix"] = [{"name": "mixup", "alpha": -1}]
     with pytest.raises(RecipeError, match=r"training\.mix: mixer 'mixup': alpha must be > 0"):
         resolve(read_recipe(raw))
+
+
+def test_a_model_compiled_with_label_smoothing_loads_in_a_fresh_process_from_its_run_folder(tmp_path, tiny_recipe_dict):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, compile_phase
+
+    tiny_recipe_dict["training"]["loss"] = {"label_smoothing": 0.1}
+    recipe = read_recipe(tiny_recipe_dict)
+    model = assemble(resolve(recipe).model, (28, 28, 1), 10)
+    compile_phase(model, recipe, recipe.phases[0])
+    model.save(tmp_path / "model.keras")
+    code = "import sys, finetune\nprint(finetune.load_model(sys.argv[1]).loss.label_smoothing)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],  # the run folder, not the file
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "0.1"

@@ -137,13 +137,17 @@ def _trained_backbone(model_file: str, stamp: int) -> TrainedBackbone:
 def load_saved_model(path: str | Path, compile: bool = True) -> Any:
     """A saved finetune model (``model.keras``, ``checkpoint.keras``), safe mode on.
 
-    Imports the modules whose classes such a file names (the input layer, MC
-    dropout, optimizers with learning-rate multipliers, schedules) first:
-    Keras finds a custom class only once its module has registered it.
+    ``path`` may also be a run folder: its ``model.keras`` is loaded. Imports
+    the modules whose classes such a file names (the input layer, MC dropout,
+    optimizers with learning-rate multipliers, schedules, the smoothed loss)
+    first: Keras finds a custom class only once its module has registered it.
     """
     import keras
 
     from finetune.backbones import input_layer  # noqa: F401
-    from finetune.catalog import optimizers, regularizers, schedules  # noqa: F401
+    from finetune.catalog import losses, optimizers, regularizers, schedules  # noqa: F401
 
+    path = Path(path)
+    if path.is_dir() and (path / "model.keras").is_file():
+        path = path / "model.keras"
     return keras.saving.load_model(path, compile=compile, safe_mode=True)
