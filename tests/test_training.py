@@ -223,3 +223,67 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit_at_the_next_step():
             _count_batches_fit([InterruptAtStepEnd()])
     assert signal.getsignal(signal.SIGINT) is before
     assert len(_count_batches_fit([InterruptAtStepEnd()])) == 20  # the press is forgotten with the block
+
+
+# --- BatchNorm statistics recomputed after a phase ------------------------------------------------------------
+
+
+def _batch_norm_net():
+    inputs = keras.Input((8,))
+    hidden = keras.layers.BatchNormalization(name="bn1")(keras.layers.Dense(16, name="dense1")(inputs))
+    hidden = keras.layers.BatchNormalization(name="bn2")(keras.layers.Dense(4, name="dense2")(hidden))
+    frozen = keras.layers.BatchNormalization(name="frozen")
+    model = keras.Model(inputs, frozen(hidden))
+    frozen.trainable = False
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):  # statistics that match nothing
+            layer.moving_mean.assign(np.full(layer.moving_mean.shape, 5.0, "float32"))
+            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 100.0, "float32"))
+    return model
+
+
+def test_recalibrated_batch_norm_averages_the_batch_statistics_and_skips_frozen_layers():
+    from finetune.training.batch_norm import recalibrate_batch_norm
+
+    model = _batch_norm_net()
+    images = np.random.default_rng(0).normal(3.0, 2.0, size=(256, 8)).astype("float32")
+    used = recalibrate_batch_norm(model, images, batch_size=64, max_images=256)
+    assert used == 256
+    bn1_inputs = keras.ops.convert_to_numpy(model.get_layer("dense1")(images))  # bn1's input needs no BN
+    batch_means = [bn1_inputs[start : start + 64].mean(axis=0) for start in range(0, 256, 64)]
+    np.testing.assert_allclose(model.get_layer("bn1").moving_mean, np.mean(batch_means, axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(model.get_layer("frozen").moving_mean, np.full(4, 5.0))
+    assert model.get_layer("bn1").momentum == 0.99  # restored
+
+
+def test_recalibrated_on_one_batch_inference_computes_what_training_mode_computes():
+    from finetune.training.batch_norm import recalibrate_batch_norm
+
+    model = _batch_norm_net()
+    model.get_layer("frozen").trainable = True
+    images = np.random.default_rng(1).normal(3.0, 2.0, size=(128, 8)).astype("float32")
+    training = keras.ops.convert_to_numpy(model(images, training=True))
+    assert np.abs(keras.ops.convert_to_numpy(model(images)) - training).max() > 0.5  # before: far apart
+    recalibrate_batch_norm(model, images, batch_size=128, max_images=128)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images)), training, atol=2e-3)
+
+
+def test_a_phase_that_trains_batch_norm_saves_recalibrated_statistics(tmp_path, tiny_recipe_dict):
+    from finetune.data import load_dataset
+    from finetune.plan import resolve
+    from finetune.training.batch_norm import recalibrate_batch_norm, trainable_batch_norm
+
+    tiny_recipe_dict["phases"] = [{**tiny_recipe_dict["phases"][1], "train_bn": True, "trainable": "all"}]
+    recipe = finetune.load_recipe(tiny_recipe_dict)
+    lines = []
+    finetune.run(recipe, out=tmp_path / "run", log=lines.append)
+    assert any("BatchNorm statistics recomputed on 160 training images" in line for line in lines)
+    saved = finetune.load_model(tmp_path / "run", compile=False)
+    configure(saved, recipe, recipe.phases[0])
+    before = [np.array(layer.moving_variance) for layer in trainable_batch_norm(saved)]
+    assert len(before) > 10
+    # Recomputed again from the saved weights on the same images: nothing moves, so the run saved them.
+    recalibrate_batch_norm(saved, load_dataset(resolve(recipe).data, 0).train.images, batch_size=32, seed=0)
+    after = [np.array(layer.moving_variance) for layer in trainable_batch_norm(saved)]
+    for old, new in zip(before, after, strict=True):
+        np.testing.assert_allclose(old, new, rtol=1e-3, atol=1e-5)

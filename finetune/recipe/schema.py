@@ -242,6 +242,14 @@ class TrainingConfig(_Strict):
             "(several: each batch draws one); training batches only, never validation or evaluation"
         ),
     )
+    recalibrate_bn: Literal["auto", "always", "off"] = Field(
+        "auto",
+        description=(
+            "recompute BatchNorm statistics on training images after a phase (auto: after phases with "
+            "train_bn: true, whose moving averages trail fast-changing weights)"
+        ),
+    )
+    recalibrate_bn_images: int = Field(4096, gt=0, description="how many training images recalibration uses")
     steps_per_execution: int = Field(1, gt=0)
     checkpoint_seconds: float = Field(
         60.0,

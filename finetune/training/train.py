@@ -9,6 +9,7 @@ import keras
 
 from finetune.backbones.spec import BackboneLayout
 from finetune.recipe import PhaseConfig, TrainingConfig
+from finetune.training.batch_norm import RecalibrateBatchNorm
 from finetune.training.checkpoints import EpochCheckpoint, HistoryCSV
 from finetune.training.features import FeatureStore
 from finetune.training.interrupts import InterruptAtStepEnd, ctrl_c_remembered, interrupt_handled
@@ -60,12 +61,21 @@ def train(
                     every_seconds=settings.checkpoint_seconds,
                     last_epoch=epochs_done + phase.epochs,
                 )
-                callbacks = [
-                    InterruptAtStepEnd(),
-                    HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
-                    checkpoint,
-                    *setup.callbacks,
-                ]
+                callbacks = [InterruptAtStepEnd(), HistoryCSV(run_dir / "history.csv", phase.name, epochs_done)]
+                if settings.recalibrate_bn == "always" or (settings.recalibrate_bn == "auto" and phase.train_bn):
+                    callbacks.append(
+                        RecalibrateBatchNorm(
+                            model,
+                            dataset.train.images,
+                            epochs_done + phase.epochs,
+                            batch_size=settings.batch_size_for(phase),
+                            max_images=settings.recalibrate_bn_images,
+                            seed=seed,
+                            log=log,
+                            phase=phase.name,
+                        )
+                    )
+                callbacks += [checkpoint, *setup.callbacks]  # the checkpoint keeps recalibrated statistics
                 fit_phase(
                     model,
                     layout,
