@@ -1,7 +1,8 @@
 """Where transfer pays: test accuracy against the number of training images.
 
     python3 scripts/data_efficiency.py [--per-class 10 100 1000 full] [--seeds 3] [--large-seeds 1]
-                                       [--models transfer scratch mlp] [--out docs/data_efficiency]
+                                       [--models transfer scratch mlp] [--set KEY=VALUE]...
+                                       [--out docs/data_efficiency]
 
 Three models, each trained on N images per class (stratified, seeded) and
 tested on the full 10,000-image Fashion-MNIST test set:
@@ -43,13 +44,14 @@ MODELS = {
 FULL_TRAIN_IMAGES = 60000
 
 
-def recipe_for(model: str, per_class: str, seed: int, min_steps: int):
+def recipe_for(model: str, per_class: str, seed: int, min_steps: int, backbone_overrides=()):
     import finetune
     from finetune.recipe import read_recipe
 
     path, overrides = MODELS[model]
     overrides = [
         *overrides,
+        *(backbone_overrides if model != "mlp" else ()),
         f"seed={seed}",
         "data.validation_split=0",
         "data.train_limit=null",
@@ -69,13 +71,13 @@ def recipe_for(model: str, per_class: str, seed: int, min_steps: int):
     return finetune.load_recipe(recipe)
 
 
-def measure(model: str, per_class: str, seed: int, min_steps: int) -> dict:
+def measure(model: str, per_class: str, seed: int, min_steps: int, backbone_overrides=()) -> dict:
     import keras
 
     import finetune
 
     keras.backend.clear_session()
-    recipe = recipe_for(model, per_class, seed, min_steps)
+    recipe = recipe_for(model, per_class, seed, min_steps, backbone_overrides)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="finetune-efficiency-") as folder:
         result = finetune.run(recipe, out=Path(folder) / "run", log=lambda line: None)
@@ -86,6 +88,7 @@ def measure(model: str, per_class: str, seed: int, min_steps: int) -> dict:
         "epochs": [phase.epochs for phase in recipe.phases],
         "test_accuracy": result.test_accuracy,
         "seconds": round(time.perf_counter() - started, 1),
+        **({"set": list(backbone_overrides)} if backbone_overrides and model != "mlp" else {}),
     }
 
 
@@ -172,6 +175,14 @@ def main() -> int:
     parser.add_argument("--large-seeds", type=int, default=1, help="seeds for 1,000 per class and more")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--min-steps", type=int, default=200)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for transfer and scratch (the same backbone), e.g. model.backbone.cut_at=block5c",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "data_efficiency")
     parser.add_argument("--from-rows", type=Path, help="only redraw the table and plot from a log of printed rows")
     args = parser.parse_args()
@@ -184,7 +195,7 @@ def main() -> int:
         for model in args.models:
             large = size == "full" or int(size) >= 1000
             for seed in range(args.large_seeds if large else args.seeds):
-                row = measure(model, size, seed, args.min_steps)
+                row = measure(model, size, seed, args.min_steps, args.overrides)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     summary = summarize(rows)
