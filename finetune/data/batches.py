@@ -19,20 +19,28 @@ from finetune.data.arrays import read_rows
 class FileBatches(keras.utils.PyDataset):
     """Batches of ``inputs`` (an array or a list of arrays with the same rows) and ``labels``.
 
-    With ``shuffle``, the order is a new seeded permutation every epoch;
-    without it, rows come in order (validation, prediction).
+    With ``shuffle``, epoch ``e`` reads the rows in an order drawn from
+    ``(seed, e)`` alone, so a run resumed at epoch ``e`` (``epoch=e``) sees
+    the batches an uninterrupted run would; without it, rows come in order
+    (validation, prediction).
     """
 
-    def __init__(self, inputs, labels=None, batch_size: int = 32, shuffle: bool = False, seed: int = 0):
+    def __init__(self, inputs, labels=None, batch_size: int = 32, shuffle: bool = False, seed: int = 0, epoch: int = 0):
         super().__init__()
         self.inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         self.single = not isinstance(inputs, (list, tuple))
         self.labels = None if labels is None else np.asarray(labels)
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.seed = seed
         self.rows = len(self.inputs[0])
-        self._rng = np.random.default_rng(seed)
-        self._order = self._rng.permutation(self.rows) if shuffle else np.arange(self.rows)
+        self.epoch = epoch
+        self._order = self._order_for(epoch)
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.rows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
 
     def __len__(self) -> int:
         return math.ceil(self.rows / self.batch_size)
@@ -44,8 +52,9 @@ class FileBatches(keras.utils.PyDataset):
         return x if self.labels is None else (x, self.labels[rows])
 
     def on_epoch_end(self) -> None:
+        self.epoch += 1
         if self.shuffle:
-            self._order = self._rng.permutation(self.rows)
+            self._order = self._order_for(self.epoch)
 
 
 class ViewBatches(FileBatches):
@@ -53,18 +62,17 @@ class ViewBatches(FileBatches):
 
     ``views`` holds K arrays (or lists of arrays) with the same rows and
     ``labels``: the frozen part's outputs for K augmented copies of the
-    training images. Epoch ``e`` of the fit reads version ``e % K``.
+    training images. Epoch ``e`` of the run reads version ``e % K``.
     """
 
-    def __init__(self, views: list, labels, batch_size: int = 32, shuffle: bool = True, seed: int = 0):
-        super().__init__(views[0], labels, batch_size, shuffle, seed)
+    def __init__(self, views: list, labels, batch_size: int = 32, shuffle: bool = True, seed: int = 0, epoch: int = 0):
+        super().__init__(views[0], labels, batch_size, shuffle, seed, epoch)
         self.views = [list(view) if isinstance(view, (list, tuple)) else [view] for view in views]
-        self.view = 0
+        self.inputs = self.views[epoch % len(self.views)]
 
     def on_epoch_end(self) -> None:
         super().on_epoch_end()
-        self.view = (self.view + 1) % len(self.views)
-        self.inputs = self.views[self.view]
+        self.inputs = self.views[self.epoch % len(self.views)]
 
 
 class MixedBatches(FileBatches):
@@ -75,19 +83,15 @@ class MixedBatches(FileBatches):
     the seed, the epoch and the batch's position, so a run repeats exactly.
     """
 
-    def __init__(self, images, labels, classes: int, batch_size: int, mix, shuffle: bool = True, seed: int = 0):
-        super().__init__(images, one_hot(labels, classes), batch_size, shuffle, seed)
+    def __init__(
+        self, images, labels, classes: int, batch_size: int, mix, shuffle: bool = True, seed: int = 0, epoch: int = 0
+    ):
+        super().__init__(images, one_hot(labels, classes), batch_size, shuffle, seed, epoch)
         self.mix = mix
-        self.seed = seed
-        self.epoch = 0
 
     def __getitem__(self, index: int):
         images, targets = super().__getitem__(index)
         return self.mix(images, targets, np.random.default_rng([self.seed, self.epoch, index]))
-
-    def on_epoch_end(self) -> None:
-        super().on_epoch_end()
-        self.epoch += 1
 
 
 def one_hot(labels, classes: int) -> np.ndarray:

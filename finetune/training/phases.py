@@ -18,7 +18,6 @@ from finetune.backbones.spec import BackboneLayout, Block
 from finetune.catalog import callbacks as callback_registry
 from finetune.catalog import losses, optimizers, schedules
 from finetune.catalog.mixing import BatchMixer
-from finetune.data.arrays import on_disk
 from finetune.errors import RecipeError
 from finetune.recipe import PhaseConfig, TopBlocks, TrainingConfig
 
@@ -240,44 +239,23 @@ def _fit(
         callbacks=callbacks or [],
         verbose=resolve_verbosity(settings.verbose),
     )
+    # The fit reads batches whose order depends only on (seed, epoch): a resumed run sees what an
+    # uninterrupted one would, and a memory-mapped array is read a batch at a time, never copied whole.
+    order = dict(shuffle=settings.shuffle, seed=seed, epoch=initial_epoch)
+    validation_labels = None if validation is None else validation.labels
     if settings.mix:  # the images of the whole model, never cached features (FeatureStore.plan)
         classes = fit_model.output_shape[-1]
-        return fit_model.fit(
-            MixedBatches(
-                train_x,
-                dataset.train.labels,
-                classes,
-                batch_size,
-                BatchMixer(settings.mix),
-                shuffle=settings.shuffle,
-                seed=seed + initial_epoch,
-            ),
-            validation_data=None
-            if validation is None
-            else FileBatches(val_x, one_hot(validation.labels, classes), batch_size),
-            shuffle=False,
-            **common,
-        )
-    if views is not None or on_disk(train_x) or on_disk(val_x):
-        # Keras would copy a memory-mapped array into one tensor: read it a batch at a time instead.
-        validation_batches = None if validation is None else FileBatches(val_x, validation.labels, batch_size)
-        order = dict(shuffle=settings.shuffle, seed=seed + initial_epoch)
-        if views is not None:  # one augmented copy of the frozen part's outputs per epoch
-            train = ViewBatches(views, dataset.train.labels, batch_size, **order)
-        else:
-            train = FileBatches(train_x, dataset.train.labels, batch_size, **order)
-        return fit_model.fit(
-            train,
-            validation_data=validation_batches,
-            shuffle=False,  # FileBatches shuffles rows itself
-            **common,
-        )
+        mixer = BatchMixer(settings.mix)
+        train = MixedBatches(train_x, dataset.train.labels, classes, batch_size, mixer, **order)
+        validation_labels = None if validation is None else one_hot(validation.labels, classes)
+    elif views is not None:  # one augmented copy of the frozen part's outputs per epoch
+        train = ViewBatches(views, dataset.train.labels, batch_size, **order)
+    else:
+        train = FileBatches(train_x, dataset.train.labels, batch_size, **order)
     return fit_model.fit(
-        train_x,
-        dataset.train.labels,
-        batch_size=batch_size,
-        validation_data=(val_x, validation.labels) if validation is not None else None,
-        shuffle=settings.shuffle,
+        train,
+        validation_data=None if validation is None else FileBatches(val_x, validation_labels, batch_size),
+        shuffle=False,  # the batches shuffle rows themselves
         **common,
     )
 
