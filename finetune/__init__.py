@@ -3,6 +3,7 @@
 import finetune
 recipe = finetune.load_recipe("recipes/xception_fmnist.yaml", overrides={"phases.head.epochs": 1})
 result = finetune.run(recipe, out="runs/x")   # result.metrics, result.model, result.run_dir
+result = finetune.resume("runs/x")               # an interrupted or killed run goes on
 model = finetune.build_model(recipe)
 model = finetune.load_model("runs/x/model.keras")
 """
@@ -25,6 +26,7 @@ __all__ = [
     "build_model",
     "load_model",
     "load_recipe",
+    "resume",
     "run",
 ]
 
@@ -35,6 +37,7 @@ _LAZY = {
     "build_model": "finetune.model",
     "load_model": "finetune.model",
     "run": "finetune.runner",
+    "resume": "finetune.runner",
     "RunResult": "finetune.runner",
 }
 

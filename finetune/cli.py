@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shlex
 import sys
 import traceback
 
@@ -71,7 +72,11 @@ def reported(command):
         except FinetuneError as error:
             _fail(error, f"error: {error}", 2, debug)
         except KeyboardInterrupt as error:
-            _fail(error, "interrupted: the run folder keeps history.csv and the last epoch's checkpoint", 130, debug)
+            where = getattr(error, "run_dir", None)
+            line = "interrupted"
+            if where is not None:
+                line += f"; the last finished epoch is saved. Continue with: finetune resume {shlex.quote(str(where))}"
+            _fail(error, line, 130, debug)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except BrokenPipeError:  # `finetune plugins | head`: the reader has gone; say nothing more
@@ -127,6 +132,20 @@ def run(recipe, overrides, out):
     from finetune.runner import run as run_recipe
 
     run_recipe(load_recipe(recipe, list(overrides)), out=out, log=lambda line: click.echo(line, err=True))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@reported
+def resume(run_dir):
+    """Continue the interrupted or killed run in RUN_DIR where its last checkpoint stood.
+
+    Finished phases are not redone; a finished run is left as it is.
+    """
+    load_backend_quietly()
+    from finetune.runner import resume as resume_run
+
+    resume_run(run_dir, log=lambda line: click.echo(line, err=True))
 
 
 @main.command()

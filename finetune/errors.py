@@ -23,7 +23,19 @@ class WeightsError(FinetuneError):
 
 
 class RunFolderError(FinetuneError):
-    """The run folder cannot be used (it would overwrite an earlier run)."""
+    """The run folder cannot be used (it would overwrite an earlier run, or another process holds it)."""
+
+
+class TrainingDiverged(FinetuneError):
+    """The loss became NaN or infinite; the checkpoint keeps the last good epoch."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; ``run_dir`` holds what ``finetune resume`` needs."""
+
+    def __init__(self, run_dir):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
 
 
 def first_line(error: BaseException) -> str:

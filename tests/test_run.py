@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 import finetune
-from finetune.errors import RunFolderError
+from finetune.errors import RunFolderError, RunInterrupted
 
 
 @pytest.fixture(scope="module")
@@ -314,9 +314,11 @@ def test_throttled_checkpoints_still_save_an_interrupted_run(tmp_path, tiny_reci
     tiny_recipe_dict["phases"][0]["epochs"] = 3
     tiny_recipe_dict["training"]["checkpoint_seconds"] = 3600  # no epoch is due for a save
     saves = []
-    original_save = checkpoints.save_model_atomically
+    original_save = checkpoints.save_checkpoint
     monkeypatch.setattr(
-        checkpoints, "save_model_atomically", lambda model, path: (saves.append(path.name), original_save(model, path))
+        checkpoints,
+        "save_checkpoint",
+        lambda model, path, state: (saves.append(path.name), original_save(model, path, state)),
     )
     original = training.fit_phase
 
@@ -365,7 +367,12 @@ def test_whole_run_on_the_jax_backend(tmp_path):
 @pytest.mark.parametrize(
     "raised, code, expected",
     [
-        (KeyboardInterrupt(), 130, "interrupted: the run folder keeps history.csv and the last epoch's checkpoint"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (
+            RunInterrupted("runs/my run"),
+            130,
+            "interrupted; the last finished epoch is saved. Continue with: finetune resume 'runs/my run'",
+        ),
         (
             RuntimeError("the tensor went sideways\nand a second line"),
             1,
@@ -466,7 +473,7 @@ def test_ctrl_c_on_a_real_run_exits_130_and_marks_the_folder_interrupted(tmp_pat
         process.kill()
     assert process.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == (
-        "interrupted: the run folder keeps history.csv and the last epoch's checkpoint"
+        f"interrupted; the last finished epoch is saved. Continue with: finetune resume {out}"
     )
     assert "Traceback" not in stderr
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"

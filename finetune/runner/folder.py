@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -27,11 +30,18 @@ def check_run_dir(out: str | Path | None) -> None:
 
 
 def new_run_dir(out: str | Path | None, recipe_name: str, root: Path = Path("runs")) -> Path:
-    """A fresh run folder; an existing, non-empty one is never reused."""
+    """A fresh run folder, claimed in one atomic step; an existing, non-empty one is never reused.
+
+    The claim is the exclusive creation of ``run.json``: of two runs started
+    at once with the same ``--out``, one gets the folder and the other a
+    one-line refusal.
+    """
     if out is not None:
         check_run_dir(out)
         path = Path(out)
         path.mkdir(parents=True, exist_ok=True)
+        if not _claim(path):
+            raise RunFolderError(f"run folder {str(path)!r} was just claimed by another run; choose another --out")
         return path
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = root / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', recipe_name)}-{stamp}"
@@ -39,10 +49,19 @@ def new_run_dir(out: str | Path | None, recipe_name: str, root: Path = Path("run
         path = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
         try:
             path.mkdir(parents=True, exist_ok=False)
-            return path
         except FileExistsError:
             continue
+        if _claim(path):
+            return path
     raise RunFolderError(f"cannot create a new run folder next to {base}")
+
+
+def _claim(path: Path) -> bool:
+    try:
+        os.close(os.open(path / "run.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 class RunFolder:
@@ -59,10 +78,53 @@ class RunFolder:
         write_text_atomically(folder.path / "recipe.yaml", recipe.to_yaml())
         return folder
 
+    @classmethod
+    def existing(cls, path: str | Path) -> RunFolder:
+        """An earlier run's folder, to resume; one line when it is not one."""
+        folder = cls(Path(path))
+        for name in ("run.json", "recipe.yaml"):
+            if not (folder.path / name).is_file():
+                raise RunFolderError(f"{str(folder.path)!r} is not a run folder: it has no {name}")
+        try:
+            folder.status = json.loads((folder.path / "run.json").read_text())
+        except (OSError, ValueError) as error:
+            raise RunFolderError(f"{str(folder.path / 'run.json')!r} cannot be read ({first_line(error)})") from None
+        return folder
+
+    def recipe_changed(self) -> bool:
+        """Whether ``recipe.yaml`` differs from the one the run started with."""
+        recorded = self.status.get("recipe_sha256")
+        return recorded is not None and recorded != _digest(self.path / "recipe.yaml")
+
     @contextlib.contextmanager
-    def recording(self) -> Iterator[RunFolder]:
+    def locked(self) -> Iterator[RunFolder]:
+        """Hold the folder for this process: a second run or resume of it is refused in one line."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; the atomic claim still protects new folders
+            yield self
+            return
+        handle = (self.path / ".lock").open("a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunFolderError(
+                    f"run folder {str(self.path)!r} is in use by another process (a run or resume of it is still going)"
+                ) from None
+            yield self
+        finally:
+            handle.close()
+
+    @contextlib.contextmanager
+    def recording(self, resumed: bool = False) -> Iterator[RunFolder]:
         """``run.json`` says running inside the block, and how it ended when it raises."""
-        self._write(status="running", started=_now(), phases_done=[])
+        if resumed:
+            self._write(status="running", error=None, resumed=[*self.status.get("resumed", []), _now()])
+        else:
+            self._write(
+                status="running", started=_now(), phases_done=[], recipe_sha256=_digest(self.path / "recipe.yaml")
+            )
         try:
             yield self
         except BaseException as error:
@@ -75,11 +137,11 @@ class RunFolder:
         self._write(phases_done=[*self.status["phases_done"], name])
 
     def finish(self) -> None:
-        """Drop what only an unfinished run needs (the checkpoint, cached features); mark it finished."""
+        """Mark the run finished, then drop what only an unfinished run needs (checkpoint, cached features)."""
+        self._write(status="finished", finished=_now())  # first: a kill in between leaves a finished run
         (self.path / "checkpoint.keras").unlink(missing_ok=True)
         if (self.path / "cache").is_dir():
             shutil.rmtree(self.path / "cache")  # large, and rebuilt on demand
-        self._write(status="finished", finished=_now())
 
     def save_model(self, model) -> Path:
         return write_atomically(self.path / "model.keras", model.save)
@@ -90,6 +152,10 @@ class RunFolder:
     def _write(self, **changes) -> None:
         self.status.update(changes)
         write_json_atomically(self.path / "run.json", self.status)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _now() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import keras
 
 from finetune import model as model_stage
 from finetune.data import Dataset, load_dataset, peek_class_names
+from finetune.errors import RunInterrupted
 from finetune.evaluation import metrics as metrics_stage
 from finetune.evaluation import pictures
 from finetune.export.saved_model import export_saved_model
@@ -46,7 +48,9 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     (as epochs finish, at most every ``training.checkpoint_seconds``, and on
     Ctrl-C), ``model.keras``, ``metrics.json``, ``confusion_matrix.png`` and
     ``saved_model/``. Everything that can fail on bad input (the ``--out``
-    folder, data, weights, phases) fails before the folder exists.
+    folder, data, weights, phases) fails before the folder exists. Ctrl-C
+    raises :class:`~finetune.errors.RunInterrupted`, naming the folder that
+    :func:`resume` continues.
     """
     recipe, plan = prepare(recipe)
     started = time.perf_counter()
@@ -54,7 +58,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     dataset = load_data(plan)
     model, layout = build(plan, dataset)
     folder = RunFolder.claim(out, recipe)
-    with folder.recording():
+    with folder.locked(), interrupts_named(folder), folder.recording():
         announce(plan, dataset, layout, folder, log)
         model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
         train(
@@ -68,16 +72,32 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
             log=log,
             phase_done=folder.phase_done,
         )
-        history = read_history(folder.path / "history.csv")
-        metrics = evaluate(model, plan, dataset, history, started)
-        save(model, plan, dataset, metrics, folder)
-        folder.finish()
+        return conclude(model, plan, recipe, dataset, folder, started, log)
+
+
+def conclude(model, plan: RunPlan, recipe: Recipe, dataset: Dataset, folder: RunFolder, started: float, log):
+    """Evaluation and export of a trained model, then the folder marked finished."""
+    history = read_history(folder.path / "history.csv")
+    metrics = evaluate(model, plan, dataset, history, started)
+    save(model, plan, dataset, metrics, folder)
+    folder.finish()
     test = metrics["test"]
     log(
         f"[finetune] test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} on {test['examples']} images; "
         f"{metrics['seconds']:.0f}s; results in {folder.path}"
     )
     return RunResult(run_dir=folder.path, metrics=metrics, model=model, recipe=recipe, history=history)
+
+
+@contextlib.contextmanager
+def interrupts_named(folder: RunFolder):
+    """Ctrl-C leaves as :class:`RunInterrupted`, which names the folder to resume."""
+    try:
+        yield
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise RunInterrupted(folder.path) from None
 
 
 def load_data(plan: RunPlan) -> Dataset:

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import csv
+import io
+import json
 import time
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 
+from finetune.errors import RunFolderError, first_line
 from finetune.files import write_atomically, write_json_atomically
 from finetune.training.phases import optimizer_learning_rate
+
+# Members finetune adds to the Keras file: written in the same atomic step as the weights, so the
+# state always describes the weights beside it. Keras ignores them when it loads the file.
+STATE_MEMBER = "finetune/state.json"
+OPTIMIZER_MEMBER = "finetune/optimizer.npz"
+SEEDS_MEMBER = "finetune/seed_generators.npz"
 
 HISTORY_FIELDS = [
     "phase",
@@ -60,9 +72,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     ``checkpoint.keras`` and ``state.json`` say where the run stood. Writing a
     large backbone takes longer than an epoch of a cached head, so saves are
-    at most ``every_seconds`` apart, the phase's last epoch is always saved,
-    and :meth:`save_now` saves an interrupted run. ``full_model`` is the model
-    to save when the fit runs on a cached top model that shares its layers.
+    at most ``every_seconds`` apart and the phase's last epoch is always
+    saved. A finished epoch that was not saved is kept in memory, and
+    :meth:`save_interrupted` writes it when Ctrl-C stops the run: a
+    checkpoint always holds the state of an epoch's end, never of a step in
+    the middle of one. ``full_model`` is the model to save when the fit runs
+    on a cached top model that shares its layers.
     """
 
     def __init__(
@@ -74,7 +89,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
         full_model: keras.Model | None = None,
         every_seconds: float = 0.0,
         last_epoch: int | None = None,
+        epochs_saved: int | None = None,
     ):
+        """``epochs_saved``: epochs already in ``checkpoint.keras`` (a resumed phase), else ``first_epoch``."""
         super().__init__()
         self.full_model = full_model
         self.run_dir = Path(run_dir)
@@ -83,20 +100,73 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.first_epoch = first_epoch
         self.every_seconds = every_seconds
         self.last_epoch = last_epoch
-        self.epochs_done = first_epoch
+        self.epochs_done = first_epoch if epochs_saved is None else epochs_saved
         self._last_save = time.monotonic()
+        self._unsaved: tuple | None = None
+        self._saved_through = self.epochs_done  # the previous phase's end is always saved
+        self._epoch: int | None = None
+        self._steps = 0
+
+    @property
+    def saved_model(self) -> keras.Model | None:
+        return self.full_model or self.model
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._steps = epoch, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps = batch + 1
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs_done = epoch + 1
         due = time.monotonic() - self._last_save >= self.every_seconds
         if due or self.epochs_done == self.last_epoch:
             self.save_now()
+        elif self.saved_model is not None:
+            self._unsaved = (self.epochs_done, _snapshot(self.saved_model))
 
     def save_now(self, interrupted: bool = False) -> None:
-        model = self.full_model or self.model
+        model = self.saved_model
         if model is None:
             return
-        save_model_atomically(model, self.run_dir / "checkpoint.keras")
+        save_checkpoint(model, self.run_dir / "checkpoint.keras", self._state(interrupted))
+        write_json_atomically(self.run_dir / "state.json", self._state(interrupted))  # resume reads the member
+        self._last_save = time.monotonic()
+        self._saved_through = self.epochs_done
+        self._unsaved = None
+
+    def save_interrupted(self) -> None:
+        """After Ctrl-C: save the last finished epoch if it was not saved, and mark the state interrupted.
+
+        The live weights are saved only when they are an epoch's end (every
+        step of the epoch done, or none of the next one); otherwise the
+        snapshot of the last finished epoch is.
+        """
+        model = self.saved_model
+        if model is None:
+            return
+        boundary = self._live_boundary()
+        if boundary is not None and boundary > self._saved_through:
+            self.epochs_done = boundary
+            self.save_now(interrupted=True)
+        elif self._unsaved is not None and self._unsaved[0] > self._saved_through:
+            self.epochs_done, snapshot = self._unsaved
+            _restore(model, snapshot)  # the live weights are some steps into the next epoch
+            self.save_now(interrupted=True)
+        elif self._saved_through > self.first_epoch:
+            self.epochs_done = self._saved_through
+            write_json_atomically(self.run_dir / "state.json", self._state(interrupted=True))
+
+    def _live_boundary(self) -> int | None:
+        """The number of epochs whose end the live weights hold, or None in the middle of an epoch."""
+        if self._epoch is None:
+            return None
+        if self._steps == 0:
+            return self._epoch
+        steps = (self.params or {}).get("steps")
+        return self._epoch + 1 if steps and self._steps >= steps else None
+
+    def _state(self, interrupted: bool) -> dict:
         state = {
             "phase": self.phase,
             "phase_index": self.phase_index,
@@ -105,12 +175,135 @@ class EpochCheckpoint(keras.callbacks.Callback):
         }
         if interrupted:
             state["interrupted_during_epoch"] = self.epochs_done + 1
-        write_json_atomically(self.run_dir / "state.json", state)
-        self._last_save = time.monotonic()
+        return state
 
 
-def save_model_atomically(model: keras.Model, path: Path) -> None:
-    write_atomically(path, model.save)
+def _snapshot(model: keras.Model) -> tuple:
+    optimizer = getattr(model, "optimizer", None)
+    return (
+        [keras.ops.convert_to_numpy(v) for v in model.weights],
+        [keras.ops.convert_to_numpy(v) for v in (optimizer.variables if optimizer is not None else [])],
+        [keras.ops.convert_to_numpy(v) for v in seed_generator_states(model)],
+    )
+
+
+def _restore(model: keras.Model, snapshot: tuple) -> None:
+    weights, optimizer_values, seeds = snapshot
+    optimizer = getattr(model, "optimizer", None)
+    for group, values in (
+        (model.weights, weights),
+        (optimizer.variables if optimizer is not None else [], optimizer_values),
+        (seed_generator_states(model), seeds),
+    ):
+        for variable, value in zip(group, values, strict=True):
+            variable.assign(value)
+
+
+@dataclass
+class Checkpoint:
+    """What ``checkpoint.keras`` says about where its run stood, with the optimizer's and RNGs' state."""
+
+    path: Path
+    state: dict
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)
+    seed_generators: list[np.ndarray] = field(default_factory=list)
+
+
+def seed_generator_states(model: keras.Model) -> list:
+    """The random-number state of the model's dropout and augmentation layers, in a fixed order."""
+    weights = {id(variable) for variable in model.weights}
+    return [v for v in model.variables if id(v) not in weights and v.path.endswith("seed_generator_state")]
+
+
+def optimizer_key(variable) -> str:
+    """An optimizer variable's name without the optimizer's own (``sgd_4/``), which Keras numbers per process."""
+    return variable.path.split("/", 1)[-1]
+
+
+def save_checkpoint(model: keras.Model, path: Path, state: dict) -> None:
+    """``model.save`` plus the run's state, the optimizer's variables by name and the RNG states, atomically."""
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(optimizer.variables) if optimizer is not None else []
+    names = [optimizer_key(variable) for variable in variables]
+
+    def write(temporary: Path) -> None:
+        model.save(temporary)
+        with zipfile.ZipFile(temporary, "a") as archive:
+            archive.writestr(STATE_MEMBER, json.dumps({**state, "optimizer_variables": names}))
+            archive.writestr(OPTIMIZER_MEMBER, _npz([keras.ops.convert_to_numpy(v) for v in variables]))
+            archive.writestr(SEEDS_MEMBER, _npz([keras.ops.convert_to_numpy(v) for v in seed_generator_states(model)]))
+
+    write_atomically(path, write)
+
+
+def read_checkpoint(path: Path) -> Checkpoint | None:
+    """The checkpoint at ``path``, or None when there is none; a damaged file is one line."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            state = json.loads(archive.read(STATE_MEMBER))
+            optimizer = _arrays(archive.read(OPTIMIZER_MEMBER))
+            seeds = _arrays(archive.read(SEEDS_MEMBER))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise RunFolderError(f"checkpoint {str(path)!r} cannot be read ({first_line(error)})") from None
+    names = state.pop("optimizer_variables", [])
+    return Checkpoint(path, state, dict(zip(names, optimizer, strict=True)), seeds)
+
+
+def _npz(arrays: list) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, *arrays)
+    return buffer.getvalue()
+
+
+def _arrays(data: bytes) -> list[np.ndarray]:
+    with np.load(io.BytesIO(data)) as loaded:
+        return [loaded[f"arr_{index}"] for index in range(len(loaded.files))]
+
+
+class RestoreTrainingState(keras.callbacks.Callback):
+    """Puts a checkpoint's optimizer variables and RNG states back once ``fit`` has built the optimizer.
+
+    Variables are matched by name, so the order in which a cached fit and a
+    whole-model fit build them does not matter; the step counter comes back
+    with them, so step-based schedules and 1cycle go on where they were.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, full_model: keras.Model):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.full_model = full_model
+
+    def on_train_begin(self, logs=None):
+        optimizer = self.model.optimizer
+        if not optimizer.built:  # TensorFlow builds it at the first step; its state must be there before
+            optimizer.build(self.model.trainable_variables)
+        variables = {optimizer_key(variable): variable for variable in self.model.optimizer.variables}
+        saved = self.checkpoint.optimizer
+        if set(variables) != set(saved):
+            missing = sorted(set(saved) ^ set(variables))[:3]
+            raise RunFolderError(
+                f"checkpoint {str(self.checkpoint.path)!r} does not match this phase's optimizer "
+                f"(differs at {', '.join(missing)})"
+            )
+        for name, value in saved.items():
+            variables[name].assign(value)
+        states = seed_generator_states(self.full_model)
+        if len(states) == len(self.checkpoint.seed_generators):
+            for variable, value in zip(states, self.checkpoint.seed_generators, strict=True):
+                variable.assign(value)
+
+
+def truncate_history(path: Path, epochs: int) -> None:
+    """Keep the rows of the first ``epochs`` epochs of ``history.csv``, byte for byte; drop later ones."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = lines[: 1 + epochs] if epochs else []
+    if len(kept) != len(lines):
+        write_atomically(path, lambda temporary: temporary.write_bytes(b"".join(kept)))
 
 
 def read_history(path: Path) -> list[dict]:

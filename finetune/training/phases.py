@@ -10,6 +10,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 
@@ -191,10 +192,14 @@ def fit_phase(
     *,
     seed: int = 0,
     initial_epoch: int = 0,
+    phase_epochs_done: int = 0,
     callbacks: list | None = None,
     features=None,
 ) -> keras.callbacks.History:
     """Fit one compiled phase; epochs are counted across phases.
+
+    ``initial_epoch`` is the run's epoch to start at; a resumed phase that
+    already did ``phase_epochs_done`` of its epochs does only the rest.
 
     When ``settings.cache`` allows it and the phase trains only the top of
     the model, the frozen bottom runs once per split and the fit runs on its
@@ -220,28 +225,38 @@ def fit_phase(
             if hasattr(callback, "full_model") and callback.full_model is None:
                 callback.full_model = model
     try:
-        return _fit(fit_model, phase, dataset, train_x, val_x, settings, seed, initial_epoch, callbacks, views)
+        epochs = (initial_epoch, initial_epoch - phase_epochs_done + phase.epochs)
+        return _fit(fit_model, dataset, train_x, val_x, settings, batch_size, seed, epochs, callbacks, views)
     finally:
         if features is None:  # a store of this phase alone
             store.close()
 
 
 def _fit(
-    fit_model, phase, dataset, train_x, val_x, settings: TrainingConfig, seed, initial_epoch, callbacks, views=None
+    fit_model,
+    dataset,
+    train_x,
+    val_x,
+    settings: TrainingConfig,
+    batch_size: int,
+    seed: int,
+    epochs: tuple[int, int],
+    callbacks,
+    views=None,
 ):
+    initial_epoch, last_epoch = epochs
     from finetune.data.batches import FileBatches, MixedBatches, ViewBatches, one_hot
 
-    batch_size = settings.batch_size_for(phase)
     validation = dataset.validation
     common = dict(
-        epochs=initial_epoch + phase.epochs,
+        epochs=last_epoch,
         initial_epoch=initial_epoch,
         callbacks=callbacks or [],
         verbose=resolve_verbosity(settings.verbose),
     )
     # The fit reads batches whose order depends only on (seed, epoch): a resumed run sees what an
     # uninterrupted one would, and a memory-mapped array is read a batch at a time, never copied whole.
-    order = dict(shuffle=settings.shuffle, seed=seed, epoch=initial_epoch)
+    order: dict[str, Any] = dict(shuffle=settings.shuffle, seed=seed, epoch=initial_epoch)
     validation_labels = None if validation is None else validation.labels
     if settings.mix:  # the images of the whole model, never cached features (FeatureStore.plan)
         classes = fit_model.output_shape[-1]

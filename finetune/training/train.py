@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import keras
 
 from finetune.backbones.spec import BackboneLayout
+from finetune.errors import TrainingDiverged
 from finetune.recipe import PhaseConfig, TrainingConfig
 from finetune.training.batch_norm import RecalibrateBatchNorm
-from finetune.training.checkpoints import EpochCheckpoint, HistoryCSV
+from finetune.training.checkpoints import Checkpoint, EpochCheckpoint, HistoryCSV, RestoreTrainingState
 from finetune.training.features import FeatureStore
 from finetune.training.interrupts import InterruptAtStepEnd, ctrl_c_remembered, interrupt_handled
 from finetune.training.phases import compile_for_phase, configure_phase, fit_phase, steps_per_epoch
@@ -27,6 +29,7 @@ def train(
     seed: int,
     log: Callable[[str], None],
     phase_done: Callable[[str], None] = lambda name: None,
+    resume_from: Checkpoint | None = None,
 ) -> None:
     """Train ``phases`` one after another; epochs are numbered across phases.
 
@@ -35,22 +38,33 @@ def train(
     ``settings.checkpoint_seconds``, always after a phase's last epoch) and
     when Ctrl-C stops a phase. The frozen part's outputs are shared by the
     phases that keep it frozen and freed before this returns.
+
+    ``resume_from`` (a checkpoint whose weights ``model`` already holds)
+    skips the phases it finished and continues its phase at the next epoch,
+    with the optimizer's state and step.
     """
     features = FeatureStore(phases, settings, layout, run_dir / "cache", log)
     checkpoint = None
     epochs_done = 0
+    start = resume_from.state if resume_from is not None else {"phase_index": 0, "phase_epochs_done": 0}
     try:
         with ctrl_c_remembered():
             for index, phase in enumerate(phases):
-                if phase.epochs == 0:
-                    log(f"[finetune] phase {phase.name}: 0 epochs, skipped")
+                done_here = start["phase_epochs_done"] if index == start["phase_index"] else 0
+                if index < start["phase_index"] or phase.epochs == 0 or done_here >= phase.epochs:
+                    if phase.epochs == 0:
+                        log(f"[finetune] phase {phase.name}: 0 epochs, skipped")
+                    elif resume_from is not None:
+                        log(f"[finetune] phase {phase.name}: finished before, not redone")
+                    epochs_done += phase.epochs
                     continue
                 trainable = configure_phase(model, layout, phase)
                 steps = steps_per_epoch(phase, settings, len(dataset.train))
                 setup = compile_for_phase(model, layout, phase, steps, run_dir, settings)
+                resumed = f", resumed after epoch {epochs_done + done_here}" if done_here else ""
                 log(
                     f"[finetune] phase {phase.name} ({index + 1}/{len(phases)}): {phase.epochs} epochs, "
-                    f"{trainable.describe()}, {phase.describe()}"
+                    f"{trainable.describe()}, {phase.describe()}{resumed}"
                 )
                 checkpoint = EpochCheckpoint(
                     run_dir,
@@ -60,8 +74,15 @@ def train(
                     full_model=model,
                     every_seconds=settings.checkpoint_seconds,
                     last_epoch=epochs_done + phase.epochs,
+                    epochs_saved=epochs_done + done_here,
                 )
-                callbacks = [InterruptAtStepEnd(), HistoryCSV(run_dir / "history.csv", phase.name, epochs_done)]
+                callbacks: list = [
+                    InterruptAtStepEnd(),
+                    StopOnNaN(phase.name, epochs_done),
+                    HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
+                ]
+                if done_here and resume_from is not None:
+                    callbacks.insert(0, RestoreTrainingState(resume_from, model))
                 if settings.recalibrate_bn == "always" or (settings.recalibrate_bn == "auto" and phase.train_bn):
                     callbacks.append(
                         RecalibrateBatchNorm(
@@ -83,7 +104,8 @@ def train(
                     dataset,
                     settings,
                     seed=seed,
-                    initial_epoch=epochs_done,
+                    initial_epoch=epochs_done + done_here,
+                    phase_epochs_done=done_here,
                     callbacks=callbacks,
                     features=features,
                 )
@@ -93,7 +115,28 @@ def train(
     except KeyboardInterrupt:
         interrupt_handled()
         if checkpoint is not None:
-            checkpoint.save_now(interrupted=True)  # between two steps, the weights are consistent
+            checkpoint.save_interrupted()
         raise
     finally:
         features.close()
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops the run at the first step whose loss is NaN or infinite, naming the phase, epoch and step."""
+
+    def __init__(self, phase: str, first_epoch: int):
+        super().__init__()
+        self.phase = phase
+        self.epoch = first_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDiverged(
+                f"loss became {float(loss)} in phase {self.phase}, epoch {self.epoch + 1}, step {batch + 1}; "
+                "try a lower learning rate or gradient clipping (optimizer: {clipnorm: 1.0}); "
+                "checkpoint.keras keeps the last good epoch"
+            )

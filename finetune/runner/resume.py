@@ -1,0 +1,83 @@
+"""Resume: an interrupted or killed run continues from its own folder, where its last checkpoint stood."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+
+from finetune import model as model_stage
+from finetune.errors import RunFolderError
+from finetune.plan import prepare
+from finetune.runner.folder import RunFolder
+from finetune.runner.pipeline import RunResult, announce, build, conclude, interrupts_named, load_data
+from finetune.training.checkpoints import read_checkpoint, read_history, truncate_history
+from finetune.training.train import train
+
+
+def resume(run_dir: str | Path, *, log: Callable[[str], None] = print) -> RunResult:
+    """Continue the run in ``run_dir`` from its ``recipe.yaml`` and ``checkpoint.keras``.
+
+    Finished phases are not redone and their ``history.csv`` rows stay as
+    they were; the interrupted phase goes on at the epoch after its last
+    checkpoint, with the optimizer's state and step; rows of epochs after
+    that checkpoint are dropped, as those epochs run again. A run whose
+    training had finished redoes only evaluation and export. A finished run
+    is left as it is. A folder whose ``recipe.yaml`` changed, or that another
+    process holds, is refused in one line.
+    """
+    folder = RunFolder.existing(run_dir)
+    with folder.locked():
+        if folder.status.get("status") == "finished":
+            log(f"[finetune] run {folder.path} already finished; nothing to resume")
+            return finished_result(folder)
+        if folder.recipe_changed():
+            raise RunFolderError(
+                f"{str(folder.path / 'recipe.yaml')!r} was edited after the run started; resume runs the recipe "
+                "it started with (start a new run for the edited one)"
+            )
+        recipe, plan = prepare(folder.path / "recipe.yaml")
+        started = time.perf_counter()
+        dataset = load_data(plan)
+        model, layout = build(plan, dataset)
+        checkpoint = read_checkpoint(folder.path / "checkpoint.keras")
+        with interrupts_named(folder), folder.recording(resumed=True):
+            announce(plan, dataset, layout, folder, log)
+            if checkpoint is None:
+                log("[finetune] no checkpoint yet: training starts from the beginning")
+                truncate_history(folder.path / "history.csv", 0)
+                model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
+            else:
+                saved = keras.saving.load_model(checkpoint.path, compile=False, safe_mode=True)
+                model.set_weights(saved.get_weights())
+                truncate_history(folder.path / "history.csv", checkpoint.state["epochs_done"])
+                state = checkpoint.state
+                log(f"[finetune] resuming after epoch {state['epochs_done']} (phase {state['phase']})")
+            train(
+                model,
+                layout,
+                plan.phases,
+                plan.training,
+                dataset,
+                folder.path,
+                seed=plan.seed,
+                log=log,
+                phase_done=folder.phase_done,
+                resume_from=checkpoint,
+            )
+            return conclude(model, plan, recipe, dataset, folder, started, log)
+
+
+def finished_result(folder: RunFolder) -> RunResult:
+    """What a finished run left in its folder."""
+    recipe, _ = prepare(folder.path / "recipe.yaml")
+    return RunResult(
+        run_dir=folder.path,
+        metrics=json.loads((folder.path / "metrics.json").read_text()),
+        model=model_stage.load_model(folder.path / "model.keras"),
+        recipe=recipe,
+        history=read_history(folder.path / "history.csv"),
+    )

@@ -1,0 +1,237 @@
+"""Trust: a run interrupted or killed at any moment resumes where its last checkpoint stood."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import finetune
+from finetune.errors import RunFolderError, RunInterrupted, TrainingDiverged
+
+
+def _recipe(tiny_recipe_dict, **training):
+    tiny_recipe_dict["model"]["head"] = {"dense": [16], "dropout": 0.2}
+    tiny_recipe_dict["phases"][0]["epochs"] = 2
+    tiny_recipe_dict["phases"][1]["epochs"] = 3
+    tiny_recipe_dict["training"].update({"checkpoint_seconds": 0, "shuffle": True, **training})
+    return tiny_recipe_dict
+
+
+class InterruptAtStep(keras.callbacks.Callback):
+    """Ctrl-C in the middle of epoch ``epoch`` (1-based, counted across phases)."""
+
+    def __init__(self, epoch, step=2):
+        super().__init__()
+        self.epoch, self.step, self.current = epoch, step, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.current == self.epoch and batch + 1 == self.step:
+            raise KeyboardInterrupt
+
+
+def _interrupt_at(monkeypatch, epoch, step=2):
+    from finetune.training import train as training
+
+    original = training.fit_phase
+
+    def fit_with_interrupt(*args, callbacks=None, **kwargs):
+        return original(*args, callbacks=[*(callbacks or []), InterruptAtStep(epoch, step)], **kwargs)
+
+    monkeypatch.setattr(training, "fit_phase", fit_with_interrupt)
+    return original
+
+
+def _rows(run_dir):
+    with (run_dir / "history.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _deterministic():
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+
+
+def test_a_run_interrupted_in_its_second_phase_resumes_to_the_same_weights(tmp_path, tiny_recipe_dict, monkeypatch):
+    """Tolerance: rtol 1e-5, atol 1e-6 on every weight, with TensorFlow's op determinism on."""
+    _deterministic()
+    recipe = finetune.load_recipe(_recipe(tiny_recipe_dict))
+    alone = finetune.run(recipe, out=tmp_path / "alone", log=lambda line: None)
+
+    original = _interrupt_at(monkeypatch, epoch=4)  # the second of the finetune phase's three epochs
+    with pytest.raises(RunInterrupted) as interrupted:
+        finetune.run(recipe, out=tmp_path / "killed", log=lambda line: None)
+    run_dir = tmp_path / "killed"
+    assert interrupted.value.run_dir == run_dir
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    rows_before = (run_dir / "history.csv").read_bytes()
+    assert len(_rows(run_dir)) == 3
+
+    from finetune.training import train as training
+
+    monkeypatch.setattr(training, "fit_phase", original)
+    lines = []
+    resumed = finetune.resume(run_dir, log=lines.append)
+    assert any("resuming after epoch 3 (phase finetune)" in line for line in lines)
+    assert any("phase head: finished before, not redone" in line for line in lines)
+    assert (run_dir / "history.csv").read_bytes().startswith(rows_before)  # earlier rows byte for byte
+    ours, theirs = _rows(run_dir), _rows(alone.run_dir)
+    assert [row["epoch"] for row in ours] == ["1", "2", "3", "4", "5"]
+    for mine, other in zip(ours, theirs, strict=True):
+        for key in ("phase", "phase_epoch", "learning_rate", "loss", "val_accuracy"):
+            assert float(mine[key]) == pytest.approx(float(other[key]), rel=1e-5) if key != "phase" else True
+    for mine, other in zip(resumed.model.weights, alone.model.weights, strict=True):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(other), rtol=1e-5, atol=1e-6, err_msg=mine.path
+        )
+    assert resumed.test_accuracy == pytest.approx(alone.test_accuracy)
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "finished" and len(status["resumed"]) == 1
+
+
+def test_a_kill_during_evaluation_redoes_only_evaluation_and_export(tmp_path, tiny_recipe_dict, monkeypatch):
+    from finetune.runner import pipeline
+
+    recipe = finetune.load_recipe(_recipe(tiny_recipe_dict))
+    original = pipeline.evaluate
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate", killed)
+    with pytest.raises(RunInterrupted):
+        finetune.run(recipe, out=tmp_path / "run", log=lambda line: None)
+    history = (tmp_path / "run" / "history.csv").read_bytes()
+    monkeypatch.setattr(pipeline, "evaluate", original)
+    lines = []
+    result = finetune.resume(tmp_path / "run", log=lines.append)
+    assert (tmp_path / "run" / "history.csv").read_bytes() == history  # no epoch ran again
+    assert not any(line.startswith("[finetune] phase") and "epochs," in line for line in lines)
+    assert (tmp_path / "run" / "metrics.json").exists() and result.test_accuracy > 0
+    assert not (tmp_path / "run" / "checkpoint.keras").exists()
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, tiny_recipe_dict):
+    tiny_recipe_dict["phases"] = tiny_recipe_dict["phases"][:1]
+    finished = finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=lambda line: None)
+    before = {path.name: path.stat().st_mtime_ns for path in finished.run_dir.iterdir()}
+    lines = []
+    result = finetune.resume(finished.run_dir, log=lines.append)
+    assert lines == [f"[finetune] run {finished.run_dir} already finished; nothing to resume"]
+    assert result.test_accuracy == finished.test_accuracy
+    assert {path.name: path.stat().st_mtime_ns for path in finished.run_dir.iterdir()} == before
+
+
+def _interrupted_run(tmp_path, tiny_recipe_dict, monkeypatch):
+    recipe = finetune.load_recipe(_recipe(tiny_recipe_dict))
+    original = _interrupt_at(monkeypatch, epoch=2)
+    with pytest.raises(RunInterrupted):
+        finetune.run(recipe, out=tmp_path / "run", log=lambda line: None)
+    from finetune.training import train as training
+
+    monkeypatch.setattr(training, "fit_phase", original)
+    return tmp_path / "run"
+
+
+def test_resume_refuses_an_edited_recipe_and_a_folder_in_use(tmp_path, tiny_recipe_dict, monkeypatch):
+    from finetune.runner.folder import RunFolder
+
+    run_dir = _interrupted_run(tmp_path, tiny_recipe_dict, monkeypatch)
+    with RunFolder(run_dir).locked(), pytest.raises(RunFolderError, match="is in use by another process"):
+        finetune.resume(run_dir, log=lambda line: None)
+    recipe = run_dir / "recipe.yaml"
+    original = recipe.read_text()
+    recipe.write_text(original.replace("epochs: 3", "epochs: 4"))
+    with pytest.raises(RunFolderError, match=r"recipe\.yaml' was edited after the run started"):
+        finetune.resume(run_dir, log=lambda line: None)
+    recipe.write_text(original)
+    with pytest.raises(RunFolderError, match=r"is not a run folder: it has no run\.json"):
+        finetune.resume(tmp_path, log=lambda line: None)
+
+
+def test_two_runs_claiming_one_folder_at_once_get_it_once(tmp_path):
+    from finetune.runner.folder import new_run_dir
+
+    (tmp_path / "out").mkdir()
+    assert new_run_dir(tmp_path / "out", "x") == tmp_path / "out"
+    (tmp_path / "out" / "run.json").unlink(missing_ok=False)  # empty again, as the second run saw it...
+    os.close(os.open(tmp_path / "out" / "run.json", os.O_CREAT | os.O_WRONLY))  # ...but claimed meanwhile
+    from finetune.runner import folder as folder_module
+
+    checked = []
+    real_check = folder_module.check_run_dir
+    folder_module.check_run_dir = lambda out: checked.append(out)  # the check passed before the claim
+    try:
+        with pytest.raises(RunFolderError, match="was just claimed by another run"):
+            new_run_dir(tmp_path / "out", "x")
+    finally:
+        folder_module.check_run_dir = real_check
+    assert checked
+
+
+def test_a_loss_that_explodes_stops_the_run_with_one_line_and_keeps_the_last_good_epoch(tmp_path, tiny_recipe_dict):
+    recipe = _recipe(tiny_recipe_dict)
+    recipe["phases"][1]["optimizer"] = {"name": "sgd", "learning_rate": 1e30}
+    with pytest.raises(
+        TrainingDiverged, match=r"loss became (nan|inf) in phase finetune, epoch 3, step \d+; .*clipnorm"
+    ):
+        finetune.run(finetune.load_recipe(recipe), out=tmp_path / "run", log=lambda line: None)
+    status = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert status["status"] == "failed" and status["error"].startswith("loss became")
+    saved = keras.saving.load_model(tmp_path / "run" / "checkpoint.keras", compile=False)
+    assert all(np.isfinite(keras.ops.convert_to_numpy(weight)).all() for weight in saved.weights)
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["epochs_done"] == 2
+
+
+@pytest.mark.slow
+def test_sigkill_then_finetune_resume_finishes_the_run(tmp_path, tiny_backbone_weights):
+    import yaml
+    from conftest import TINY_RECIPE
+
+    recipe = {**TINY_RECIPE, "phases": [{**TINY_RECIPE["phases"][0], "epochs": 40}]}
+    recipe["model"] = {
+        **TINY_RECIPE["model"],
+        "backbone": {**TINY_RECIPE["model"]["backbone"], "weights": str(tiny_backbone_weights)},
+    }
+    recipe["training"] = {**TINY_RECIPE["training"], "checkpoint_seconds": 0, "cache": "off"}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "finetune"]
+    process = subprocess.Popen(
+        [*command, "run", str(path), "--out", str(out)], stderr=subprocess.DEVNULL, cwd=ROOT, env=env
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(_rows(out)) < 3 if (out / "history.csv").exists() else True:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    epochs_saved = json.loads((out / "state.json").read_text())["epochs_done"]
+    assert epochs_saved >= 2 and len(_rows(out)) <= epochs_saved + 1  # at most one epoch lost
+    result = subprocess.run(
+        [*command, "resume", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Epoch {epochs_saved + 1}/40" in result.stderr or f"resuming after epoch {epochs_saved}" in result.stderr
+    assert [int(row["epoch"]) for row in _rows(out)] == list(range(1, 41))
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    again = subprocess.run(
+        [*command, "resume", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
+    assert again.returncode == 0 and "already finished" in again.stderr
