@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import traceback
+import unicodedata
 
 import click
 
@@ -95,8 +96,18 @@ def _names(identifiers) -> str:
 def _fail(error: BaseException, line: str, code: int, debug: bool) -> None:
     if debug:
         traceback.print_exception(error, file=sys.stderr)
-    click.echo(line, err=True)
+    click.echo(one_line(line), err=True)
     sys.exit(code)
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (newlines from a recipe key, say) written as escapes."""
+    return "".join(
+        character
+        if character == " " or unicodedata.category(character)[0] not in "CZ"
+        else character.encode("unicode_escape").decode("ascii")
+        for character in text
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

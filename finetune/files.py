@@ -50,3 +50,19 @@ def _fsync(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def is_file(path: str | Path) -> bool:
+    """``Path.is_file`` for a path a user typed: a name too long or with a NUL byte is simply not a file."""
+    try:
+        return Path(path).expanduser().is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path: str | Path) -> bool:
+    """``Path.is_dir`` for a path a user typed (see :func:`is_file`)."""
+    try:
+        return Path(path).expanduser().is_dir()
+    except (OSError, ValueError):
+        return False

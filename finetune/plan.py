@@ -11,7 +11,6 @@ its part.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from finetune.backbones import mlp
 from finetune.backbones.registry import backbones, get
@@ -19,7 +18,8 @@ from finetune.backbones.reuse import EarlierRun, earlier_run
 from finetune.backbones.spec import BackboneSpec
 from finetune.catalog import augment, callbacks, layers, mixing, optimizers, regularizers, schedules
 from finetune.data import check_config, datasets
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, first_line
+from finetune.files import is_file
 from finetune.recipe import Recipe, read_recipe, schema, source_label
 from finetune.recipe.load import Overrides, RecipeSource
 from finetune.registry import Registry
@@ -120,7 +120,7 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
             f"got {height}x{width}"
         )
     weights = config.weights if reused is None else None
-    if weights not in (None, "imagenet") and not Path(weights).expanduser().is_file():
+    if weights not in (None, "imagenet") and not is_file(weights):
         raise RecipeError(
             f"model.backbone.weights: file {weights!r} does not exist (use imagenet, null or a weights file)"
         )
@@ -129,7 +129,10 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
             raise RecipeError(
                 f"model.backbone.weights: {config.name} has no ImageNet weights; use null or a weights file"
             )
-        spec.imagenet_file((height, width), config.options)  # a width with no ImageNet file fails here
+        try:
+            spec.imagenet_file((height, width), config.options)  # a width with no ImageNet file fails here
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f"model.backbone.options: {first_line(error)}") from None
     if config.name == "mlp":
         layers.check_stack(_mlp_options(recipe), "model.backbone.options")
     layers.check_stack(recipe.model.head, "model.head")

@@ -33,7 +33,10 @@ def _square_rows(image_size, allowed: Sequence[int]) -> int:
 
 def _imagenet_alpha(name: str, options: dict, allowed: Sequence[float]) -> float:
     # Keras has ImageNet files for these widths only; a file name for another would not exist.
-    alpha = float(options.get("alpha", 1.0))
+    value = options.get("alpha", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"model.backbone.options.alpha: expected a number, got {value!r}")
+    alpha = float(value)
     if alpha not in allowed:
         raise RecipeError(
             f"model.backbone.options.alpha: {name} has ImageNet weights for alpha "

@@ -23,6 +23,7 @@ from finetune.backbones.blocks import get_backbone
 from finetune.backbones.registry import get
 from finetune.backbones.spec import BackboneSpec
 from finetune.errors import RecipeError, WeightsError, first_line
+from finetune.files import is_dir
 from finetune.recipe import Recipe, read_recipe
 
 
@@ -76,7 +77,7 @@ def earlier_run(path: str | Path | None) -> EarlierRun:
     if not path:
         raise RecipeError("model.backbone.path: required for name: run (a finished run folder)")
     folder = Path(path).expanduser()
-    if not folder.is_dir():
+    if not is_dir(folder):
         raise RecipeError(f"model.backbone.path: run folder {str(folder)!r} does not exist")
     if not (folder / "model.keras").is_file():
         raise RecipeError(

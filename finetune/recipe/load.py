@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune.errors import RecipeError
+from finetune.files import is_file
 from finetune.recipe.schema import Recipe
 
 
@@ -60,7 +61,7 @@ def read_recipe(source: RecipeSource, overrides: Overrides = None) -> Recipe:
         raw, default_name = copy.deepcopy(dict(source)), "recipe"
     else:
         path = Path(source)
-        if not path.is_file():
+        if not is_file(path):
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         raw = parse_yaml(path.read_text(), label)
         default_name = path.stem

@@ -15,6 +15,7 @@ from finetune.data.images import IMAGE_EXTENSIONS, is_gray_mode, to_stored
 from finetune.data.sampling import carve_test_split
 from finetune.data.splits import DatasetSource, Split, split_source
 from finetune.errors import DataError, RecipeError, first_line
+from finetune.files import is_dir, is_file
 
 
 def check_folder_setting(config) -> None:
@@ -38,8 +39,8 @@ def image_folder_path(config) -> Path:
             "(--set data.data_dir=PATH)"
         )
     path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise DataError(f"image folder {str(path)!r} {'is not a folder' if path.exists() else 'does not exist'}")
+    if not is_dir(path):
+        raise DataError(f"image folder {str(path)!r} {'is not a folder' if is_file(path) else 'does not exist'}")
     return path
 
 
