@@ -235,3 +235,62 @@ def test_sigkill_then_finetune_resume_finishes_the_run(tmp_path, tiny_backbone_w
         [*command, "resume", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
     )
     assert again.returncode == 0 and "already finished" in again.stderr
+
+
+JAX_RESUME = """
+import copy, json, sys
+import keras, numpy as np
+sys.path.insert(0, "tests")
+from conftest import TINY_RECIPE
+import finetune
+from finetune.training import train as training
+
+raw = copy.deepcopy(TINY_RECIPE)
+raw["model"]["backbone"]["weights"] = sys.argv[1]
+raw["model"]["head"] = {"dense": [16], "dropout": 0.2}
+raw["phases"][0]["epochs"], raw["phases"][1]["epochs"] = 2, 3
+raw["training"].update({"checkpoint_seconds": 0, "shuffle": True})
+recipe = finetune.load_recipe(raw)
+alone = finetune.run(recipe, out=sys.argv[2] + "/alone", log=lambda line: None)
+original = training.fit_phase
+
+class Stop(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 4 and batch == 1:
+            raise KeyboardInterrupt
+
+training.fit_phase = lambda *a, callbacks=None, **k: original(*a, callbacks=[*(callbacks or []), Stop()], **k)
+try:
+    finetune.run(recipe, out=sys.argv[2] + "/killed", log=lambda line: None)
+except KeyboardInterrupt:
+    pass
+training.fit_phase = original
+resumed = finetune.resume(sys.argv[2] + "/killed", log=lambda line: None)
+difference = max(
+    float(np.abs(keras.ops.convert_to_numpy(a) - keras.ops.convert_to_numpy(b)).max())
+    for a, b in zip(resumed.model.weights, alone.model.weights)
+)
+print(json.dumps({"backend": keras.backend.backend(), "difference": difference}))
+"""
+
+
+@pytest.mark.slow
+def test_resume_on_the_jax_backend_gives_the_same_weights(tmp_path, tiny_backbone_weights):
+    result = subprocess.run(
+        [sys.executable, "-c", JAX_RESUME, str(tiny_backbone_weights), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["backend"] == "jax"
+    assert report["difference"] <= 1e-5
+    rows = (tmp_path / "killed" / "history.csv").read_text().splitlines()
+    assert [line.split(",")[:5] for line in rows] == [
+        line.split(",")[:5] for line in (tmp_path / "alone" / "history.csv").read_text().splitlines()
+    ]
