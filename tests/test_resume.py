@@ -294,3 +294,39 @@ def test_resume_on_the_jax_backend_gives_the_same_weights(tmp_path, tiny_backbon
     assert [line.split(",")[:5] for line in rows] == [
         line.split(",")[:5] for line in (tmp_path / "alone" / "history.csv").read_text().splitlines()
     ]
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_says_so(
+    tmp_path, tiny_recipe_dict, monkeypatch
+):
+    import errno
+
+    from finetune.training import checkpoints
+
+    tiny_recipe_dict["phases"] = tiny_recipe_dict["phases"][:1]
+    tiny_recipe_dict["phases"][0]["epochs"] = 3
+    tiny_recipe_dict["training"]["checkpoint_seconds"] = 0
+    real_save = keras.Model.save
+    calls = []
+
+    def save(model, path, *args, **kwargs):
+        calls.append(str(path))
+        if "checkpoint" in str(path) and len(calls) == 2:  # the second epoch's checkpoint: the disk is full
+            real_save(model, path, *args, **kwargs)  # half written, then the error
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", save)
+    seen, lines = {}, []
+
+    def log(line):  # what the checkpoint holds when the warning is given
+        lines.append(line)
+        if "not written" in line:
+            seen["state"] = checkpoints.read_checkpoint(tmp_path / "run" / "checkpoint.keras").state
+
+    result = finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=log)
+    warning = "checkpoint after epoch 2 not written ([Errno 28] No space left on device); the one after epoch 1 is kept"
+    assert any(warning in line for line in lines), lines
+    assert seen["state"]["epochs_done"] == 1  # the epoch-1 checkpoint survived the failed write whole
+    assert not list((tmp_path / "run").glob(".*partial*"))  # no half-written file left behind
+    assert result.test_accuracy >= 0 and len(_rows(tmp_path / "run")) == 3

@@ -413,6 +413,7 @@ def test_cli_exit_codes_and_one_line_for_every_way_a_command_ends(
         ["weights"],
         ["weights", "fetch", "xception"],
         ["weights", "import", "xception", "x.h5"],
+        ["resume", "no-such-run"],
     ],
 )
 def test_every_command_takes_debug(command):

@@ -7,6 +7,7 @@ import io
 import json
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,9 +91,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
         every_seconds: float = 0.0,
         last_epoch: int | None = None,
         epochs_saved: int | None = None,
+        log: Callable[[str], None] = print,
     ):
         """``epochs_saved``: epochs already in ``checkpoint.keras`` (a resumed phase), else ``first_epoch``."""
         super().__init__()
+        self.log = log
         self.full_model = full_model
         self.run_dir = Path(run_dir)
         self.phase = phase
@@ -129,8 +132,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
         model = self.saved_model
         if model is None:
             return
-        save_checkpoint(model, self.run_dir / "checkpoint.keras", self._state(interrupted))
-        write_json_atomically(self.run_dir / "state.json", self._state(interrupted))  # resume reads the member
+        try:
+            save_checkpoint(model, self.run_dir / "checkpoint.keras", self._state(interrupted))
+            write_json_atomically(self.run_dir / "state.json", self._state(interrupted))  # resume reads the member
+        except OSError as error:  # a full disk: the previous checkpoint is intact, and training can go on
+            kept = f"the one after epoch {self._saved_through} is kept" if self._saved_through else "none is kept"
+            self.log(
+                f"[finetune] warning: checkpoint after epoch {self.epochs_done} not written ({first_line(error)}); "
+                f"{kept}"
+            )
+            return
         self._last_save = time.monotonic()
         self._saved_through = self.epochs_done
         self._unsaved = None

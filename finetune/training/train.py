@@ -75,6 +75,7 @@ def train(
                     every_seconds=settings.checkpoint_seconds,
                     last_epoch=epochs_done + phase.epochs,
                     epochs_saved=epochs_done + done_here,
+                    log=log,
                 )
                 callbacks: list = [
                     InterruptAtStepEnd(),
