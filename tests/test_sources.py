@@ -218,9 +218,11 @@ def test_decoded_images_are_cached_and_reused(tmp_path, monkeypatch, image_cache
         ("one_class", "needs at least 2 class sub-folders"),
         ("empty_class", "has no images"),
         ("corrupt", "cannot read image"),
+        ("bomb", "cannot read image"),
+        ("dangling", "cannot read image"),
     ],
 )
-def test_folder_problems_are_one_line_data_errors(tmp_path, layout, expected):
+def test_folder_problems_are_one_line_data_errors(tmp_path, layout, expected, monkeypatch):
     root = tmp_path / "images"
     if layout != "missing":
         make_image_folder(root, per_class=3, classes=CLASSES[:1] if layout == "one_class" else CLASSES)
@@ -228,11 +230,16 @@ def test_folder_problems_are_one_line_data_errors(tmp_path, layout, expected):
         (root / "empty").mkdir()
     if layout == "corrupt":
         (root / "dark" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    if layout == "bomb":  # Pillow's own limit, lowered so that a small file is a bomb
+        Image.new("L", (200, 200)).save(root / "dark" / "broken.png")
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)
+    if layout == "dangling":  # a link whose target is gone: unreadable
+        (root / "dark" / "broken.png").symlink_to(tmp_path / "gone.png")
     with pytest.raises(DataError) as caught:
         data.load_dataset(folder_config(root), seed=0)
     message = str(caught.value)
     assert expected in message and "\n" not in message
-    if layout == "corrupt":
+    if layout in ("corrupt", "bomb", "dangling"):
         assert "broken.png" in message
     if layout == "empty_class":
         assert "empty" in message
@@ -590,3 +597,21 @@ def test_cli_validate_prints_the_class_count(tmp_path):
     result = cli("validate", "recipes/image_folder_example.yaml", "--set", f"data.data_dir={root}")
     assert result.returncode == 0, result.stderr
     assert "3 classes (bright, dark, striped)" in result.stdout
+
+
+def test_skip_bad_images_skips_them_with_a_count_and_keeps_the_rest(tmp_path, image_cache):
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=6)
+    (root / "dark" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "dark" / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with pytest.raises(DataError, match=r"broken\.png|gone\.png"):
+        image_folder.load_image_folder(folder_config(root, test_split=0.25))
+    train, test, names, description = image_folder.load_image_folder(
+        folder_config(root, test_split=0.25, skip_bad_images=True)
+    )
+    assert "2 unreadable images skipped" in description
+    assert len(train.labels) + len(test.labels) == 6 * len(names)  # every readable image, none of the bad ones
+    assert train.images[:].shape[0] == len(train.labels) and train.images[:].max() > 0
+    again = image_folder.load_image_folder(folder_config(root, test_split=0.25, skip_bad_images=True))
+    assert "cached" in again[3] and "2 unreadable images skipped" in again[3]
+    np.testing.assert_array_equal(again[0].images[:], train.images[:])

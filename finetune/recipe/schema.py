@@ -51,6 +51,9 @@ class DataConfig(_Strict):
         None, gt=0, description=("keep this many training images per class (before the validation hold-out)")
     )
     validation_split: float = Field(0.1, ge=0.0, lt=1.0)
+    skip_bad_images: bool = Field(
+        False, description="image_folder: skip images that cannot be read (counted in the log) instead of stopping"
+    )
     train_limit: int | None = Field(None, gt=0, description="stratified subset of the training images")
     test_limit: int | None = Field(None, gt=0, description="stratified subset of the test images")
 

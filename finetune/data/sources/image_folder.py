@@ -7,10 +7,12 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from finetune.data.arrays import pick_rows
 from finetune.data.images import IMAGE_EXTENSIONS, is_gray_mode, to_stored
 from finetune.data.sampling import carve_test_split
 from finetune.data.splits import DatasetSource, Split, split_source
@@ -147,22 +149,49 @@ def load_image_folder(config) -> tuple[Split, Split, tuple[str, ...], str]:
         "resize": config.resize,
         "layout": layout,
         "train": len(train_files),
-        "files": [[*_file_key(path, root), label] for path, label in files],
+        "files": [[*_file_key(path, root, config.skip_bad_images), label] for path, label in files],
+        "skip_bad_images": config.skip_bad_images,
     }
     key = hashlib.sha256(json.dumps(key_material).encode()).hexdigest()[:20]
     entry = cache_root() / "image_folder" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', root.name)[:40]}-{key}"
     if (entry / "meta.json").is_file():
         images, how = np.load(entry / "images.npy", mmap_mode="r"), "cached"
+        skipped = json.loads((entry / "meta.json").read_text()).get("skipped", [])
     else:
-        images, how = _decode_into_cache(files, size_hw, config.resize, entry, class_names, root), "decoded"
+        images, skipped = _decode_into_cache(
+            files, size_hw, config.resize, entry, class_names, root, config.skip_bad_images
+        )
+        how = "decoded"
     count = len(train_files)
-    train = Split(images[:count], labels[:count])
-    test = Split(images[count:], labels[count:])
+    if skipped:
+        train, test = _without(images, labels, count, skipped, class_names, root)
+        how += f", {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} skipped"
+    else:
+        train = Split(images[:count], labels[:count])
+        test = Split(images[count:], labels[count:])
     return train, test, class_names, f"{root} ({layout}; {how}, {len(files)} images at {entry})"
 
 
-def _file_key(path: Path, root: Path) -> list:
-    stat = path.stat()
+def _without(images, labels, count: int, skipped: list[int], class_names, root: Path) -> tuple[Split, Split]:
+    """The train and test splits without the rows of images that could not be read."""
+    kept = np.setdiff1d(np.arange(len(labels)), np.asarray(skipped, dtype=np.int64))
+    train_rows, test_rows = kept[kept < count], kept[kept >= count]
+    empty = [name for label, name in enumerate(class_names) if not np.any(labels[train_rows] == label)]
+    if empty:
+        raise DataError(f"image folder {str(root)!r}: class {empty[0]!r} has no readable training images left")
+    return (
+        Split(pick_rows(images, train_rows), labels[train_rows]),
+        Split(pick_rows(images, test_rows), labels[test_rows]),
+    )
+
+
+def _file_key(path: Path, root: Path, skip_bad: bool = False) -> list:
+    try:
+        stat = path.stat()
+    except OSError as error:  # a dangling link, a file removed meanwhile
+        if skip_bad:
+            return [str(path.relative_to(root)), None, None]  # decoding will skip it
+        raise DataError(f"cannot read image {path}: {first_line(error)}") from None
     return [str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns]
 
 
@@ -170,8 +199,10 @@ def _image_mode(path: Path) -> str:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:  # reads the header only
-            return image.mode
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is refused, not decoded
+            with Image.open(path) as image:  # reads the header only
+                return image.mode
     except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for a bad file
         raise DataError(f"cannot read image {path}: {first_line(error)}") from None
 
@@ -180,7 +211,8 @@ def _decode_image(path: Path, size_hw: tuple[int, int], channels: int, resize: s
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             if image.format == "JPEG":
                 # Let libjpeg decode at a reduced scale that still covers the stored size.
                 image.draft(None, (max(size_hw),) * 2)
@@ -189,13 +221,31 @@ def _decode_image(path: Path, size_hw: tuple[int, int], channels: int, resize: s
         raise DataError(f"cannot read image {path}: {first_line(error)}") from None
 
 
-def _decode_into_cache(files, size_hw, resize, entry: Path, class_names, root: Path) -> np.ndarray:
-    """Decode ``files`` into ``entry/images.npy`` (written aside, then renamed) and map it."""
+def _decode_into_cache(
+    files, size_hw, resize, entry: Path, class_names, root: Path, skip_bad: bool = False
+) -> tuple[np.ndarray, list[int]]:
+    """Decode ``files`` into ``entry/images.npy`` (written aside, then renamed) and map it.
+
+    Returns the array and the positions of images that could not be read
+    (only with ``skip_bad``; otherwise the first one is a DataError).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     paths = [path for path, _ in files]
+    skipped: set[int] = set()
+
+    def attempt(position: int, read):
+        try:
+            return read(paths[position])
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped.add(position)
+            return None
+
     # Headers first: one channel only if every image is greyscale, decided before any pixel is written.
-    channels = 1 if all(is_gray_mode(_image_mode(path)) for path in paths) else 3
+    modes = [attempt(position, _image_mode) for position in range(len(paths))]
+    channels = 1 if all(is_gray_mode(mode) for mode in modes if mode is not None) else 3
     height, width = size_hw
     partial = entry.with_name(f".{entry.name}.partial-{os.getpid()}")
     try:
@@ -212,10 +262,13 @@ def _decode_into_cache(files, size_hw, resize, entry: Path, class_names, root: P
         chunk = 256  # bounds the decoded images held at once
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
             for start in range(0, len(paths), chunk):
-                part = paths[start : start + chunk]
-                decoded = pool.map(lambda path: _decode_image(path, size_hw, channels, resize), part)
-                for offset, pixels in enumerate(decoded):
-                    images[start + offset] = pixels
+                positions = [p for p in range(start, min(start + chunk, len(paths))) if p not in skipped]
+                decoded = pool.map(
+                    lambda p: attempt(p, lambda path: _decode_image(path, size_hw, channels, resize)), positions
+                )
+                for position, pixels in zip(positions, decoded, strict=True):
+                    if pixels is not None:
+                        images[position] = pixels
         images.flush()
         del images
         (partial / "meta.json").write_text(
@@ -226,6 +279,7 @@ def _decode_into_cache(files, size_hw, resize, entry: Path, class_names, root: P
                     "shape": [height, width, channels],
                     "resize": resize,
                     "root": str(root),
+                    "skipped": sorted(skipped),
                 },
                 indent=1,
             )
@@ -240,7 +294,7 @@ def _decode_into_cache(files, size_hw, resize, entry: Path, class_names, root: P
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return np.load(entry / "images.npy", mmap_mode="r")
+    return np.load(entry / "images.npy", mmap_mode="r"), sorted(skipped)
 
 
 SOURCE = DatasetSource(
