@@ -172,6 +172,18 @@ def test_unloadable_weights_file_is_a_weights_error(tmp_path):
         build_backbone(backbones.get("mobilenet_v2"), (32, 32), str(path), {"alpha": 0.35})
 
 
+def test_a_weights_file_of_another_architecture_names_the_file_and_the_first_layer_that_does_not_fit(tmp_path):
+    spec = backbones.get("mobilenet_v2")
+    path = tmp_path / "narrow.weights.h5"
+    build_backbone(spec, (32, 32), None, {"alpha": 0.35}).save_weights(path)
+    with pytest.raises(WeightsError) as caught:
+        build_backbone(spec, (32, 32), str(path), {"alpha": 0.5})
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    assert "does not fit this architecture: layer 'block_1_project' has a weight of shape (1, 1, 48, 16)" in message
+    assert "the file (1, 1, 48, 8)" in message
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in backbones.backbones.names() if backbones.get(name).weights_file])
 def test_every_backbone_builds_splits_and_names_its_weights(name, no_network):

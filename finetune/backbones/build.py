@@ -8,6 +8,7 @@ weights error.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from finetune._keras_compat import keras_downloads
@@ -102,5 +103,20 @@ def _load_file(spec, input_shape, path: Path, options):
     except WeightsError:
         raise
     except Exception as error:  # noqa: BLE001 - h5py, Keras and the pickle reader raise many kinds
-        raise WeightsError(f"cannot load weights {str(path)!r} into {spec.name!r}: {first_line(error)}") from None
+        raise WeightsError(f"cannot load weights {str(path)!r} into {spec.name!r}: {_mismatch(error)}") from None
     return model
+
+
+def _mismatch(error: Exception) -> str:
+    """Keras's page about variables that do not fit, as the first layer that does not match and its shapes."""
+    text = str(error)
+    layer = re.search(r"for object <\w+ name=([^,>]+)", text)
+    shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
+    count = re.search(r"A total of (\d+) objects could not be loaded", text)
+    if layer and shapes:
+        others = f" ({count.group(1)} layers do not match)" if count else ""
+        return (
+            f"the file does not fit this architecture: layer {layer.group(1)!r} has a weight of shape "
+            f"{shapes.group(1)}, the file {shapes.group(2)}{others}"
+        )
+    return first_line(error)
