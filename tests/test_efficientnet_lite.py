@@ -201,6 +201,22 @@ def test_a_view_past_its_storage_is_refused(tmp_path):
         torch_weights.load_state_dict(path)
 
 
+def test_a_zip_member_larger_than_its_tensor_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    storage = _Storage("0", np.zeros(4, np.float32), "FloatStorage")
+    path = tmp_path / "inflated.pth"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", _dump({"w": _Tensor(storage, 0, (2, 2), (2, 1))}))
+        archive.writestr("archive/data/0", b"\0" * 50_000_000)  # declared: 16 bytes
+    read = []
+    original = zipfile.ZipFile.read
+    monkeypatch.setattr(
+        zipfile.ZipFile, "read", lambda self, name, *a: (read.append(name), original(self, name, *a))[1]
+    )
+    with pytest.raises(WeightsError, match=r"holds 50,000,000 bytes, more than the 16 its tensors declare"):
+        torch_weights.load_state_dict(path)
+    assert "archive/data/0" not in read
+
+
 def test_a_file_that_is_not_a_state_dict_is_one_line(tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"\x80\x02K\x05.")  # a pickled 5, not the legacy magic number

@@ -198,13 +198,28 @@ def _read_zip(path: Path, source: str):
         big_endian = f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big"
         state = _unpickle(io.BytesIO(archive.read(pickles[0])), source)
         storages = {}
+        declared = _storage_sizes(state)
         for key, storage_type in _storage_types(state).items():
             member = f"{prefix}data/{key}"
             if member not in names:
                 raise WeightsError(f"{source} lacks the storage {member!r}")
+            expected = declared[key] * storage_type.itemsize
+            if archive.getinfo(member).file_size > expected:  # checked before a byte of it is read
+                raise WeightsError(
+                    f"{source}: storage {member!r} holds {archive.getinfo(member).file_size:,} bytes, more than "
+                    f"the {expected:,} its tensors declare: not a valid PyTorch weights file"
+                )
             dtype = storage_type.newbyteorder(">") if big_endian else storage_type
             storages[key] = np.frombuffer(archive.read(member), dtype=dtype).astype(storage_type)
     return state, storages
+
+
+def _storage_sizes(state) -> dict[str, int]:
+    """Each storage key's element count as the pickle declares it."""
+    values = state.values() if isinstance(state, dict) else []
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        values = list(values) + list(state["state_dict"].values())
+    return {value.storage.key: value.storage.numel for value in values if isinstance(value, _Tensor)}
 
 
 def _storage_types(state) -> dict[str, np.dtype]:
