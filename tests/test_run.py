@@ -35,6 +35,9 @@ def test_run_folder_holds_every_artifact(finished_run):
         assert (run_dir / name).exists(), name
     assert not (run_dir / "checkpoint.keras").exists()  # replaced by model.keras at the end
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    # Gradient health sampled both phases, the cached head phase included.
+    assert set(json.loads((run_dir / "gradient_norms.json").read_text())) == {"head", "finetune"}
+    assert (run_dir / "gradient_norms.png").stat().st_size > 1000
     assert finetune.load_recipe(run_dir / "recipe.yaml") == finished_run.recipe
 
 

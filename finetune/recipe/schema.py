@@ -253,6 +253,14 @@ class TrainingConfig(_Strict):
         ),
     )
     recalibrate_bn_images: int = Field(4096, gt=0, description="how many training images recalibration uses")
+    gradient_health_every: int = Field(
+        200,
+        ge=0,
+        description=(
+            "every this many steps, record each layer's gradient norm and dense units' health on one batch; "
+            "warn on vanishing/exploding gradients; gradient_norms.png (0: off)"
+        ),
+    )
     steps_per_execution: int = Field(1, gt=0)
     checkpoint_seconds: float = Field(
         60.0,

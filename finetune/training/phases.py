@@ -267,6 +267,9 @@ def _fit(
         train = ViewBatches(views, dataset.train.labels, batch_size, **order)
     else:
         train = FileBatches(train_x, dataset.train.labels, batch_size, **order)
+    for callback in callbacks or []:
+        if getattr(callback, "sample", False) is None:  # gradient health: one batch of what the fit trains on
+            callback.sample = train[0]
     return fit_model.fit(
         train,
         validation_data=None if validation is None else FileBatches(val_x, validation_labels, batch_size),

@@ -14,6 +14,7 @@ from finetune.recipe import PhaseConfig, TrainingConfig
 from finetune.training.batch_norm import RecalibrateBatchNorm
 from finetune.training.checkpoints import Checkpoint, EpochCheckpoint, HistoryCSV, RestoreTrainingState
 from finetune.training.features import FeatureStore
+from finetune.training.gradient_health import GradientHealth
 from finetune.training.interrupts import InterruptAtStepEnd, ctrl_c_remembered, interrupt_handled
 from finetune.training.phases import compile_for_phase, configure_phase, fit_phase, steps_per_epoch
 
@@ -82,6 +83,8 @@ def train(
                     StopOnNaN(phase.name, epochs_done),
                     HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
                 ]
+                if settings.gradient_health_every:
+                    callbacks.append(GradientHealth(run_dir, phase.name, settings.gradient_health_every, log))
                 if done_here and resume_from is not None:
                     callbacks.insert(0, RestoreTrainingState(resume_from, model))
                 if settings.recalibrate_bn == "always" or (settings.recalibrate_bn == "auto" and phase.train_bn):

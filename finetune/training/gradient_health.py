@@ -1,0 +1,245 @@
+"""Gradient health, the chapter's first problem: vanishing and exploding gradients, dead and saturated units.
+
+Every ``every_steps`` training steps, :class:`GradientHealth` takes one fixed
+batch, computes each trainable layer's gradient norm and, for dense layers,
+the share of dead units (output zero for every image of the batch) and of
+saturated ones (a sigmoid or tanh pinned near its limits), and warns in plain
+words when the lowest layers get far smaller gradients than the top
+(vanishing) or when gradients grow huge or stop being finite (exploding).
+At the end of a phase it draws ``gradient_norms.png``: layers from input to
+output on one axis, the norm on a log scale, one line per sample. The
+gradient itself is the one backend-specific piece (:func:`layer_gradient_norms`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from finetune._keras_compat import calls_in_graph
+
+VANISHING_RATIO = 1e-4  # lowest layer's norm against the largest layer's
+EXPLODING_NORM = 1e3
+
+
+def layer_gradient_norms(model: keras.Model, x, y, loss_fn) -> dict[str, float]:
+    """The L2 norm of the loss's gradient over each layer's trainable weights, in the model's layer order."""
+    variables = list(model.trainable_variables)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        gradients = [None if g is None else np.asarray(g) for g in tape.gradient(loss, variables)]
+    elif backend == "jax":
+        import jax
+
+        frozen = [v.value for v in model.non_trainable_variables]
+
+        def loss_of(trainable):
+            outputs, _ = model.stateless_call(trainable, frozen, x, training=True)
+            return loss_fn(y, outputs)
+
+        gradients = [np.asarray(g) for g in jax.grad(loss_of)([v.value for v in variables])]
+    elif backend == "torch":
+        for variable in variables:
+            variable.value.grad = None
+        loss_fn(y, model(x, training=True)).backward()
+        gradients = [None if v.value.grad is None else v.value.grad.detach().cpu().numpy() for v in variables]
+    else:  # pragma: no cover - Keras has no other training backend
+        return {}
+    squares: dict[str, float] = {}
+    for variable, gradient in zip(variables, gradients, strict=True):
+        layer = variable.path.rsplit("/", 1)[0]
+        value = 0.0 if gradient is None else float(np.sum(np.square(gradient.astype(np.float64))))
+        squares[layer] = squares.get(layer, 0.0) + value
+    return {layer: math.sqrt(total) for layer, total in squares.items()}
+
+
+def unit_health(model: keras.Model, x) -> dict[str, dict[str, float]]:
+    """For each dense layer on batch ``x``: the share of dead units (zero for every image) and of saturated
+    sigmoid/tanh outputs (within 0.01 of a limit, where the slope is nearly zero)."""
+    dense, tensors = [], []
+    functional = isinstance(model, keras.Model) and not isinstance(model, keras.Sequential)
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.Dense):
+            continue
+        if not functional:
+            dense.append(layer)
+            tensors.append(layer.output)
+            continue
+        calls = calls_in_graph(layer, model)
+        if calls:  # the layer's output in this graph (a cached top model shares the full model's layers)
+            dense.append(layer)
+            tensors.append(calls[0].output_tensors[0])
+    if not dense:
+        return {}
+    probe = keras.Model(model.inputs, tensors)
+    outputs = probe(x, training=False)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    health = {}
+    for layer, output in zip(dense, outputs, strict=True):
+        values = keras.ops.convert_to_numpy(output).astype(np.float64).reshape(len(x), -1)
+        activation = getattr(layer.activation, "__name__", "")
+        dead = float(np.mean(np.all(values == 0.0, axis=0)))
+        if activation == "sigmoid":  # the share of outputs where the slope is nearly zero
+            saturated = float(np.mean((values < 0.01) | (values > 0.99)))
+        elif activation == "tanh":
+            saturated = float(np.mean(np.abs(values) > 0.99))
+        else:
+            saturated = 0.0
+        health[layer.name] = {"dead": dead, "saturated": saturated}
+    return health
+
+
+class GradientHealth(keras.callbacks.Callback):
+    """Samples gradient norms and unit health every ``every_steps`` steps; warns once per phase per problem."""
+
+    def __init__(
+        self,
+        run_dir: Path | None,
+        phase: str,
+        every_steps: int = 200,
+        log: Callable[[str], None] = print,
+        sample_size: int = 64,
+    ):
+        super().__init__()
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.phase = phase
+        self.every_steps = every_steps
+        self.log = log
+        self.sample_size = sample_size
+        self.sample: tuple | None = None  # (x, y): set by the fit to one batch of what it trains on
+        self.samples: list[dict] = []
+        self.warnings: list[str] = []
+        self._step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self.sample is not None and (self._step == 1 or self._step % self.every_steps == 0):
+            self.record()
+
+    def record(self) -> None:
+        assert self.sample is not None
+        inputs, labels = self.sample
+        if isinstance(inputs, (list, tuple)):
+            x = [part[: self.sample_size] for part in inputs]
+        else:
+            x = inputs[: self.sample_size]
+        y = labels[: self.sample_size]
+        loss = self.model.loss
+        loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+        norms = layer_gradient_norms(self.model, x, y, lambda truth, predicted: keras.ops.mean(loss(truth, predicted)))
+        health = unit_health(self.model, x)
+        self.samples.append({"step": self._step, "norms": norms, "units": health})
+        self._check(norms, health)
+
+    def _check(self, norms: dict[str, float], health: dict) -> None:
+        values = [value for value in norms.values() if value > 0 or not math.isfinite(value)]
+        if not values:
+            return
+        if not all(math.isfinite(v) for v in values) or max(values) > EXPLODING_NORM:
+            self._warn(
+                "exploding",
+                f"gradients explode in phase {self.phase} (largest layer norm {max(values):.3g} at step "
+                f"{self._step}): lower the learning rate or clip gradients (optimizer: {{clipnorm: 1.0}})",
+            )
+        layers = list(norms)
+        lowest, top = norms[layers[0]], max(values)
+        if top > 0 and lowest / top < VANISHING_RATIO:
+            self._warn(
+                "vanishing",
+                f"gradients vanish in phase {self.phase}: the lowest layer ({layers[0]}) gets {lowest:.2g}, "
+                f"{top / max(lowest, 1e-300):.2g} times less than the largest ({top:.2g}); try He init with "
+                "ReLU/ELU (or LeCun with SELU), batch norm, or fewer saturating activations",
+            )
+        for name, units in health.items():
+            if units["dead"] >= 0.5:
+                self._warn(
+                    "dead",
+                    f"{units['dead']:.0%} of the units of {name} are dead (always zero) in phase "
+                    f"{self.phase}: try LeakyReLU/ELU or a lower learning rate",
+                )
+            if units["saturated"] >= 0.5:
+                self._warn(
+                    "saturated",
+                    f"{units['saturated']:.0%} of the units of {name} are saturated in phase "
+                    f"{self.phase}: try ReLU-family activations or a smaller init",
+                )
+
+    def _warn(self, kind: str, message: str) -> None:
+        if any(existing.startswith(kind + ":") for existing in self.warnings):
+            return
+        self.warnings.append(f"{kind}: {message}")
+        self.log(f"[finetune] warning: {message}")
+
+    def on_train_end(self, logs=None):
+        if self.run_dir is None or not self.samples:
+            return
+        from finetune.files import write_atomically, write_json_atomically
+
+        record = self.run_dir / "gradient_norms.json"
+        earlier = json.loads(record.read_text()) if record.exists() else {}
+        earlier[self.phase] = self.samples
+        write_json_atomically(record, earlier)
+        write_atomically(self.run_dir / "gradient_norms.png", lambda path: draw_gradient_norms(earlier, path))
+
+
+def draw_gradient_norms(phases: dict[str, list[dict]], path: Path) -> Path:
+    """Layers (input to output) on the x axis, gradient norm on a log y axis, one line per sample."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height, left, right, top, bottom = 900, 480, 70, 20, 40, 150
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    samples = [(phase, sample) for phase, items in phases.items() for sample in items]
+    layers: list[str] = []
+    for _, sample in samples:
+        layers += [name for name in sample["norms"] if name not in layers]
+    values = [v for _, s in samples for v in s["norms"].values() if v > 0 and math.isfinite(v)]
+    if not layers or not values:
+        image.save(path, format="PNG")
+        return path
+    low, high = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+    high = max(high, low + 1)
+
+    def xy(index: int, value: float) -> tuple[float, float]:
+        x = left + (width - left - right) * (index / max(len(layers) - 1, 1))
+        y = top + (height - top - bottom) * (high - math.log10(value)) / (high - low)
+        return x, y
+
+    for power in range(low, high + 1):
+        y = xy(0, 10.0**power)[1]
+        draw.line([(left, y), (width - right, y)], fill="#dddddd")
+        draw.text((8, y - 6), f"1e{power}", fill="black", font=font)
+    for position, (phase, sample) in enumerate(samples):
+        shade = int(200 * (1 - position / max(len(samples) - 1, 1)))
+        colour = (shade, shade, 255) if list(phases).index(phase) % 2 == 0 else (255, shade, shade)
+        points = [
+            xy(layers.index(name), value)
+            for name, value in sample["norms"].items()
+            if value > 0 and math.isfinite(value)
+        ]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+    step = max(1, len(layers) // 40)
+    for index in range(0, len(layers), step):
+        x = xy(index, 10.0**low)[0]
+        label = Image.new("RGBA", (140, 12), (255, 255, 255, 0))
+        ImageDraw.Draw(label).text((0, 0), layers[index][-22:], fill="black", font=font)
+        image.paste(label.rotate(60, expand=True), (int(x) - 10, height - bottom + 4), label.rotate(60, expand=True))
+    draw.text(
+        (left, 12),
+        "gradient norm per layer (log scale); later samples darker; blue/red alternate by phase",
+        fill="black",
+        font=font,
+    )
+    image.save(path, format="PNG")
+    return path

@@ -1,0 +1,75 @@
+"""Gradient health: vanishing gradients in a deep sigmoid stack are named; a healthy network gets no warning."""
+
+import json
+
+import keras
+import numpy as np
+
+from finetune.training.gradient_health import GradientHealth, layer_gradient_norms
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(256, 20)).astype("float32")
+    return x, (x[:, 0] > 0).astype("int32")
+
+
+def _network(depth, activation, initializer):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((20,))]
+    layers += [keras.layers.Dense(64, activation=activation, kernel_initializer=initializer) for _ in range(depth)]
+    model = keras.Sequential([*layers, keras.layers.Dense(2, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    return model
+
+
+def _fit_with_health(model, tmp_path):
+    x, y = _data()
+    lines = []
+    health = GradientHealth(tmp_path, "train", every_steps=4, log=lines.append)
+    health.sample = (x[:64], y[:64])
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[health])
+    return health, lines
+
+
+def test_a_deep_sigmoid_stack_with_a_small_init_warns_of_vanishing_gradients(tmp_path):
+    model = _network(12, "sigmoid", keras.initializers.RandomNormal(stddev=0.1))
+    health, lines = _fit_with_health(model, tmp_path)
+    assert any(line.startswith("[finetune] warning: gradients vanish in phase train") for line in lines), lines
+    norms = health.samples[0]["norms"]
+    assert norms[next(iter(norms))] < 1e-4 * max(norms.values())  # what the warning says, measured
+    assert (tmp_path / "gradient_norms.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "gradient_norms.json").read_text())["train"][0]["step"] == 1
+
+
+def test_a_deep_sigmoid_stack_with_a_large_init_warns_of_exploding_gradients_and_saturation(tmp_path):
+    model = _network(20, "sigmoid", keras.initializers.RandomNormal(stddev=8.0))
+    health, lines = _fit_with_health(model, tmp_path)
+    assert any(line.startswith("[finetune] warning: gradients explode in phase train") for line in lines), lines
+    assert any(warning.startswith("saturated:") for warning in health.warnings), health.warnings
+    assert max(health.samples[0]["norms"].values()) > 1e3
+
+
+def test_a_healthy_network_gets_no_warning(tmp_path):
+    model = _network(4, "relu", "he_normal")
+    health, lines = _fit_with_health(model, tmp_path)
+    assert health.warnings == [] and lines == []
+    assert len(health.samples) == 3  # steps 1, 4 and 8 of 8
+
+
+def test_layer_norms_are_the_norms_of_the_real_gradient():
+    model = _network(1, None, "glorot_uniform")
+    x, y = _data()
+
+    def loss(truth, predicted):
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(truth, predicted))
+
+    norms = layer_gradient_norms(model, x[:8], y[:8], loss)
+    # The output layer's bias gradient of softmax cross-entropy is mean(p - onehot): check it by hand.
+    probabilities = keras.ops.convert_to_numpy(model(x[:8]))
+    bias_gradient = (probabilities - np.eye(2)[y[:8]]).mean(axis=0)
+    hidden = keras.ops.convert_to_numpy(model.layers[0](x[:8]))
+    kernel_gradient = hidden.T @ (probabilities - np.eye(2)[y[:8]]) / 8
+    expected = np.sqrt(np.sum(bias_gradient**2) + np.sum(kernel_gradient**2))
+    assert list(norms)[-1].endswith(model.layers[-1].name)
+    np.testing.assert_allclose(norms[list(norms)[-1]], expected, rtol=1e-4)
