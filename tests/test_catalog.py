@@ -577,12 +577,14 @@ def test_early_stopping_ends_the_phase_and_restores_the_best_weights(mlp_recipe_
         np.testing.assert_allclose(to_numpy(restored), to_numpy(first), rtol=1e-5, atol=1e-6)
 
 
-def test_terminate_on_nan_stops_a_phase_whose_loss_explodes(mlp_recipe_dict, tmp_path):
+def test_a_loss_that_explodes_stops_the_run_at_the_first_nan_step_with_or_without_terminate_on_nan(
+    mlp_recipe_dict, tmp_path
+):
+    from finetune.errors import TrainingDiverged
+
     exploding = {"name": "sgd", "learning_rate": 1.0e12}
-    _, stopped = run_phase(
-        mlp_recipe_dict, tmp_path, "stopped", epochs=5, optimizer=exploding, callbacks=["terminate_on_nan"]
-    )
-    assert len(stopped) == 1 and math.isnan(float(stopped[0]["loss"]))
-    keras.backend.clear_session()
-    _, unguarded = run_phase(mlp_recipe_dict, tmp_path, "unguarded", epochs=5, optimizer=exploding, callbacks=[])
-    assert len(unguarded) == 5  # without the callback the phase runs on, on NaN weights
+    for name, listed in (("guarded", ["terminate_on_nan"]), ("unguarded", [])):
+        keras.backend.clear_session()
+        with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) in phase train, epoch 1, step \d+"):
+            run_phase(mlp_recipe_dict, tmp_path, name, epochs=5, optimizer=exploding, callbacks=listed)
+        assert not (tmp_path / name / "history.csv").exists()  # not even one epoch of NaN weights

@@ -73,3 +73,27 @@ def test_layer_norms_are_the_norms_of_the_real_gradient():
     expected = np.sqrt(np.sum(bias_gradient**2) + np.sum(kernel_gradient**2))
     assert list(norms)[-1].endswith(model.layers[-1].name)
     np.testing.assert_allclose(norms[list(norms)[-1]], expected, rtol=1e-4)
+
+
+def test_a_sample_leaves_batch_norm_statistics_and_dropout_state_as_they_were(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((20,)),
+            keras.layers.Dense(16),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = _data()
+    model.fit(x[:32], y[:32], verbose=0)
+    before = [keras.ops.convert_to_numpy(v).copy() for v in model.variables]
+    health = GradientHealth(None, "train", log=lambda line: None)
+    health.set_model(model)
+    health.sample = (x + 5.0, y)  # a batch whose statistics differ: a leak would show
+    health.record()
+    after = [keras.ops.convert_to_numpy(v) for v in model.variables]
+    for old, new in zip(before, after, strict=True):
+        np.testing.assert_array_equal(old, new)

@@ -98,6 +98,19 @@ def unit_health(model: keras.Model, x) -> dict[str, dict[str, float]]:
     return health
 
 
+def _side_effect_variables(model: keras.Model) -> list:
+    """The variables a forward pass in training mode changes: BatchNorm statistics and RNG states."""
+    from finetune.backbones.blocks import nested_layers
+
+    found = []
+    for layer in nested_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found += [layer.moving_mean, layer.moving_variance]
+    weights = {id(variable) for variable in model.weights}
+    found += [v for v in model.variables if id(v) not in weights and v.path.endswith("seed_generator_state")]
+    return list({id(variable): variable for variable in found}.values())
+
+
 class GradientHealth(keras.callbacks.Callback):
     """Samples gradient norms and unit health every ``every_steps`` steps; warns once per phase per problem."""
 
@@ -135,8 +148,18 @@ class GradientHealth(keras.callbacks.Callback):
         y = labels[: self.sample_size]
         loss = self.model.loss
         loss = keras.losses.get(loss) if isinstance(loss, str) else loss
-        norms = layer_gradient_norms(self.model, x, y, lambda truth, predicted: keras.ops.mean(loss(truth, predicted)))
-        health = unit_health(self.model, x)
+        # A call in training mode moves BatchNorm statistics and dropout's random state: the sample
+        # must leave the run as it found it (a resumed run must draw what an uninterrupted one draws).
+        state = _side_effect_variables(self.model)
+        saved = [keras.ops.convert_to_numpy(variable) for variable in state]
+        try:
+            norms = layer_gradient_norms(
+                self.model, x, y, lambda truth, predicted: keras.ops.mean(loss(truth, predicted))
+            )
+            health = unit_health(self.model, x)
+        finally:
+            for variable, value in zip(state, saved, strict=True):
+                variable.assign(value)
         self.samples.append({"step": self._step, "norms": norms, "units": health})
         self._check(norms, health)
 
