@@ -120,3 +120,18 @@ def fit(model, recipe, phase, dataset, **kwargs):
     from finetune.training.phases import fit_phase
 
     return fit_phase(model, layout_of(model, recipe), phase, dataset, recipe.training, seed=recipe.seed, **kwargs)
+
+
+def long_recipe_file(folder, weights, epochs: int):
+    """The tiny recipe's head phase alone, ``epochs`` long, saved each epoch, as a YAML file for the CLI."""
+    import yaml
+
+    recipe = {**TINY_RECIPE, "phases": [{**TINY_RECIPE["phases"][0], "epochs": epochs}]}
+    recipe["model"] = {
+        **TINY_RECIPE["model"],
+        "backbone": {**TINY_RECIPE["model"]["backbone"], "weights": str(weights)},
+    }
+    recipe["training"] = {**TINY_RECIPE["training"], "checkpoint_seconds": 0, "cache": "off"}
+    path = Path(folder) / "long.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

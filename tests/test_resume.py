@@ -197,17 +197,9 @@ def test_a_loss_that_explodes_stops_the_run_with_one_line_and_keeps_the_last_goo
 
 @pytest.mark.slow
 def test_sigkill_then_finetune_resume_finishes_the_run(tmp_path, tiny_backbone_weights):
-    import yaml
-    from conftest import TINY_RECIPE
+    from conftest import long_recipe_file
 
-    recipe = {**TINY_RECIPE, "phases": [{**TINY_RECIPE["phases"][0], "epochs": 40}]}
-    recipe["model"] = {
-        **TINY_RECIPE["model"],
-        "backbone": {**TINY_RECIPE["model"]["backbone"], "weights": str(tiny_backbone_weights)},
-    }
-    recipe["training"] = {**TINY_RECIPE["training"], "checkpoint_seconds": 0, "cache": "off"}
-    path = tmp_path / "long.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = long_recipe_file(tmp_path, tiny_backbone_weights, epochs=40)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "finetune"]

@@ -446,17 +446,9 @@ def test_ctrl_c_on_a_real_run_exits_130_and_marks_the_folder_interrupted(tmp_pat
     import signal
     import time
 
-    import yaml
-    from conftest import TINY_RECIPE
+    from conftest import long_recipe_file
 
-    recipe = {**TINY_RECIPE, "phases": [{**TINY_RECIPE["phases"][0], "epochs": 200}]}
-    recipe["model"] = {
-        **TINY_RECIPE["model"],
-        "backbone": {**TINY_RECIPE["model"]["backbone"], "weights": str(tiny_backbone_weights)},
-    }
-    recipe["training"] = {**TINY_RECIPE["training"], "checkpoint_seconds": 0, "cache": "off"}
-    path = tmp_path / "long.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = long_recipe_file(tmp_path, tiny_backbone_weights, epochs=200)
     out = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "finetune", "run", str(path), "--out", str(out)],

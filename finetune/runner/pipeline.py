@@ -61,18 +61,34 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     with folder.locked(), interrupts_named(folder), folder.recording():
         announce(plan, dataset, layout, folder, log)
         model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
-        train(
-            model,
-            layout,
-            plan.phases,
-            plan.training,
-            dataset,
-            folder.path,
-            seed=plan.seed,
-            log=log,
-            phase_done=folder.phase_done,
-        )
-        return conclude(model, plan, recipe, dataset, folder, started, log)
+        return train_and_conclude(model, layout, plan, recipe, dataset, folder, started, log)
+
+
+def train_and_conclude(
+    model,
+    layout,
+    plan: RunPlan,
+    recipe: Recipe,
+    dataset: Dataset,
+    folder: RunFolder,
+    started: float,
+    log,
+    resume_from=None,
+) -> RunResult:
+    """The phases (from ``resume_from``'s epoch when given), evaluation and export; the folder marked finished."""
+    train(
+        model,
+        layout,
+        plan.phases,
+        plan.training,
+        dataset,
+        folder.path,
+        seed=plan.seed,
+        log=log,
+        phase_done=folder.phase_done,
+        resume_from=resume_from,
+    )
+    return conclude(model, plan, recipe, dataset, folder, started, log)
 
 
 def conclude(model, plan: RunPlan, recipe: Recipe, dataset: Dataset, folder: RunFolder, started: float, log):

@@ -13,9 +13,8 @@ from finetune import model as model_stage
 from finetune.errors import RunFolderError
 from finetune.plan import prepare
 from finetune.runner.folder import RunFolder
-from finetune.runner.pipeline import RunResult, announce, build, conclude, interrupts_named, load_data
+from finetune.runner.pipeline import RunResult, announce, build, interrupts_named, load_data, train_and_conclude
 from finetune.training.checkpoints import read_checkpoint, read_history, truncate_history
-from finetune.training.train import train
 
 
 def resume(run_dir: str | Path, *, log: Callable[[str], None] = print) -> RunResult:
@@ -56,19 +55,9 @@ def resume(run_dir: str | Path, *, log: Callable[[str], None] = print) -> RunRes
                 truncate_history(folder.path / "history.csv", checkpoint.state["epochs_done"])
                 state = checkpoint.state
                 log(f"[finetune] resuming after epoch {state['epochs_done']} (phase {state['phase']})")
-            train(
-                model,
-                layout,
-                plan.phases,
-                plan.training,
-                dataset,
-                folder.path,
-                seed=plan.seed,
-                log=log,
-                phase_done=folder.phase_done,
-                resume_from=checkpoint,
+            return train_and_conclude(
+                model, layout, plan, recipe, dataset, folder, started, log, resume_from=checkpoint
             )
-            return conclude(model, plan, recipe, dataset, folder, started, log)
 
 
 def finished_result(folder: RunFolder) -> RunResult:
