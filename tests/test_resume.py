@@ -323,3 +323,22 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_says_
     assert seen["state"]["epochs_done"] == 1  # the epoch-1 checkpoint survived the failed write whole
     assert not list((tmp_path / "run").glob(".*partial*"))  # no half-written file left behind
     assert result.test_accuracy >= 0 and len(_rows(tmp_path / "run")) == 3
+
+
+def test_a_kill_during_export_leaves_no_half_saved_model_and_resume_writes_it(tmp_path, tiny_recipe_dict, monkeypatch):
+    from finetune.export import saved_model
+
+    tiny_recipe_dict["phases"] = tiny_recipe_dict["phases"][:1]
+    original = saved_model.write_text_atomically
+
+    def killed(*args, **kwargs):  # the SavedModel is written, labels.txt not yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saved_model, "write_text_atomically", killed)
+    with pytest.raises(RunInterrupted):
+        finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=lambda line: None)
+    assert not (tmp_path / "run" / "saved_model").exists()
+    monkeypatch.setattr(saved_model, "write_text_atomically", original)
+    finetune.resume(tmp_path / "run", log=lambda line: None)
+    assert (tmp_path / "run" / "saved_model" / "labels.txt").read_text().splitlines()[0] == "T-shirt/top"
+    assert not [path.name for path in (tmp_path / "run").iterdir() if "partial" in path.name]

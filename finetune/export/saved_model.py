@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -19,6 +21,13 @@ def export_saved_model(model, path: Path, class_names) -> Path:
         import tensorflow  # noqa: F401  (SavedModel is a TensorFlow format)
     except ImportError:
         raise FinetuneError("export.saved_model needs TensorFlow installed; set export.saved_model: false") from None
-    model.export(str(path), format="tf_saved_model", verbose=False)
-    write_text_atomically(path / "labels.txt", "".join(f"{name}\n" for name in class_names))
+    # Written aside and renamed whole: a kill mid-export leaves no half SavedModel under the final name.
+    for stale in path.parent.glob(f".{path.name}.partial-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    model.export(str(partial), format="tf_saved_model", verbose=False)
+    write_text_atomically(partial / "labels.txt", "".join(f"{name}\n" for name in class_names))
+    if path.exists():  # an export a resumed run redoes
+        shutil.rmtree(path)
+    os.replace(partial, path)
     return path

@@ -17,6 +17,7 @@ from finetune.errors import RunInterrupted
 from finetune.evaluation import metrics as metrics_stage
 from finetune.evaluation import pictures
 from finetune.export.saved_model import export_saved_model
+from finetune.files import write_atomically
 from finetune.plan import RunPlan, prepare
 from finetune.recipe import Recipe
 from finetune.runner.folder import RunFolder, check_run_dir
@@ -181,11 +182,11 @@ def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolde
     """``model.keras``, ``metrics.json``, the confusion-matrix picture and the SavedModel."""
     folder.save_model(model)
     folder.write_json("metrics.json", metrics)
-    pictures.confusion_matrix_png(
-        metrics["test"]["confusion_matrix"],
-        dataset.class_names,
+    write_atomically(
         folder.path / "confusion_matrix.png",
-        f"{plan.name}: test split",
+        lambda path: pictures.confusion_matrix_png(
+            metrics["test"]["confusion_matrix"], dataset.class_names, path, f"{plan.name}: test split"
+        ),
     )
     if plan.export.saved_model:
         export_saved_model(model, folder.path / "saved_model", dataset.class_names)
