@@ -121,3 +121,38 @@ def test_unknown_source_lists_the_known_ones(tiny_recipe_dict):
     tiny_recipe_dict["data"]["source"] = "mnits"
     with pytest.raises(finetune.RecipeError, match="known: fashion_mnist"):
         finetune.load_recipe(tiny_recipe_dict)
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("truncated_gzip", "cannot read"),
+        ("wrong_magic", "is not an unsigned-byte IDX file"),
+        ("counts_disagree", "images and labels differ in count"),
+    ],
+)
+def test_damaged_idx_files_are_one_line_naming_the_file_and_leave_no_run_folder(tmp_path, damage, expected):
+    import copy
+
+    from conftest import TINY_RECIPE
+
+    import finetune
+
+    folder = write_fake_fashion_mnist(tmp_path / "d")
+    images = folder / "train-images-idx3-ubyte.gz"
+    if damage == "truncated_gzip":
+        images.write_bytes(images.read_bytes()[:-30])
+    elif damage == "wrong_magic":
+        raw = gzip.decompress(images.read_bytes())
+        images.write_bytes(gzip.compress(bytes([0, 0, 0x0D]) + raw[3:]))
+    else:
+        write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(39) % 10)
+    with pytest.raises(DataError) as caught:
+        fashion_mnist.load_fashion_mnist(DataConfig(data_dir=str(folder)))
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+    assert "train-" in str(caught.value) or damage == "counts_disagree"
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["data"]["data_dir"] = str(folder)
+    with pytest.raises(DataError):
+        finetune.run(finetune.load_recipe(raw), out=tmp_path / "run", log=lambda line: None)
+    assert not (tmp_path / "run").exists()

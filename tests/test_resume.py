@@ -64,9 +64,15 @@ def _deterministic():
 
 
 def test_a_run_interrupted_in_its_second_phase_resumes_to_the_same_weights(tmp_path, tiny_recipe_dict, monkeypatch):
-    """Tolerance: rtol 1e-5, atol 1e-6 on every weight, with TensorFlow's op determinism on."""
+    """Tolerance: rtol 1e-5, atol 1e-6 on every weight, with TensorFlow's op determinism on.
+
+    The second phase runs 1cycle (rate and momentum move every step), so its step must go on where
+    it was: the resumed rows' learning rates equal the uninterrupted run's.
+    """
     _deterministic()
-    recipe = finetune.load_recipe(_recipe(tiny_recipe_dict))
+    raw = _recipe(tiny_recipe_dict)
+    raw["phases"][1]["schedule"] = {"name": "one_cycle"}
+    recipe = finetune.load_recipe(raw)
     alone = finetune.run(recipe, out=tmp_path / "alone", log=lambda line: None)
 
     original = _interrupt_at(monkeypatch, epoch=4)  # the second of the finetune phase's three epochs
