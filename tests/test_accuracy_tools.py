@@ -100,16 +100,8 @@ def test_unknown_augmentation_is_one_line():
 
 
 def test_augmented_phase_is_not_cached_and_says_so(tiny_recipe_dict):
-    from finetune.data import load_dataset
-    from finetune.training.features import FeatureStore
-
     tiny_recipe_dict["model"]["augment"] = ["random_translation"]
-    recipe = read_recipe(tiny_recipe_dict)
-    plan = resolve(recipe)
-    dataset = load_dataset(plan.data, plan.seed)
-    model = assemble(plan.model, dataset.input_shape, dataset.num_classes)
-    notes = []
-    store = FeatureStore(plan.phases, plan.training, layout(model, plan.model), log=notes.append)
+    _, plan, dataset, model, store, notes = _store(tiny_recipe_dict)
     assert store.features(model, plan.phases[0], dataset, 32) is None
     assert any("model.augment" in note and "not cached" in note for note in notes)
 
@@ -271,18 +263,24 @@ def test_gradual_unfreezing_expands_into_phases_that_unfreeze_more(tiny_recipe_d
 # --- augmentation meets feature caching ---------------------------------------------------------------------------
 
 
-def _augmented_store(tiny_recipe_dict, views):
+def _store(tiny_recipe_dict):
+    """The recipe, its plan, dataset and model, and a FeatureStore whose log lines land in ``notes``."""
     from finetune.data import load_dataset
     from finetune.training.features import FeatureStore
 
-    tiny_recipe_dict["model"]["augment"] = [{"name": "random_translation", "factor": 0.2}]
-    tiny_recipe_dict["training"]["augmented_views"] = views
-    plan = resolve(read_recipe(tiny_recipe_dict))
+    recipe = read_recipe(tiny_recipe_dict)
+    plan = resolve(recipe)
     dataset = load_dataset(plan.data, plan.seed)
     model = assemble(plan.model, dataset.input_shape, dataset.num_classes)
     notes = []
     store = FeatureStore(plan.phases, plan.training, layout(model, plan.model), log=notes.append)
-    return plan, dataset, model, store, notes
+    return recipe, plan, dataset, model, store, notes
+
+
+def _augmented_store(tiny_recipe_dict, views):
+    tiny_recipe_dict["model"]["augment"] = [{"name": "random_translation", "factor": 0.2}]
+    tiny_recipe_dict["training"]["augmented_views"] = views
+    return _store(tiny_recipe_dict)[1:]
 
 
 def test_augmented_views_cache_k_different_copies_and_plain_validation(tiny_recipe_dict):
@@ -396,16 +394,8 @@ def test_mixed_batches_repeat_per_seed_and_change_every_epoch():
 def test_a_phase_trains_on_mixed_batches_and_validates_on_plain_labels(tiny_recipe_dict):
     from conftest import compile_phase, fit
 
-    from finetune.data import load_dataset
-    from finetune.training.features import FeatureStore
-
     tiny_recipe_dict["training"]["mix"] = ["mixup", {"name": "cutmix", "probability": 0.5}]
-    recipe = read_recipe(tiny_recipe_dict)
-    plan = resolve(recipe)
-    dataset = load_dataset(plan.data, plan.seed)
-    model = assemble(plan.model, dataset.input_shape, dataset.num_classes)
-    notes = []
-    store = FeatureStore(plan.phases, plan.training, layout(model, plan.model), log=notes.append)
+    recipe, _, dataset, model, store, notes = _store(tiny_recipe_dict)
     phase = recipe.phases[0].model_copy(update={"epochs": 2})
     compile_phase(model, recipe, phase, steps=5)
     history = fit(model, recipe, phase, dataset, features=store)
