@@ -214,24 +214,22 @@ def _read_zip(path: Path, source: str):
     return state, storages
 
 
+def _tensors(state) -> list[_Tensor]:
+    """The tensors of a state dict (and of its ``state_dict`` entry, for training checkpoints)."""
+    values = list(state.values()) if isinstance(state, dict) else []
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        values += list(state["state_dict"].values())
+    return [value for value in values if isinstance(value, _Tensor)]
+
+
 def _storage_sizes(state) -> dict[str, int]:
     """Each storage key's element count as the pickle declares it."""
-    values = state.values() if isinstance(state, dict) else []
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        values = list(values) + list(state["state_dict"].values())
-    return {value.storage.key: value.storage.numel for value in values if isinstance(value, _Tensor)}
+    return {tensor.storage.key: tensor.storage.numel for tensor in _tensors(state)}
 
 
 def _storage_types(state) -> dict[str, np.dtype]:
     """Each storage key's dtype, from the tensors that use it."""
-    values = state.values() if isinstance(state, dict) else []
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        values = list(values) + list(state["state_dict"].values())
-    types = {}
-    for value in values:
-        if isinstance(value, _Tensor):
-            types[value.storage.key] = value.storage.type.dtype
-    return types
+    return {tensor.storage.key: tensor.storage.type.dtype for tensor in _tensors(state)}
 
 
 def _materialize(tensor: _Tensor, storages: dict, source: str) -> np.ndarray:

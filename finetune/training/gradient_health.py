@@ -101,13 +101,13 @@ def unit_health(model: keras.Model, x) -> dict[str, dict[str, float]]:
 def _side_effect_variables(model: keras.Model) -> list:
     """The variables a forward pass in training mode changes: BatchNorm statistics and RNG states."""
     from finetune.backbones.blocks import nested_layers
+    from finetune.training.checkpoints import seed_generator_states
 
     found = []
     for layer in nested_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             found += [layer.moving_mean, layer.moving_variance]
-    weights = {id(variable) for variable in model.weights}
-    found += [v for v in model.variables if id(v) not in weights and v.path.endswith("seed_generator_state")]
+    found += seed_generator_states(model)
     return list({id(variable): variable for variable in found}.values())
 
 
