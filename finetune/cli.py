@@ -62,6 +62,16 @@ def load_backend_quietly() -> None:
             tf.config.list_physical_devices("GPU")
 
 
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress and no log lines; errors only.")
+
+
+def progress(quiet: bool):
+    """Where a command's progress goes: stderr (a live line on a terminal), or nowhere with ``--quiet``."""
+    from finetune.progress import Progress
+
+    return Progress(sys.stderr, "quiet" if quiet else "auto")
+
+
 def reported(command):
     """Give ``command`` a ``--debug`` flag and turn what it raises into one line and an exit code."""
 
@@ -131,24 +141,27 @@ def main():
     type=click.Path(file_okay=False),
     help="Run folder (must not exist or be empty). Default: runs/<recipe name>-<time>.",
 )
+@QUIET
 @reported
-def run(recipe, overrides, out):
+def run(recipe, overrides, out, quiet):
     """Train and evaluate RECIPE, then export the model.
 
     Writes recipe.yaml, history.csv, metrics.json, model.keras and
-    saved_model/ into the run folder.
+    saved_model/ into the run folder. Progress goes to stderr: a live line
+    on a terminal, one line per epoch otherwise.
     """
     load_backend_quietly()  # before anything imports Keras
     from finetune.plan import load_recipe
     from finetune.runner import run as run_recipe
 
-    run_recipe(load_recipe(recipe, list(overrides)), out=out, log=lambda line: click.echo(line, err=True))
+    run_recipe(load_recipe(recipe, list(overrides)), out=out, log=progress(quiet))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
+@QUIET
 @reported
-def resume(run_dir):
+def resume(run_dir, quiet):
     """Continue the interrupted or killed run in RUN_DIR where its last checkpoint stood.
 
     Finished phases are not redone; a finished run is left as it is.
@@ -156,7 +169,7 @@ def resume(run_dir):
     load_backend_quietly()
     from finetune.runner import resume as resume_run
 
-    resume_run(run_dir, log=lambda line: click.echo(line, err=True))
+    resume_run(run_dir, log=progress(quiet))
 
 
 @main.command()

@@ -24,9 +24,13 @@ def finished_run(tmp_path_factory, tiny_backbone_weights):
     raw = copy.deepcopy(TINY_RECIPE)
     raw["model"]["backbone"]["weights"] = str(tiny_backbone_weights)
     raw["phases"][0]["epochs"] = 2
+    raw["training"]["verbose"] = "auto"  # finetune's own epoch lines, into ``lines`` below
     recipe = finetune.load_recipe(raw)
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    return finetune.run(recipe, out=out, log=lambda line: None)
+    lines: list[str] = []
+    result = finetune.run(recipe, out=out, log=lines.append)
+    result.log_lines = lines
+    return result
 
 
 def test_run_folder_holds_every_artifact(finished_run):
@@ -57,6 +61,47 @@ def test_history_has_every_epoch_of_every_phase(finished_run):
     validation = data.load_dataset(finished_run.recipe.data, finished_run.recipe.seed).validation
     predicted = finished_run.model.predict(validation.images, verbose=0).argmax(axis=1)
     assert float(rows[-1]["val_accuracy"]) == pytest.approx(float(np.mean(predicted == validation.labels)), abs=1e-6)
+
+
+def test_each_epoch_has_one_log_line_with_the_history_values(finished_run):
+    with (finished_run.run_dir / "history.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    epoch_lines = [line for line in finished_run.log_lines if " epoch " in line and "img/s" in line]
+    assert len(epoch_lines) == len(rows) == 3
+    for line, row in zip(epoch_lines, rows, strict=True):
+        assert line.startswith(f"[finetune] {row['phase']} epoch {row['epoch']}/")
+        assert f"loss {float(row['loss']):.4f}" in line and f"val_acc {float(row['val_accuracy']):.4f}" in line
+    assert not any("\r" in line for line in finished_run.log_lines)  # no live line outside a terminal
+
+
+def test_the_run_ends_with_a_table_of_its_phases_and_the_test_result(finished_run):
+    with (finished_run.run_dir / "history.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    log = finished_run.log_lines
+    table = log[log.index(next(line for line in log if "best val acc" in line)) :]
+    head_best = max(float(row["val_accuracy"]) for row in rows if row["phase"] == "head")
+    assert table[1].split()[1:3] == ["head", "2"] and table[1].endswith(f"{head_best:.4f}")
+    assert table[2].split()[1:3] == ["finetune", "1"] and table[2].endswith(f"{float(rows[2]['val_accuracy']):.4f}")
+    assert f"test accuracy {finished_run.test_accuracy:.4f}" in table[3] and str(finished_run.run_dir) in table[3]
+
+
+def test_tensorboard_shows_every_phase_on_one_epoch_axis(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with (finished_run.run_dir / "history.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    events = EventAccumulator(str(finished_run.run_dir / "tensorboard" / "train"))
+    events.Reload()
+    # Two fits (the phases) wrote to the same folder.
+    logged = {event.step: float(tf_value(event)) for event in events.Tensors("epoch_loss")}
+    assert sorted(logged) == [0, 1, 2]
+    np.testing.assert_allclose([logged[step] for step in (0, 1, 2)], [float(row["loss"]) for row in rows], rtol=1e-5)
+
+
+def tf_value(event):
+    import tensorflow as tf
+
+    return tf.make_ndarray(event.tensor_proto)
 
 
 def test_metrics_are_computed_from_the_model(finished_run):
@@ -229,6 +274,8 @@ def test_cli_run_end_to_end(tmp_path, tiny_backbone_weights):
         f"model.backbone.weights={tiny_backbone_weights}",
         "--set",
         "phases.finetune.epochs=0",
+        "--set",
+        "training.verbose=auto",
         "--out",
         str(out),
     )
@@ -244,6 +291,30 @@ def test_cli_run_end_to_end(tmp_path, tiny_backbone_weights):
     assert metrics["test"]["accuracy"] == pytest.approx(float(np.mean(predicted == test.labels)))
     assert metrics["test"]["examples"] == len(test) == 100
     assert (out / "saved_model" / "saved_model.pb").exists()
+    # Not a terminal: one line per epoch and no live line redrawn in place.
+    assert "\r" not in result.stderr
+    assert sum(" epoch 1/1: loss " in line for line in result.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cli_run_quiet_prints_nothing(tmp_path, tiny_backbone_weights):
+    import yaml
+    from click.testing import CliRunner
+    from conftest import TINY_RECIPE
+
+    from finetune.cli import main
+
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(yaml.safe_dump(TINY_RECIPE))
+    out = tmp_path / "out"
+    settings = [f"model.backbone.weights={tiny_backbone_weights}", "phases.finetune.epochs=0", "training.verbose=auto"]
+    args = ["run", str(recipe_path), "--out", str(out), "--quiet"]
+    for setting in settings:
+        args += ["--set", setting]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output == ""
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
 def test_confusion_matrix_picture_is_written(finished_run):

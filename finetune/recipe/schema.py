@@ -224,7 +224,16 @@ class LossConfig(_Strict):
 class TrainingConfig(_Strict):
     batch_size: int = Field(64, gt=0)
     loss: LossConfig = Field(default_factory=LossConfig)
-    verbose: Literal["auto", 0, 1, 2] = "auto"
+    verbose: Literal["auto", 0, 1, 2] = Field(
+        "auto",
+        description=(
+            "auto: a live line per step on a terminal and one line per epoch; 0: no epoch lines; "
+            "1, 2: Keras's own progress bar or epoch line"
+        ),
+    )
+    tensorboard: bool = Field(
+        True, description="TensorBoard logs in RUN_DIR/tensorboard (every phase on one epoch axis)"
+    )
     shuffle: bool = True
     cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="compute the frozen part once per phase (auto: memory or disk by size)"

@@ -19,8 +19,10 @@ from finetune.evaluation import pictures
 from finetune.export.saved_model import export_saved_model
 from finetune.files import write_atomically
 from finetune.plan import RunPlan, prepare
+from finetune.progress import Progress
 from finetune.recipe import Recipe
 from finetune.runner.folder import RunFolder, check_run_dir
+from finetune.runner.summary import summary_lines
 from finetune.training.checkpoints import read_history
 from finetune.training.phases import check_phases, setup_warnings
 from finetune.training.train import train
@@ -41,7 +43,9 @@ class RunResult:
         return self.metrics["test"]["accuracy"]
 
 
-def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Callable[[str], None] = print) -> RunResult:
+def run(
+    recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Callable[[str], None] | Progress = print
+) -> RunResult:
     """Run a whole recipe and return its metrics, model and run folder.
 
     The run folder holds ``recipe.yaml`` (resolved), ``history.csv`` (one row
@@ -54,6 +58,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     :func:`resume` continues.
     """
     recipe, plan = prepare(recipe)
+    log = Progress.of(log)
     started = time.perf_counter()
     check_run_dir(out)
     dataset = load_data(plan)
@@ -94,15 +99,14 @@ def train_and_conclude(
 
 def conclude(model, plan: RunPlan, recipe: Recipe, dataset: Dataset, folder: RunFolder, started: float, log):
     """Evaluation and export of a trained model, then the folder marked finished."""
+    log = Progress.of(log)
     history = read_history(folder.path / "history.csv")
+    log.live(f"[finetune] evaluating on {len(dataset.test):,} test images", force=True)
     metrics = evaluate(model, plan, dataset, history, started)
     save(model, plan, dataset, metrics, folder)
     folder.finish()
-    test = metrics["test"]
-    log(
-        f"[finetune] test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} on {test['examples']} images; "
-        f"{metrics['seconds']:.0f}s; results in {folder.path}"
-    )
+    for line in summary_lines(history, metrics, folder.path):
+        log(f"[finetune] {line}")
     return RunResult(run_dir=folder.path, metrics=metrics, model=model, recipe=recipe, history=history)
 
 

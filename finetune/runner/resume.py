@@ -12,12 +12,13 @@ import keras
 from finetune import model as model_stage
 from finetune.errors import RunFolderError
 from finetune.plan import prepare
+from finetune.progress import Progress
 from finetune.runner.folder import RunFolder
 from finetune.runner.pipeline import RunResult, announce, build, interrupts_named, load_data, train_and_conclude
 from finetune.training.checkpoints import read_checkpoint, read_history, truncate_history
 
 
-def resume(run_dir: str | Path, *, log: Callable[[str], None] = print) -> RunResult:
+def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress = print) -> RunResult:
     """Continue the run in ``run_dir`` from its ``recipe.yaml`` and ``checkpoint.keras``.
 
     Finished phases are not redone and their ``history.csv`` rows stay as
@@ -28,6 +29,7 @@ def resume(run_dir: str | Path, *, log: Callable[[str], None] = print) -> RunRes
     is left as it is. A folder whose ``recipe.yaml`` changed, or that another
     process holds, is refused in one line.
     """
+    log = Progress.of(log)
     folder = RunFolder.existing(run_dir)
     with folder.locked():
         if folder.status.get("status") == "finished":

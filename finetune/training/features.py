@@ -30,6 +30,7 @@ import numpy as np
 from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.augment import augmentation_layers
 from finetune.errors import RecipeError
+from finetune.progress import Progress
 from finetune.recipe import TrainingConfig
 from finetune.training.cuts import CutModels, bridge, plan_cut, single
 
@@ -67,9 +68,19 @@ def _available_memory() -> int:
 
 
 def extract(
-    bottom: keras.Model, images, batch_size: int, dtype: str, storage: str, folder: Path | None, name: str
+    bottom: keras.Model,
+    images,
+    batch_size: int,
+    dtype: str,
+    storage: str,
+    folder: Path | None,
+    name: str,
+    rows_done: Callable[[int, int], None] = lambda done, total: None,
 ) -> list[np.ndarray]:
-    """The bottom's outputs for ``images`` (an array or a list of arrays), in chunks into RAM or files."""
+    """The bottom's outputs for ``images`` (an array or a list of arrays), in chunks into RAM or files.
+
+    ``rows_done(done, total)`` is told after each chunk.
+    """
     outputs = _as_list(bottom.output)
     inputs = _as_list(images)
     rows = len(inputs[0])
@@ -90,6 +101,7 @@ def extract(
         produced = _as_list(bottom.predict(block if len(block) > 1 else block[0], batch_size=batch_size, verbose=0))
         for array, values in zip(arrays, produced, strict=True):
             array[start : start + len(values)] = keras.ops.convert_to_numpy(values).astype(dtype, copy=False)
+        rows_done(min(start + chunk, rows), rows)
     for array in arrays:
         if isinstance(array, np.memmap):
             array.flush()
@@ -153,7 +165,7 @@ class FeatureStore:
         self.settings = settings
         self.layout = layout
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.log = log or (lambda message: None)
+        self.log = Progress.of(log)
         self.kept: CutModels | None = None
         self.kept_from = ""
         self.splits: dict[str, list] = {}
@@ -313,10 +325,14 @@ class FeatureStore:
             return None
         folder = self._folder(folder_name) if storage == "disk" else None
         started = time.perf_counter()
-        computed = {
-            name: extract(producer, inputs, batch_size, self.settings.cache_dtype, storage, folder, name)
-            for name, inputs in splits.items()
-        }
+        computed = {}
+        for name, inputs in splits.items():
+
+            def shown(done: int, total: int, split: str = name) -> None:
+                self.log.live(f"[finetune] phase {phase.name}: {what}, {split} {done:,}/{total:,} images")
+
+            dtype = self.settings.cache_dtype
+            computed[name] = extract(producer, inputs, batch_size, dtype, storage, folder, name, shown)
         size = sum(array.nbytes for arrays in computed.values() for array in arrays)
         self.log(
             f"[finetune] phase {phase.name}: {what}, {size / 1e6:,.0f} MB in {storage}, "

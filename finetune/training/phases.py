@@ -7,7 +7,6 @@ every phase compiles again with its own new optimizer.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,10 +278,8 @@ def _fit(
 
 
 def resolve_verbosity(setting) -> int:
-    """``auto``: a progress bar on a terminal, one line per epoch in a log file."""
-    if setting != "auto":
-        return int(setting)
-    return 1 if sys.stdout.isatty() else 2
+    """Keras's own output for 1 and 2; none for ``auto`` (finetune's progress line shows it) and 0."""
+    return 0 if setting == "auto" else int(setting)
 
 
 def optimizer_learning_rate(optimizer) -> float:

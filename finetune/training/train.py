@@ -10,6 +10,7 @@ import keras
 
 from finetune.backbones.spec import BackboneLayout
 from finetune.errors import TrainingDiverged
+from finetune.progress import Progress
 from finetune.recipe import PhaseConfig, TrainingConfig
 from finetune.training.batch_norm import RecalibrateBatchNorm
 from finetune.training.checkpoints import Checkpoint, EpochCheckpoint, HistoryCSV, RestoreTrainingState
@@ -17,6 +18,7 @@ from finetune.training.features import FeatureStore
 from finetune.training.gradient_health import GradientHealth
 from finetune.training.interrupts import InterruptAtStepEnd, ctrl_c_remembered, interrupt_handled
 from finetune.training.phases import compile_for_phase, configure_phase, fit_phase, steps_per_epoch
+from finetune.training.progress import PhaseProgress
 
 
 def train(
@@ -28,7 +30,7 @@ def train(
     run_dir: Path,
     *,
     seed: int,
-    log: Callable[[str], None],
+    log: Callable[[str], None] | Progress,
     phase_done: Callable[[str], None] = lambda name: None,
     resume_from: Checkpoint | None = None,
 ) -> None:
@@ -43,7 +45,12 @@ def train(
     ``resume_from`` (a checkpoint whose weights ``model`` already holds)
     skips the phases it finished and continues its phase at the next epoch,
     with the optimizer's state and step.
+
+    ``log`` takes the lines that stay; a :class:`~finetune.progress.Progress`
+    also shows a live line per step on a terminal (``settings.verbose: auto``).
     """
+    log = Progress.of(log)
+    board = tensorboard_folder(run_dir, settings, log)
     features = FeatureStore(phases, settings, layout, run_dir / "cache", log)
     checkpoint = None
     epochs_done = 0
@@ -83,6 +90,19 @@ def train(
                     StopOnNaN(phase.name, epochs_done),
                     HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
                 ]
+                if settings.verbose == "auto":
+                    callbacks.append(
+                        PhaseProgress(
+                            log,
+                            phase.name,
+                            first_epoch=epochs_done,
+                            last_epoch=epochs_done + phase.epochs,
+                            steps=steps,
+                            images_per_epoch=min(steps * settings.batch_size_for(phase), len(dataset.train)),
+                        )
+                    )
+                if board is not None:
+                    callbacks.append(keras.callbacks.TensorBoard(log_dir=str(board), write_graph=False))
                 if settings.gradient_health_every:
                     callbacks.append(GradientHealth(run_dir, phase.name, settings.gradient_health_every, log))
                 if done_here and resume_from is not None:
@@ -123,6 +143,23 @@ def train(
         raise
     finally:
         features.close()
+
+
+def tensorboard_folder(run_dir: Path, settings: TrainingConfig, log: Progress) -> Path | None:
+    """Where Keras's TensorBoard callback writes (epochs are numbered across phases); None when off.
+
+    Keras writes the event files with ``tf.summary``, which needs TensorFlow and the tensorboard package:
+    on a machine with JAX alone there are none.
+    """
+    if not settings.tensorboard:
+        return None
+    import importlib.util
+
+    missing = [name for name in ("tensorflow", "tensorboard") if importlib.util.find_spec(name) is None]
+    if missing:
+        log(f"[finetune] note: {' and '.join(missing)} not installed here, so no TensorBoard logs are written")
+        return None
+    return run_dir / "tensorboard"
 
 
 class StopOnNaN(keras.callbacks.Callback):

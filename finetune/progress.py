@@ -1,0 +1,104 @@
+"""What a run shows while it works: lines that stay, and one live line that only a terminal sees.
+
+A terminal gets a line that redraws in place (epoch, step, loss, learning rate, images/s, ETA); a
+log file or a pipe gets only the lines that stay (one per epoch), so no progress bar ever fills a
+log; ``quiet`` shows nothing. Errors never go through here: the command line prints them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+_CLEAR_LINE = "\r\x1b[K"
+
+
+class Progress:
+    """A callable that prints a line that stays, with :meth:`live` for the line that redraws.
+
+    ``mode`` is ``auto`` (live on a terminal, lines elsewhere), ``live``,
+    ``lines`` or ``quiet``.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        mode: str = "auto",
+        *,
+        write: Callable[[str], None] | None = None,
+        every_seconds: float = 0.2,
+    ):
+        if mode not in ("auto", "live", "lines", "quiet"):
+            raise ValueError(f"unknown progress mode {mode!r}")
+        self.stream = stream if stream is not None else sys.stderr
+        if mode == "auto":
+            mode = "live" if _is_terminal(self.stream) and write is None else "lines"
+        self.mode = mode
+        self._write = write
+        self.every_seconds = every_seconds
+        self._shown = False
+        self._last_drawn = 0.0
+
+    @classmethod
+    def of(cls, log: Callable[[str], None] | Progress | None) -> Progress:
+        """``log`` itself when it is a Progress; otherwise lines handed to ``log`` (print, a list's append)."""
+        if isinstance(log, Progress):
+            return log
+        if log is None:
+            return cls(mode="quiet")
+        return cls(mode="lines", write=log)
+
+    @property
+    def shows_live(self) -> bool:
+        return self.mode == "live"
+
+    def __call__(self, line: str) -> None:
+        if self.mode == "quiet":
+            return
+        self.end_live()
+        if self._write is not None:
+            self._write(line)
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def live(self, text: str, force: bool = False) -> None:
+        """Redraw the live line, at most every ``every_seconds`` unless ``force``; nothing off a terminal."""
+        if not self.shows_live:
+            return
+        now = time.monotonic()
+        if not force and self._shown and now - self._last_drawn < self.every_seconds:
+            return
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.stream.write(_CLEAR_LINE + text[:width])
+        self.stream.flush()
+        self._shown = True
+        self._last_drawn = now
+
+    def due(self) -> bool:
+        """Whether a :meth:`live` call now would draw (lets callers skip building the text)."""
+        return self.shows_live and (not self._shown or time.monotonic() - self._last_drawn >= self.every_seconds)
+
+    def end_live(self) -> None:
+        if self._shown:
+            self.stream.write(_CLEAR_LINE)
+            self.stream.flush()
+            self._shown = False
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        return False
+
+
+def duration(seconds: float) -> str:
+    """``0:42``, ``12:05``, ``1:02:03``: the form of an ETA or an elapsed time."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"

@@ -1,0 +1,91 @@
+"""A phase's progress: a live line per step on a terminal, one line per epoch everywhere."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import keras
+
+from finetune.progress import Progress, duration
+from finetune.training.phases import optimizer_learning_rate
+
+_SHOWN = (("loss", "loss {:.4f}"), ("accuracy", "acc {:.4f}"))
+_SHOWN_AT_EPOCH_END = (*_SHOWN, ("val_loss", "val_loss {:.4f}"), ("val_accuracy", "val_acc {:.4f}"))
+
+
+class PhaseProgress(keras.callbacks.Callback):
+    """Shows where a phase is: epoch, step, loss, accuracy, learning rate, images/s and ETA.
+
+    Epochs are numbered across phases (``first_epoch`` is the run's epoch the
+    phase starts after), as in ``history.csv``.
+    """
+
+    def __init__(
+        self,
+        progress: Progress,
+        phase: str,
+        *,
+        first_epoch: int,
+        last_epoch: int,
+        steps: int,
+        images_per_epoch: int,
+    ):
+        super().__init__()
+        self.progress = progress
+        self.phase = phase
+        self.first_epoch = first_epoch
+        self.last_epoch = last_epoch
+        self.steps = max(1, steps)
+        self.images_per_step = images_per_epoch / self.steps
+        self._phase_started = 0.0
+        self._steps_done_in_phase = 0
+        self._epoch_started = 0.0
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self._phase_started = time.perf_counter()
+        self._steps_done_in_phase = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._epoch_started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps_done_in_phase += 1
+        if not self.progress.due():  # converting the logs waits for the step: only when the line is redrawn
+            return
+        elapsed = time.perf_counter() - self._phase_started
+        rate = self._steps_done_in_phase / elapsed if elapsed > 0 else 0.0
+        remaining = (self.last_epoch - self._epoch - 1) * self.steps + (self.steps - batch - 1)
+        parts = [
+            f"{self.phase} epoch {self._epoch + 1}/{self.last_epoch} step {batch + 1}/{self.steps}",
+            *_values(logs, _SHOWN),
+            f"lr {optimizer_learning_rate(self.model.optimizer):.2e}",
+            f"{rate * self.images_per_step:,.0f} img/s",
+            f"ETA {duration(remaining / rate) if rate else '?'}",
+        ]
+        self.progress.live("  ".join(part for part in parts if part))
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._epoch_started
+        images = self.images_per_step * self.steps
+        parts = [
+            *_values(logs, _SHOWN_AT_EPOCH_END),
+            f"lr {optimizer_learning_rate(self.model.optimizer):.2e}",
+            f"{seconds:.1f}s",
+            f"{images / seconds:,.0f} img/s" if seconds > 0 else "",
+        ]
+        self.progress(
+            f"[finetune] {self.phase} epoch {epoch + 1}/{self.last_epoch}: " + ", ".join(part for part in parts if part)
+        )
+
+
+def _values(logs, shown) -> list[str]:
+    logs = logs or {}
+    values = []
+    for key, form in shown:
+        if key in logs:
+            value = float(logs[key])
+            values.append(form.format(value) if math.isfinite(value) else f"{key} {value}")
+    return values
