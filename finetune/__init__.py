@@ -6,6 +6,8 @@ result = finetune.run(recipe, out="runs/x")   # result.metrics, result.model, re
 result = finetune.resume("runs/x")               # an interrupted or killed run goes on
 model = finetune.build_model(recipe)
 model = finetune.load_model("runs/x/model.keras")
+for prediction in finetune.predict("runs/x", ["shirt.jpg", "photos/"], top=3):   # .path, .top, .inverted, .error
+    print(prediction.path, prediction.top[0] if prediction.top else prediction.error)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "build_model",
     "load_model",
     "load_recipe",
+    "predict",
     "resume",
     "run",
 ]
@@ -36,6 +39,7 @@ _LAZY = {
     "load_recipe": "finetune.plan",
     "build_model": "finetune.model",
     "load_model": "finetune.model",
+    "predict": "finetune.inference",
     "run": "finetune.runner",
     "resume": "finetune.runner",
     "RunResult": "finetune.runner",

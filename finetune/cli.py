@@ -1,4 +1,4 @@
-"""Command line: ``finetune run``, ``validate``, ``plugins`` and ``weights``.
+"""Command line: ``finetune run``, ``resume``, ``validate``, ``plugins``, ``weights`` and ``predict``.
 
 Every command reports a problem the user can fix as one line on stderr with
 exit code 2, an unexpected error as one line with exit code 1, and Ctrl-C
@@ -328,6 +328,69 @@ def weights_import(name, file, folder, image_size, option_items, force):
 
     path = manage.import_file(name, file, folder, image_size, _parse_options(option_items), force)
     click.echo(f"{name}: {file} loads; stored as {path}")
+
+
+_INVERT_HELP = (
+    "Turn images negative first: auto (default) inverts an image whose border is on the other side of the "
+    "training images' background (light-on-dark for Fashion-MNIST), yes inverts every image, no none."
+)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line.")
+@click.option(
+    "--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True, help=_INVERT_HELP
+)
+@reported
+def predict(model, images, top, as_json, invert):
+    """Print the top classes of each of IMAGES (files, or folders of them) by MODEL.
+
+    \b
+    MODEL is a run folder (its model.keras) or an exported saved_model/
+    folder. Each image is decoded as the training images were (grey or RGB,
+    16-bit scaled, transparency on white, EXIF orientation, the run's
+    crop/pad/stretch resize to the stored size).
+
+    \b
+    --invert auto: the run's input.json records whether the training images
+    have a dark or a light background (the median of each image's outermost
+    ring of pixels, under 128 or not, for at least 90% of them). An image
+    whose own border median (before resizing) is on the other side is
+    inverted. Models saved before input.json existed: 28x28 grey ones are
+    taken as light-on-dark (Fashion-MNIST); others are never auto-inverted.
+
+    \b
+    finetune predict runs/fmnist shirt.jpg photos/ --top 3
+    finetune predict runs/fmnist/saved_model photos/ --json
+
+    An image that cannot be read is one line on stderr; the others are still
+    predicted, and the exit code is 2.
+    """
+    import json
+
+    load_backend_quietly()
+    from finetune.inference import load_predictor, predict_files
+
+    predictor = load_predictor(model)
+    for note in predictor.notes:
+        click.echo(one_line(f"note: {note}"), err=True)
+    failed = total = 0
+    for prediction in predict_files(predictor, images, top, invert):
+        total += 1
+        if prediction.error is not None:
+            failed += 1
+            click.echo(one_line(f"error: {prediction.error}"), err=True)
+        elif as_json:
+            click.echo(json.dumps(prediction.to_json()))
+        else:
+            shown = ", ".join(f"{name} {probability:.3f}" for _, name, probability in prediction.top)
+            click.echo(one_line(f"{prediction.path}: {shown}{' (inverted)' if prediction.inverted else ''}"))
+    if failed:
+        click.echo(f"{failed} of {total} images could not be read", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

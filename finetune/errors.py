@@ -22,6 +22,10 @@ class WeightsError(FinetuneError):
     """Backbone weights cannot be found or loaded."""
 
 
+class ModelError(FinetuneError):
+    """A saved model (run folder, ``model.keras``, SavedModel) cannot be found or loaded."""
+
+
 class RunFolderError(FinetuneError):
     """The run folder cannot be used (it would overwrite an earlier run, or another process holds it)."""
 

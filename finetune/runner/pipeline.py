@@ -13,6 +13,7 @@ import keras
 
 from finetune import model as model_stage
 from finetune.data import Dataset, load_dataset, peek_class_names
+from finetune.data.input_spec import describe_input, write_input_spec
 from finetune.errors import RunInterrupted
 from finetune.evaluation import metrics as metrics_stage
 from finetune.evaluation import pictures
@@ -185,6 +186,9 @@ def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], starte
 def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolder) -> None:
     """``model.keras``, ``metrics.json``, the confusion-matrix picture and the SavedModel."""
     folder.save_model(model)
+    # What `finetune predict` needs to turn any picture into this model's input (shape, resize, background).
+    input_spec = describe_input(dataset.train.images, dataset.class_names, plan.data.resize)
+    write_input_spec(folder.path, input_spec)
     folder.write_json("metrics.json", metrics)
     write_atomically(
         folder.path / "confusion_matrix.png",
@@ -193,4 +197,4 @@ def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolde
         ),
     )
     if plan.export.saved_model:
-        export_saved_model(model, folder.path / "saved_model", dataset.class_names)
+        export_saved_model(model, folder.path / "saved_model", dataset.class_names, input_spec)

@@ -1,0 +1,149 @@
+"""A trained model loaded for prediction: a run folder (``model.keras``) or an exported SavedModel, with its input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finetune.data.input_spec import INPUT_FILE, InputSpec, read_input_spec
+from finetune.errors import ModelError, first_line
+
+_BATCH = 256
+_FASHION_MNIST_SHAPE = (28, 28, 1)
+
+
+@dataclass
+class Predictor:
+    """``predict(images)``: uint8 images of ``spec.shape`` to class probabilities.
+
+    ``notes`` says what had to be assumed (a model saved before ``input.json`` existed).
+    """
+
+    spec: InputSpec
+    kind: str  # "keras" or "saved_model"
+    path: Path
+    _probabilities: Callable[[np.ndarray], np.ndarray]
+    notes: list[str] = field(default_factory=list)
+
+    def predict(self, images) -> np.ndarray:
+        """Probabilities ``(N, classes)``, float32, for uint8 ``images`` of shape ``(N, *spec.shape)``."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or tuple(images.shape[1:]) != self.spec.shape:
+            raise ModelError(
+                f"the model takes uint8 images of shape {self.spec.shape}, got {images.dtype} {images.shape[1:]}"
+            )
+        if not len(images):
+            return np.zeros((0, len(self.spec.class_names)), np.float32)
+        parts = [self._probabilities(images[start : start + _BATCH]) for start in range(0, len(images), _BATCH)]
+        return np.concatenate(parts).astype(np.float32)
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """The model at ``path``: a run folder, a ``.keras`` file, or a SavedModel folder (``saved_model.pb``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model {path} does not exist")
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return _saved_model(path)
+    if path.is_file() or (path / "model.keras").is_file():
+        return _keras_model(path)
+    if (path / "saved_model" / "saved_model.pb").is_file():  # a run folder whose model.keras was removed
+        return _saved_model(path / "saved_model")
+    raise ModelError(f"{path} is neither a run folder (with model.keras) nor a SavedModel folder (with saved_model.pb)")
+
+
+def _keras_model(path: Path) -> Predictor:
+    import keras
+
+    from finetune.model import load_model
+
+    try:
+        model = load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - Keras raises many kinds for a bad file
+        raise ModelError(f"cannot load model {path}: {first_line(error)}") from None
+    folder = path if path.is_dir() else path.parent
+    shape = tuple(int(size) for size in model.input_shape[1:])
+    spec, notes = _spec(folder, shape, int(model.output_shape[-1]))
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        return keras.ops.convert_to_numpy(model(images, training=False))
+
+    return Predictor(spec, "keras", path, probabilities, notes)
+
+
+def _saved_model(path: Path) -> Predictor:
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ModelError(f"{path} is a SavedModel: reading it needs TensorFlow installed") from None
+    try:
+        loaded = tf.saved_model.load(str(path))
+        signature = loaded.signatures["serve"]
+    except Exception as error:  # noqa: BLE001
+        raise ModelError(f"cannot load SavedModel {path}: {first_line(error)}") from None
+    input_spec = next(iter(signature.structured_input_signature[1].values()))
+    output_spec = next(iter(signature.structured_outputs.values()))
+    shape = tuple(int(size) for size in input_spec.shape.as_list()[1:])
+    spec, notes = _spec(path, shape, int(output_spec.shape[-1]), also=path.parent)
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        return loaded.serve(tf.constant(images)).numpy()
+
+    return Predictor(spec, "saved_model", path, probabilities, notes)
+
+
+def _spec(folder: Path, shape: tuple, classes: int, also: Path | None = None) -> tuple[InputSpec, list[str]]:
+    """The model's ``input.json`` (in ``folder``, else ``also``), or what can be told without it."""
+    for place in [folder] if also is None else [folder, also]:
+        spec = read_input_spec(place)
+        if spec is not None:
+            if spec.shape != shape or len(spec.class_names) != classes:
+                raise ModelError(
+                    f"{place / INPUT_FILE} describes {spec.shape} images and {len(spec.class_names)} classes, "
+                    f"but the model takes {shape} and gives {classes}"
+                )
+            return spec, []
+    names = _class_names(folder, classes) or _class_names(also, classes) or tuple(str(i) for i in range(classes))
+    resize = _recipe_resize(folder) or _recipe_resize(also) or "crop"
+    if shape == _FASHION_MNIST_SHAPE:
+        background = "dark"
+        note = "assuming light-on-dark images (as Fashion-MNIST's) for this 28x28 grey model"
+    else:
+        background = "unknown"
+        note = "--invert auto leaves every image as it is"
+    notes = [f"{folder} has no {INPUT_FILE} (saved by an older finetune); {note}"]
+    return InputSpec(shape=shape, resize=resize, class_names=names, background=background), notes
+
+
+def _class_names(folder: Path | None, classes: int) -> tuple[str, ...] | None:
+    """Class names from an older model's ``labels.txt`` or ``metrics.json``, when they fit the model."""
+    if folder is None:
+        return None
+    candidates = []
+    for labels in (folder / "labels.txt", folder / "saved_model" / "labels.txt"):
+        if labels.is_file():
+            candidates.append(tuple(labels.read_text().splitlines()))
+    metrics = folder / "metrics.json"
+    if metrics.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # an unreadable file only loses the names
+            candidates.append(tuple(json.loads(metrics.read_text())["test"]["class_names"]))
+    return next((names for names in candidates if len(names) == classes), None)
+
+
+def _recipe_resize(folder: Path | None) -> str | None:
+    """``data.resize`` of the run's ``recipe.yaml`` (an older run folder's only record of it)."""
+    if folder is None or not (folder / "recipe.yaml").is_file():
+        return None
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+        resize = recipe["data"].get("resize")
+    except Exception:  # noqa: BLE001 - an unreadable recipe only loses the hint
+        return None
+    return resize if resize in ("crop", "pad", "stretch") else None
