@@ -236,6 +236,18 @@ def plugins(as_json):
             click.echo(" " * width + line)
 
 
+@main.command()
+@click.option("--markdown", is_flag=True, help="The README's table of every recipe key instead of the JSON schema.")
+@reported
+def schema(markdown):
+    """Print the recipe's JSON schema (for editors and validators), or the table of its keys."""
+    import json
+
+    from finetune.recipe.reference import json_schema, markdown_table
+
+    click.echo(markdown_table() if markdown else json.dumps(json_schema(), indent=2))
+
+
 def _parse_options(items) -> dict:
     from finetune.recipe import parse_assignments
 

@@ -50,7 +50,9 @@ class DataConfig(_Strict):
     train_per_class: int | None = Field(
         None, gt=0, description=("keep this many training images per class (before the validation hold-out)")
     )
-    validation_split: float = Field(0.1, ge=0.0, lt=1.0)
+    validation_split: float = Field(
+        0.1, ge=0.0, lt=1.0, description="fraction of the training images held out for validation (stratified, seeded)"
+    )
     skip_bad_images: bool = Field(
         False, description="image_folder: skip images that cannot be read (counted in the log) instead of stopping"
     )
@@ -99,7 +101,7 @@ class DataConfig(_Strict):
 
 
 class BackboneConfig(_Strict):
-    name: str = "xception"
+    name: str = Field("xception", description="a registered backbone (`finetune plugins`), or run")
     weights: str | None = Field("imagenet", description="imagenet, null (random init) or a weights file")
     options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments, e.g. alpha")
     path: str | None = Field(None, description="for name: run, a finished run folder whose backbone is reused")
@@ -128,8 +130,8 @@ class DenseStackConfig(_Strict):
     """Hidden Dense layers and the chapter-11 techniques that shape them."""
 
     dense: list[int] = Field(default_factory=list, description="units of the hidden Dense layers")
-    activation: Identifier = "relu"
-    kernel_initializer: Identifier = "glorot_uniform"
+    activation: Identifier = Field("relu", description="relu, leaky_relu, elu, selu, ...")
+    kernel_initializer: Identifier = Field("glorot_uniform", description="glorot_*, he_*, lecun_*, ...")
     batch_norm: Literal["none", "before", "after"] = Field("none", description="relative to the activation")
     dropout: float | Identifier | None = Field(None, description="a rate, or a dropout-family regularizer")
     regularizers: list[Identifier] = Field(default_factory=list, description="l1, l2, l1_l2, max_norm, ...")
@@ -143,7 +145,7 @@ class DenseStackConfig(_Strict):
 
 
 class HeadConfig(DenseStackConfig):
-    pooling: Literal["avg", "max"] = "avg"
+    pooling: Literal["avg", "max"] = Field("avg", description="global pooling of the backbone's feature map")
 
 
 class MLPOptions(DenseStackConfig):
@@ -182,15 +184,19 @@ class OptimizerConfig(BaseModel):
 
 
 class PhaseConfig(_Strict):
-    name: str
+    name: str = Field(description="the phase's name (history.csv, --set phases.NAME.KEY=VALUE)")
     epochs: int = Field(ge=0, description="0 skips the phase")
-    trainable: Literal["none", "all"] | TopBlocks = "none"
+    trainable: Literal["none", "all"] | TopBlocks = Field(
+        "none", description="what of the backbone trains: none, all, or its top N blocks"
+    )
     train_bn: bool = Field(False, description="let backbone BatchNorm layers train (batch statistics)")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: Identifier | None = Field(None, description="learning-rate schedule; lr0 is optimizer.learning_rate")
     backbone_lr_multiplier: float = Field(1.0, gt=0.0, description="backbone rate = head rate * this")
-    callbacks: list[Identifier] = Field(default_factory=list)
-    batch_size: int | None = Field(None, gt=0)
+    callbacks: list[Identifier] = Field(
+        default_factory=list, description="Keras callbacks by name: early_stopping, reduce_lr_on_plateau, ..."
+    )
+    batch_size: int | None = Field(None, gt=0, description="this phase's batch size (default training.batch_size)")
 
     @field_validator("name")
     @classmethod
@@ -222,7 +228,7 @@ class LossConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="training batch size")
     loss: LossConfig = Field(default_factory=LossConfig)
     verbose: Literal["auto", 0, 1, 2] = Field(
         "auto",
@@ -234,11 +240,11 @@ class TrainingConfig(_Strict):
     tensorboard: bool = Field(
         True, description="TensorBoard logs in RUN_DIR/tensorboard (every phase on one epoch axis)"
     )
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="a new order of the training images each epoch, from (seed, epoch)")
     cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="compute the frozen part once per phase (auto: memory or disk by size)"
     )
-    cache_dtype: Literal["float32", "float16"] = "float32"
+    cache_dtype: Literal["float32", "float16"] = Field("float32", description="how cached features are stored")
     augmented_views: int = Field(
         0,
         ge=0,
@@ -270,7 +276,7 @@ class TrainingConfig(_Strict):
             "warn on vanishing/exploding gradients; gradient_norms.png (0: off)"
         ),
     )
-    steps_per_execution: int = Field(1, gt=0)
+    steps_per_execution: int = Field(1, gt=0, description="Keras steps_per_execution")
     checkpoint_seconds: float = Field(
         60.0,
         ge=0.0,
@@ -279,7 +285,7 @@ class TrainingConfig(_Strict):
             "and an interrupted run are always saved"
         ),
     )
-    jit_compile: Literal["auto", True, False] = "auto"
+    jit_compile: Literal["auto", True, False] = Field("auto", description="XLA compilation (Keras's jit_compile)")
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -292,7 +298,7 @@ class TrainingConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(256, gt=0, description="prediction batch size")
     mc_samples: int = Field(0, ge=0, description="average this many stochastic passes (needs mc_dropout)")
     tta: list[Literal["flip"]] = Field(
         default_factory=list, description="test-time augmentation: also predict on these views and average"
@@ -308,9 +314,9 @@ class Recipe(_Strict):
 
     _notices: list[str] = PrivateAttr(default_factory=list)
 
-    name: str = "recipe"
-    seed: int = 42
-    precision: Precision = "auto"
+    name: str = Field("recipe", description="the run's name (its folder: runs/NAME-TIME)")
+    seed: int = Field(42, description="seeds subsets, shuffling, initial weights and augmentation")
+    precision: Precision = Field("auto", description="auto: mixed_float16 on a GPU, float32 elsewhere")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     phases: list[PhaseConfig] = Field(min_length=1)
