@@ -248,6 +248,26 @@ def schema(markdown):
     click.echo(markdown_table() if markdown else json.dumps(json_schema(), indent=2))
 
 
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of objects instead of the table.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row instead of the table.")
+@reported
+def compare(run_dirs, as_json, as_csv):
+    """Runs side by side: recipe, backbone, image size, phases, trainable weights, time, test accuracy and loss."""
+    import json
+
+    from finetune.runner import compare as comparison
+
+    rows = [comparison.compare_row(run_dir) for run_dir in run_dirs]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif as_csv:
+        click.echo(comparison.as_csv(rows), nl=False)
+    else:
+        click.echo(comparison.as_text(rows))
+
+
 def _parse_options(items) -> dict:
     from finetune.recipe import parse_assignments
 

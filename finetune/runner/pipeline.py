@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,6 +170,10 @@ def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], starte
         "recipe": plan.name,
         "precision": model_stage.resolve_precision(plan.model.precision),
         "backend": keras.backend.backend(),
+        "weights": {  # the trainable ones are the last phase's
+            "total": int(model.count_params()),
+            "trainable": int(sum(math.prod(weight.shape) for weight in model.trainable_weights)),
+        },
         "train_images": len(dataset.train),
         "validation_images": len(dataset.validation) if dataset.validation is not None else 0,
         "seconds": round(time.perf_counter() - started, 2),
