@@ -15,15 +15,17 @@ from finetune import model as model_stage
 from finetune.data import Dataset, load_dataset, peek_class_names
 from finetune.errors import RunInterrupted
 from finetune.evaluation import metrics as metrics_stage
-from finetune.evaluation import pictures
 from finetune.export.saved_model import export_saved_model
-from finetune.files import write_atomically
 from finetune.plan import RunPlan, prepare
 from finetune.recipe import Recipe
+from finetune.report.write import write_pictures_and_report
 from finetune.runner.folder import RunFolder, check_run_dir
 from finetune.training.checkpoints import read_history
 from finetune.training.phases import check_phases, setup_warnings
 from finetune.training.train import train
+
+# The test split's class probabilities ride in evaluate()'s metrics until save() takes them out.
+TEST_PROBABILITIES = "_test_probabilities"
 
 
 @dataclass
@@ -47,8 +49,9 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, log: Call
     The run folder holds ``recipe.yaml`` (resolved), ``history.csv`` (one row
     per epoch, written as it happens), ``checkpoint.keras`` and ``state.json``
     (as epochs finish, at most every ``training.checkpoint_seconds``, and on
-    Ctrl-C), ``model.keras``, ``metrics.json``, ``confusion_matrix.png`` and
-    ``saved_model/``. Everything that can fail on bad input (the ``--out``
+    Ctrl-C), ``model.keras``, ``metrics.json``, ``saved_model/``, the pictures
+    (``learning_curves.png``, ``learning_rate.png``, ``confusion_matrix.png``,
+    ``mistakes.png``) and ``report.html``. Everything that can fail on bad input (the ``--out``
     folder, data, weights, phases) fails before the folder exists. Ctrl-C
     raises :class:`~finetune.errors.RunInterrupted`, naming the folder that
     :func:`resume` continues.
@@ -96,7 +99,7 @@ def conclude(model, plan: RunPlan, recipe: Recipe, dataset: Dataset, folder: Run
     """Evaluation and export of a trained model, then the folder marked finished."""
     history = read_history(folder.path / "history.csv")
     metrics = evaluate(model, plan, dataset, history, started)
-    save(model, plan, dataset, metrics, folder)
+    save(model, plan, dataset, metrics, folder, log)
     folder.finish()
     test = metrics["test"]
     log(
@@ -151,7 +154,7 @@ def announce(plan: RunPlan, dataset: Dataset, layout, folder: RunFolder, log: Ca
 
 def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], started: float) -> dict:
     """Test metrics of the trained model, with the run's context; validation from its last epoch."""
-    test = metrics_stage.evaluate(
+    test, probabilities = metrics_stage.evaluate_with_probabilities(
         model,
         dataset.test,
         dataset.class_names,
@@ -175,18 +178,17 @@ def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], starte
             "accuracy": float(history[-1]["val_accuracy"]),
             "examples": len(dataset.validation),
         }
+    metrics[TEST_PROBABILITIES] = probabilities  # for save()'s pictures; too big for metrics.json
     return metrics
 
 
-def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolder) -> None:
-    """``model.keras``, ``metrics.json``, the confusion-matrix picture and the SavedModel."""
+def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolder, log=print) -> None:
+    """``model.keras``, ``metrics.json``, the SavedModel, then the pictures and ``report.html``."""
+    probabilities = metrics.pop(TEST_PROBABILITIES, None)
     folder.save_model(model)
     folder.write_json("metrics.json", metrics)
-    write_atomically(
-        folder.path / "confusion_matrix.png",
-        lambda path: pictures.confusion_matrix_png(
-            metrics["test"]["confusion_matrix"], dataset.class_names, path, f"{plan.name}: test split"
-        ),
-    )
     if plan.export.saved_model:
         export_saved_model(model, folder.path / "saved_model", dataset.class_names)
+    history = read_history(folder.path / "history.csv")
+    for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
+        log(f"[finetune] warning: picture not drawn: {problem}")
