@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from finetune.progress import Progress, duration
-from finetune.runner.summary import phase_rows
+from finetune.runner.summary import summary_lines
 from finetune.training.progress import PhaseProgress
 
 
@@ -72,15 +72,17 @@ def test_phase_progress_shows_steps_eta_and_the_epoch_values_keras_reports():
 
 def test_the_phase_table_sums_time_and_keeps_the_best_validation_accuracy():
     history = [
-        {"phase": "head", "seconds": "2.5", "val_accuracy": "0.80"},
-        {"phase": "head", "seconds": "1.5", "val_accuracy": "0.85"},
-        {"phase": "finetune", "seconds": "10", "val_accuracy": "0.83"},
-        {"phase": "finetune", "seconds": "10", "val_accuracy": ""},
+        {"phase": "head", "epoch": "1", "seconds": "2.5", "val_accuracy": "0.80"},
+        {"phase": "head", "epoch": "2", "seconds": "1.5", "val_accuracy": "0.85"},
+        {"phase": "finetune", "epoch": "3", "seconds": "10", "val_accuracy": "0.83"},
+        {"phase": "finetune", "epoch": "4", "seconds": "10", "val_accuracy": ""},
     ]
-    assert phase_rows(history) == [
-        {"phase": "head", "epochs": 2, "seconds": 4.0, "best": 0.85},
-        {"phase": "finetune", "epochs": 2, "seconds": 20.0, "best": 0.83},
+    lines = summary_lines(history, {"test": {"accuracy": 0.9, "loss": 0.3, "examples": 100}, "seconds": 75}, "runs/x")
+    assert [line.split() for line in lines[1:3]] == [
+        ["head", "2", "0:04", "0.8500"],
+        ["finetune", "2", "0:20", "0.8300"],
     ]
+    assert lines[3] == "test accuracy 0.9000, loss 0.3000 on 100 images; 1:15 in all; results in runs/x"
 
 
 def test_durations_read_as_clock_times():

@@ -127,6 +127,7 @@ def test_a_kill_during_evaluation_redoes_only_evaluation_and_export(tmp_path, ti
     assert not any(line.startswith("[finetune] phase") and "epochs," in line for line in lines)
     assert (tmp_path / "run" / "metrics.json").exists() and result.test_accuracy > 0
     assert not (tmp_path / "run" / "checkpoint.keras").exists()
+    assert (tmp_path / "run" / "mistakes.png").is_file() and (tmp_path / "run" / "report.html").is_file()
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, tiny_recipe_dict):

@@ -317,11 +317,24 @@ def test_cli_run_quiet_prints_nothing(tmp_path, tiny_backbone_weights):
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
-def test_confusion_matrix_picture_is_written(finished_run):
+def test_pictures_and_report_are_written(finished_run):
     from PIL import Image
 
-    with Image.open(finished_run.run_dir / "confusion_matrix.png") as picture:
-        assert picture.width > 400 and picture.height > 400
+    from finetune import data
+
+    run_dir = finished_run.run_dir
+    for name in ("confusion_matrix.png", "learning_curves.png", "learning_rate.png", "mistakes.png"):
+        with Image.open(run_dir / name) as picture:
+            assert picture.format == "PNG" and picture.width > 400 and picture.height > 100, name
+    report = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert report.count('<img src="data:image/png;base64,') == 5  # the four and gradient_norms.png
+    # The probabilities behind the pictures stay out of metrics.json and the result.
+    assert json.loads((run_dir / "metrics.json").read_text()) == finished_run.metrics
+    assert all(not key.startswith("_") for key in finished_run.metrics)
+    # The mistakes are the model's: the page counts them, recomputed here from its predictions.
+    test = data.load_dataset(finished_run.recipe.data, finished_run.recipe.seed).test
+    wrong = int(np.sum(finished_run.model.predict(test.images, verbose=0).argmax(axis=1) != test.labels))
+    assert f"{wrong} of {len(test)} test images misclassified" in report
 
 
 def test_random_init_with_frozen_batch_norm_is_warned_about(tiny_recipe_dict):

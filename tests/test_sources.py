@@ -538,14 +538,14 @@ def test_an_unknown_tfds_dataset_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_image_folder_recipe_end_to_end(tmp_path, tiny_backbone_weights, monkeypatch):
-    from finetune.evaluation import pictures as report
+    from finetune.report import confusion as report
 
     root = make_image_folder(tmp_path / "images", per_class=30)
     pictures = []
-    original = report.confusion_matrix_png
+    original = report.draw_confusion_matrix
     monkeypatch.setattr(
         report,
-        "confusion_matrix_png",
+        "draw_confusion_matrix",
         lambda matrix, names, *args, **kwargs: (pictures.append(list(names)), original(matrix, names, *args, **kwargs))[
             1
         ],
@@ -568,7 +568,7 @@ def test_image_folder_recipe_end_to_end(tmp_path, tiny_backbone_weights, monkeyp
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["test"]["class_names"] == list(CLASSES) and pictures == [list(CLASSES)]
     assert (result.run_dir / "saved_model" / "labels.txt").read_text().splitlines() == list(CLASSES)
-    assert (result.run_dir / "confusion_matrix.png").is_file()
+    assert (result.run_dir / "confusion_matrix.png").is_file() and (result.run_dir / "mistakes.png").is_file()
     assert tuple(result.model.input.shape[1:]) == (32, 32, 3) and result.model.output.shape[-1] == 3
     assert metrics["test"]["examples"] == 18 and metrics["train_images"] + metrics["validation_images"] == 72
     assert metrics["test"]["accuracy"] > 0.6  # chance is 1/3

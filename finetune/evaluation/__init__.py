@@ -1,1 +1,1 @@
-"""Evaluation on the test split: metrics (metrics.py) and pictures of them (pictures.py)."""
+"""Evaluation on the test split: metrics (metrics.py); their pictures are drawn by finetune.report."""

@@ -13,6 +13,18 @@ _EPSILON = 1e-7
 def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int = 0, tta=()) -> dict:
     """Metrics from one prediction pass over ``split``, or the mean of ``mc_samples`` passes.
 
+    See :func:`evaluate_with_probabilities`, which also returns the probabilities.
+    """
+    return evaluate_with_probabilities(model, split, class_names, batch_size, mc_samples, tta)[0]
+
+
+def evaluate_with_probabilities(
+    model, split, class_names, batch_size: int = 256, mc_samples: int = 0, tta=()
+) -> tuple[dict, np.ndarray]:
+    """:func:`evaluate`'s metrics, and the class probabilities they were computed from (one row per image).
+
+    Metrics from one prediction pass over ``split``, or the mean of ``mc_samples`` passes.
+
     With test-time augmentation (``tta: [flip]``) each pass averages the
     probabilities of the images and of their mirror images.
 
@@ -28,7 +40,8 @@ def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int =
         return np.mean(views, axis=0)
 
     if not mc_samples:
-        return metrics_from_probabilities(predict(), split.labels, class_names)
+        probabilities = predict()
+        return metrics_from_probabilities(probabilities, split.labels, class_names), probabilities
     passes = np.stack([predict() for _ in range(mc_samples)])
     mean = passes.mean(axis=0)
     metrics = metrics_from_probabilities(mean, split.labels, class_names)
@@ -41,7 +54,7 @@ def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int =
         "mean_predictive_entropy": float(entropy.mean()),
         "mean_std_of_predicted_class": float(spread.mean()),
     }
-    return metrics
+    return metrics, mean
 
 
 def predict_view(model, images, batch_size: int, view: str = "none") -> np.ndarray:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from finetune.errors import RecipeError, RunFolderError, first_line
 from finetune.recipe import read_recipe
+from finetune.report.history import phase_spans
 from finetune.runner.folder import RunFolder
-from finetune.runner.summary import phase_rows
 
 COLUMNS = (
     "run",
@@ -45,7 +45,7 @@ def compare_row(run_dir: str | Path) -> dict:
         "recipe": recipe.name,
         "backbone": f"{name} ({backbone.weights or 'random init'})",
         "image_size": "x".join(str(side) for side in recipe.data.image_hw),
-        "phases": ", ".join(f"{row['phase']} {row['epochs']}" for row in phase_rows(history)) or None,
+        "phases": ", ".join(f"{span.name} {span.epochs}" for span in phase_spans(history)) or None,
         "trainable_weights": metrics.get("weights", {}).get("trainable"),
         "seconds": metrics.get("seconds"),
         "test_accuracy": test.get("accuracy"),

@@ -17,12 +17,11 @@ from finetune.data import Dataset, load_dataset, peek_class_names
 from finetune.data.input_spec import describe_input, write_input_spec
 from finetune.errors import RunInterrupted
 from finetune.evaluation import metrics as metrics_stage
-from finetune.evaluation import pictures
 from finetune.export.saved_model import export_saved_model
-from finetune.files import write_atomically
 from finetune.plan import RunPlan, prepare
 from finetune.progress import Progress
 from finetune.recipe import Recipe
+from finetune.report.write import write_pictures_and_report
 from finetune.runner.folder import RunFolder, check_run_dir
 from finetune.runner.summary import summary_lines
 from finetune.training.checkpoints import read_history
@@ -53,8 +52,9 @@ def run(
     The run folder holds ``recipe.yaml`` (resolved), ``history.csv`` (one row
     per epoch, written as it happens), ``checkpoint.keras`` and ``state.json``
     (as epochs finish, at most every ``training.checkpoint_seconds``, and on
-    Ctrl-C), ``model.keras``, ``metrics.json``, ``confusion_matrix.png`` and
-    ``saved_model/``. Everything that can fail on bad input (the ``--out``
+    Ctrl-C), ``model.keras``, ``metrics.json``, ``saved_model/``, the pictures
+    (``learning_curves.png``, ``learning_rate.png``, ``confusion_matrix.png``,
+    ``mistakes.png``) and ``report.html``. Everything that can fail on bad input (the ``--out``
     folder, data, weights, phases) fails before the folder exists. Ctrl-C
     raises :class:`~finetune.errors.RunInterrupted`, naming the folder that
     :func:`resume` continues.
@@ -104,8 +104,8 @@ def conclude(model, plan: RunPlan, recipe: Recipe, dataset: Dataset, folder: Run
     log = Progress.of(log)
     history = read_history(folder.path / "history.csv")
     log.live(f"[finetune] evaluating on {len(dataset.test):,} test images", force=True)
-    metrics = evaluate(model, plan, dataset, history, started)
-    save(model, plan, dataset, metrics, folder)
+    metrics, probabilities = evaluate(model, plan, dataset, history, started)
+    save(model, plan, dataset, metrics, folder, log, probabilities)
     folder.finish()
     for line in summary_lines(history, metrics, folder.path):
         log(f"[finetune] {line}")
@@ -155,9 +155,10 @@ def announce(plan: RunPlan, dataset: Dataset, layout, folder: RunFolder, log: Ca
         log(f"[finetune] warning: {warning}")
 
 
-def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], started: float) -> dict:
-    """Test metrics of the trained model, with the run's context; validation from its last epoch."""
-    test = metrics_stage.evaluate(
+def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], started: float) -> tuple[dict, Any]:
+    """Test metrics of the trained model, with the run's context (validation from its last epoch),
+    and its class probabilities for each test image (for the pictures; too big for metrics.json)."""
+    test, probabilities = metrics_stage.evaluate_with_probabilities(
         model,
         dataset.test,
         dataset.class_names,
@@ -185,21 +186,18 @@ def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], starte
             "accuracy": float(history[-1]["val_accuracy"]),
             "examples": len(dataset.validation),
         }
-    return metrics
+    return metrics, probabilities
 
 
-def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolder) -> None:
-    """``model.keras``, ``metrics.json``, the confusion-matrix picture and the SavedModel."""
+def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolder, log, probabilities) -> None:
+    """``model.keras``, ``metrics.json``, the SavedModel, then the pictures and ``report.html``."""
     folder.save_model(model)
     # What `finetune predict` needs to turn any picture into this model's input (shape, resize, background).
     input_spec = describe_input(dataset.train.images, dataset.class_names, plan.data.resize)
     write_input_spec(folder.path, input_spec)
     folder.write_json("metrics.json", metrics)
-    write_atomically(
-        folder.path / "confusion_matrix.png",
-        lambda path: pictures.confusion_matrix_png(
-            metrics["test"]["confusion_matrix"], dataset.class_names, path, f"{plan.name}: test split"
-        ),
-    )
     if plan.export.saved_model:
         export_saved_model(model, folder.path / "saved_model", dataset.class_names, input_spec)
+    history = read_history(folder.path / "history.csv")
+    for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
+        log(f"[finetune] warning: picture not drawn: {problem}")

@@ -1,0 +1,151 @@
+"""``report.html``: one self-contained page (inline CSS, pictures as data URIs, nothing fetched) about a run."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from html import escape
+from pathlib import Path
+
+from finetune.files import write_atomically
+from finetune.report.history import PhaseSpan
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 1100px;
+       padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
+.subtitle { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
+th { background: #f2f4f7; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+pre { background: #f6f8fa; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.problems { background: #fff4e5; border: 1px solid #f0b37e; padding: 0.5em 1em; }
+"""
+
+CAPTIONS = {
+    "learning_curves.png": "Loss and accuracy per epoch; dashed lines mark where a new phase starts.",
+    "learning_rate.png": "The learning rate at the end of each epoch.",
+    "confusion_matrix.png": "The test split's confusion matrix: counts, coloured by the share of the true class.",
+    "mistakes.png": "Misclassified test images as stored, most confident mistakes first.",
+    "gradient_norms.png": "Sampled gradient norms per layer (training's gradient health check).",
+}
+
+
+def png_data_uri(path: str | Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _number(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str) -> str:
+    head = "".join(f"<th>{escape(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>\n" for row in rows)
+    return f'<table id="{escape(table_id)}">\n<tr>{head}</tr>\n{body}</table>\n'
+
+
+def phase_table(spans: Sequence[PhaseSpan], train_images: int | None) -> str:
+    rows = []
+    for span in spans:
+        rate = train_images * span.epochs / span.seconds if train_images and span.seconds > 0 else None
+        rows.append(
+            [
+                span.name,
+                f"{span.first}–{span.last}" if span.last > span.first else str(span.first),
+                str(span.epochs),
+                f"{span.seconds:.1f}",
+                _number(span.best_val_accuracy),
+                "–" if rate is None else f"{rate:,.0f}",
+            ]
+        )
+    header = ["phase", "epochs of the run", "epochs", "seconds", "best validation accuracy", "train images/s"]
+    return _table(header, rows, "phases")
+
+
+def metrics_table(metrics: dict) -> str:
+    test = metrics["test"]
+    rows = [["test", _number(test["accuracy"]), _number(test["loss"]), str(test["examples"])]]
+    if "validation" in metrics:
+        validation = metrics["validation"]
+        rows.append(
+            ["validation (last epoch)", _number(validation["accuracy"]), _number(validation["loss"]),
+             str(validation["examples"])]
+        )  # fmt: skip
+    table = _table(["split", "accuracy", "loss", "examples"], rows, "metrics")
+    if "mc_dropout" in test:
+        mc = test["mc_dropout"]
+        table += _table(
+            ["MC dropout", "value"],
+            [
+                ["samples", str(mc["samples"])],
+                ["accuracy of a single pass", _number(mc["accuracy_single_pass"])],
+                ["mean predictive entropy", _number(mc["mean_predictive_entropy"])],
+                ["mean std of the predicted class", _number(mc["mean_std_of_predicted_class"])],
+            ],
+            "mc-dropout",
+        )
+    return table
+
+
+def per_class_table(test: dict) -> str:
+    support = [sum(row) for row in test["confusion_matrix"]]
+    rows = [
+        [str(name), _number(test["per_class_accuracy"][name]), str(count)]
+        for name, count in zip(test["class_names"], support, strict=True)
+    ]
+    return _table(["class", "accuracy", "test images"], rows, "per-class")
+
+
+def render(
+    title: str,
+    metrics: dict,
+    spans: Sequence[PhaseSpan],
+    pictures: Sequence[Path],
+    recipe_text: str,
+    problems: Sequence[str] = (),
+    captions: Mapping[str, str] | None = None,
+) -> str:
+    """The page's HTML: every value escaped, every picture inline; ``captions`` replace the usual ones by file name."""
+    facts = " · ".join(
+        escape(fact)
+        for key, fact in (
+            ("backend", f"backend {metrics.get('backend')}"),
+            ("precision", f"precision {metrics.get('precision')}"),
+            ("train_images", f"{metrics.get('train_images')} train images"),
+            ("validation_images", f"{metrics.get('validation_images')} validation images"),
+            ("seconds", f"run time {metrics.get('seconds', 0):.1f} s"),
+        )
+        if key in metrics
+    )
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{escape(title)}: finetune run report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        f'<p class="subtitle">Recipe {escape(title)}: {facts}</p>',
+    ]
+    if problems:
+        items = "".join(f"<li>{escape(problem)}</li>" for problem in problems)
+        parts.append(f'<div class="problems"><p>Not drawn:</p><ul>{items}</ul></div>')
+    parts += ["<h2>Test metrics</h2>", metrics_table(metrics)]
+    parts += ["<h2>Phases</h2>", phase_table(spans, metrics.get("train_images"))]
+    parts.append("<h2>Pictures</h2>")
+    for picture in pictures:
+        caption = {**CAPTIONS, **(captions or {})}.get(picture.name, "")
+        parts.append(
+            f'<figure><img src="{png_data_uri(picture)}" alt="{escape(picture.name)}">'
+            f"<figcaption>{escape(picture.name)}: {escape(caption)}</figcaption></figure>"
+        )
+    parts += ["<h2>Per-class accuracy (test)</h2>", per_class_table(metrics["test"])]
+    parts += ["<h2>Recipe (resolved)</h2>", f"<pre>{escape(recipe_text)}</pre>", "</body></html>", ""]
+    return "\n".join(parts)
+
+
+def write_report_html(path: str | Path, *args, **kwargs) -> Path:
+    """:func:`render`'s page, written atomically at ``path``."""
+    text = render(*args, **kwargs)
+    return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
