@@ -1,4 +1,5 @@
-"""Command line: ``finetune run``, ``resume``, ``validate``, ``plugins``, ``weights`` and ``predict``.
+"""Command line: ``finetune run``, ``resume``, ``validate``, ``lr-find``, ``predict``, ``compare``,
+``schema``, ``plugins`` and ``weights``.
 
 Every command reports a problem the user can fix as one line on stderr with
 exit code 2, an unexpected error as one line with exit code 1, and Ctrl-C
@@ -423,6 +424,50 @@ def predict(model, images, top, as_json, invert):
     if failed:
         click.echo(f"{failed} of {total} images could not be read", err=True)
         sys.exit(2)
+
+
+@main.command("lr-find")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--phase", help="The phase to sweep (default: the first); earlier phases are trained first.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--steps", type=int, default=200, show_default=True, help="Batches in the sweep (at most).")
+@click.option("--start", type=float, default=1e-7, show_default=True, help="First learning rate.")
+@click.option("--end", type=float, default=10.0, show_default=True, help="Last learning rate.")
+@click.option(
+    "--from",
+    "from_run",
+    type=click.Path(file_okay=False),
+    help="Start from this finished run's model.keras instead of training the earlier phases.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Folder for lr_find.png and lr_find.json. Default: runs/lr_find-<recipe name>-<time>.",
+)
+@reported
+def lr_find(recipe, phase, overrides, steps, start, end, from_run, out):
+    """Sweep a phase's learning rate exponentially and suggest one (Hands-On ML ch. 11, fastai's lr_find).
+
+    The loss is recorded while the rate grows from --start to --end; the
+    suggestion is the rate at the lowest smoothed loss divided by 10. Prints
+    the --set option that applies it.
+    """
+    load_backend_quietly()
+    from finetune.plan import load_recipe
+    from finetune.runner.lr_find import lr_find as find
+
+    report = find(
+        load_recipe(recipe, list(overrides)),
+        phase,
+        out=out,
+        start=start,
+        end=end,
+        steps=steps,
+        from_run=from_run,
+        log=lambda line: click.echo(line, err=True),
+    )
+    click.echo(f"suggested learning rate for phase {report.phase}: {report.rate}")
+    click.echo(f"finetune run {shlex.quote(recipe)} {report.set_option}")
 
 
 if __name__ == "__main__":

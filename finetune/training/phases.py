@@ -138,12 +138,7 @@ def compile_for_phase(
     settings = settings or TrainingConfig()
     context = schedules.ScheduleContext(phase.optimizer.learning_rate, steps, phase.epochs)
     schedule = schedules.build_schedule(phase.schedule, context)
-    multipliers = None
-    if phase.backbone_lr_multiplier != 1.0:
-        multipliers = {variable.path: phase.backbone_lr_multiplier for variable in layout.backbone.trainable_weights}
-    optimizer = optimizers.get(
-        phase.optimizer.as_identifier(), learning_rate=schedule.learning_rate, lr_multipliers=multipliers
-    )
+    optimizer = phase_optimizer(layout, phase, schedule.learning_rate)
     extra = []
     for callback in schedule.callbacks:
         if hasattr(callback, "bind"):  # a momentum schedule waiting for its optimizer
@@ -162,6 +157,15 @@ def compile_for_phase(
         soft_labels=bool(settings.mix),
     )
     return PhaseSetup(optimizer, extra)
+
+
+def phase_optimizer(layout: BackboneLayout, phase: PhaseConfig, learning_rate) -> keras.optimizers.Optimizer:
+    """A fresh optimizer of ``phase``'s kind and settings at ``learning_rate`` (a float or a schedule),
+    with the phase's backbone rate multiplier."""
+    multipliers = None
+    if phase.backbone_lr_multiplier != 1.0:
+        multipliers = {variable.path: phase.backbone_lr_multiplier for variable in layout.backbone.trainable_weights}
+    return optimizers.get(phase.optimizer.as_identifier(), learning_rate=learning_rate, lr_multipliers=multipliers)
 
 
 def compile_model(
@@ -209,42 +213,57 @@ def fit_phase(
     from finetune.training.features import FeatureStore
 
     batch_size = settings.batch_size_for(phase)
-    validation = dataset.validation
-    train_x, val_x = dataset.train.images, validation.images if validation is not None else None
-    fit_model, views = model, None
     store = features if features is not None else FeatureStore([phase], settings, layout)
-    cached = store.features(model, phase, dataset, batch_size)
-    if cached is not None:
-        compile_model(
-            cached.top, model.optimizer, model.steps_per_execution, settings.jit_compile, settings.loss.label_smoothing
-        )
-        fit_model, train_x, val_x = cached.top, cached.train, cached.validation
-        views = cached.views
-        for callback in callbacks or []:
-            if hasattr(callback, "full_model") and callback.full_model is None:
-                callback.full_model = model
     try:
+        inputs = fit_inputs(model, phase, dataset, settings, store)
+        if inputs.fit_model is not model:
+            for callback in callbacks or []:
+                if hasattr(callback, "full_model") and callback.full_model is None:
+                    callback.full_model = model
         epochs = (initial_epoch, initial_epoch - phase_epochs_done + phase.epochs)
-        return _fit(fit_model, dataset, train_x, val_x, settings, batch_size, seed, epochs, callbacks, views)
+        return _fit(inputs, dataset, settings, batch_size, seed, epochs, callbacks)
     finally:
         if features is None:  # a store of this phase alone
             store.close()
 
 
+@dataclass
+class FitInputs:
+    """What a phase fits: the compiled model (the whole one, or the top above a cached cut) and its inputs."""
+
+    fit_model: keras.Model
+    train_x: Any
+    val_x: Any
+    views: list | None = None
+
+
+def fit_inputs(model: keras.Model, phase: PhaseConfig, dataset, settings: TrainingConfig, store) -> FitInputs:
+    """The model a fit of ``phase`` trains and its inputs: the top and cached features where ``store`` has them.
+
+    ``model`` is compiled already; a cached top is compiled with its optimizer.
+    """
+    validation = dataset.validation
+    plain = FitInputs(model, dataset.train.images, validation.images if validation is not None else None)
+    cached = store.features(model, phase, dataset, settings.batch_size_for(phase))
+    if cached is None:
+        return plain
+    compile_model(
+        cached.top, model.optimizer, model.steps_per_execution, settings.jit_compile, settings.loss.label_smoothing
+    )
+    return FitInputs(cached.top, cached.train, cached.validation, cached.views)
+
+
 def _fit(
-    fit_model,
+    inputs: FitInputs,
     dataset,
-    train_x,
-    val_x,
     settings: TrainingConfig,
     batch_size: int,
     seed: int,
     epochs: tuple[int, int],
     callbacks,
-    views=None,
 ):
     initial_epoch, last_epoch = epochs
-    from finetune.data.batches import FileBatches, MixedBatches, ViewBatches, one_hot
+    from finetune.data.batches import FileBatches, one_hot
 
     validation = dataset.validation
     common = dict(
@@ -253,28 +272,37 @@ def _fit(
         callbacks=callbacks or [],
         verbose=resolve_verbosity(settings.verbose),
     )
-    # The fit reads batches whose order depends only on (seed, epoch): a resumed run sees what an
-    # uninterrupted one would, and a memory-mapped array is read a batch at a time, never copied whole.
-    order: dict[str, Any] = dict(shuffle=settings.shuffle, seed=seed, epoch=initial_epoch)
+    train = training_batches(inputs, dataset, settings, batch_size, seed, initial_epoch)
     validation_labels = None if validation is None else validation.labels
-    if settings.mix:  # the images of the whole model, never cached features (FeatureStore.plan)
-        classes = fit_model.output_shape[-1]
-        mixer = BatchMixer(settings.mix)
-        train = MixedBatches(train_x, dataset.train.labels, classes, batch_size, mixer, **order)
-        validation_labels = None if validation is None else one_hot(validation.labels, classes)
-    elif views is not None:  # one augmented copy of the frozen part's outputs per epoch
-        train = ViewBatches(views, dataset.train.labels, batch_size, **order)
-    else:
-        train = FileBatches(train_x, dataset.train.labels, batch_size, **order)
+    if settings.mix and validation is not None:
+        validation_labels = one_hot(validation.labels, inputs.fit_model.output_shape[-1])
     for callback in callbacks or []:
         if getattr(callback, "sample", False) is None:  # gradient health: one batch of what the fit trains on
             callback.sample = train[0]
-    return fit_model.fit(
+    return inputs.fit_model.fit(
         train,
-        validation_data=None if validation is None else FileBatches(val_x, validation_labels, batch_size),
+        validation_data=None if validation is None else FileBatches(inputs.val_x, validation_labels, batch_size),
         shuffle=False,  # the batches shuffle rows themselves
         **common,
     )
+
+
+def training_batches(inputs: FitInputs, dataset, settings: TrainingConfig, batch_size: int, seed: int, epoch: int):
+    """The phase's training batches from ``epoch`` on (a ``FileBatches``; mixed or augmented views where set).
+
+    Their order depends only on (seed, epoch): a resumed run sees what an uninterrupted one would,
+    and a memory-mapped array is read a batch at a time, never copied whole.
+    """
+    from finetune.data.batches import FileBatches, MixedBatches, ViewBatches
+
+    order: dict[str, Any] = dict(shuffle=settings.shuffle, seed=seed, epoch=epoch)
+    if settings.mix:  # the images of the whole model, never cached features (FeatureStore.plan)
+        classes = inputs.fit_model.output_shape[-1]
+        mixer = BatchMixer(settings.mix)
+        return MixedBatches(inputs.train_x, dataset.train.labels, classes, batch_size, mixer, **order)
+    if inputs.views is not None:  # one augmented copy of the frozen part's outputs per epoch
+        return ViewBatches(inputs.views, dataset.train.labels, batch_size, **order)
+    return FileBatches(inputs.train_x, dataset.train.labels, batch_size, **order)
 
 
 def resolve_verbosity(setting) -> int:

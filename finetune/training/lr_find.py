@@ -1,0 +1,268 @@
+"""The learning-rate finder (Hands-On ML ch. 11, fastai's ``lr_find``): one short fit at exponentially growing rates.
+
+The rate grows from ``start`` to ``end`` over ``steps`` batches; each batch's loss
+is recorded and smoothed, and the fit stops once the smoothed loss passes
+``stop_factor`` times its minimum (or a loss is not finite). The suggestion is
+the rate at the smoothed loss's minimum divided by 10 (the book's rule: the best
+rate is about 10 times lower than where the loss turns up). The model's weights
+are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from finetune.backbones.spec import BackboneLayout
+from finetune.recipe import PhaseConfig, TrainingConfig
+from finetune.training.phases import (
+    compile_model,
+    configure_phase,
+    fit_inputs,
+    phase_optimizer,
+    training_batches,
+)
+
+SMOOTHING = 0.9
+"""The loss's exponential moving average keeps this much of its last value each step (10 steps' memory)."""
+STOP_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class LRFinderResult:
+    """The rates swept, the smoothed loss at each, and the suggested rate."""
+
+    learning_rates: list[float]
+    losses: list[float]
+    suggestion: float
+    raw_losses: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+
+    @property
+    def minimum(self) -> float:
+        """The rate at the lowest smoothed loss (10 times the suggestion)."""
+        return self.learning_rates[int(np.argmin(self.losses))]
+
+    def to_dict(self) -> dict:
+        return {
+            "suggestion": self.suggestion,
+            "rule": "learning rate at the minimum of the smoothed loss / 10",
+            "minimum_at": self.minimum,
+            "stopped_early": self.stopped_early,
+            "learning_rates": self.learning_rates,
+            "losses": self.losses,
+            "raw_losses": self.raw_losses,
+        }
+
+
+def sweep_rates(start: float, end: float, steps: int) -> np.ndarray:
+    """``start * (end / start) ** (i / (steps - 1))`` for ``i`` in ``0 .. steps - 1``."""
+    return start * (end / start) ** (np.arange(steps) / max(steps - 1, 1))
+
+
+def suggest(learning_rates, losses) -> float:
+    """The rate at the smoothed loss's minimum, divided by 10."""
+    return float(learning_rates[int(np.argmin(losses))]) / 10.0
+
+
+class LRSweep(keras.callbacks.Callback):
+    """Sets the optimizer's rate before each batch and records the batch's loss; stops when the loss explodes.
+
+    Keras reports the epoch's running mean as ``loss``; the batch's own loss is
+    recovered from the running means weighted by the batches' sizes.
+    """
+
+    def __init__(self, rates, sizes: list[int], smoothing: float = SMOOTHING, stop_factor: float = STOP_FACTOR):
+        super().__init__()
+        self.rates = [float(rate) for rate in rates]
+        self.sizes = sizes  # filled by the batches as they are read
+        self.smoothing = smoothing
+        self.stop_factor = stop_factor
+        self.learning_rates: list[float] = []
+        self.raw_losses: list[float] = []
+        self.losses: list[float] = []
+        self.stopped_early = False
+        self._average = 0.0
+        self._total = 0.0
+        self._seen = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.optimizer.learning_rate.assign(self.rates[len(self.learning_rates)])
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = len(self.learning_rates)
+        running = float((logs or {})["loss"])
+        seen = self._seen + self.sizes[step]
+        loss = (running * seen - self._total) / self.sizes[step]
+        self._total, self._seen = running * seen, seen
+        if not math.isfinite(loss):
+            self.stopped_early = True
+            self.model.stop_training = True
+            return
+        self._average = self.smoothing * self._average + (1 - self.smoothing) * loss
+        smoothed = self._average / (1 - self.smoothing ** (step + 1))  # bias-corrected, as fastai does
+        self.learning_rates.append(self.rates[step])
+        self.raw_losses.append(loss)
+        self.losses.append(smoothed)
+        if smoothed > self.stop_factor * min(self.losses):
+            self.stopped_early = True
+            self.model.stop_training = True
+
+
+class SweepBatches(keras.utils.PyDataset):
+    """``steps`` batches read from ``batches`` epoch after epoch (its last, smaller batch left out).
+
+    ``batches`` is a :class:`~finetune.data.batches.FileBatches` (or one of its
+    kinds); each pass moves it to its next epoch, so the rows are shuffled again.
+    """
+
+    def __init__(self, batches, steps: int):
+        super().__init__()
+        self.batches = batches
+        self.steps = steps
+        whole = batches.rows // batches.batch_size
+        self.per_epoch = whole if whole else len(batches)
+        self.epoch = 0
+        self.sizes: list[int] = []
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int):
+        epoch = index // self.per_epoch
+        if epoch < self.epoch:
+            raise IndexError(f"the sweep reads its batches in order; batch {index} comes from a finished pass")
+        while self.epoch < epoch:
+            self.batches.on_epoch_end()
+            self.epoch += 1
+        x, y = self.batches[index % self.per_epoch]
+        if index == len(self.sizes):
+            self.sizes.append(len(y))
+        return x, y
+
+
+def sweep(
+    model: keras.Model,
+    batches,
+    *,
+    start: float = 1e-7,
+    end: float = 10.0,
+    steps: int = 200,
+    smoothing: float = SMOOTHING,
+    stop_factor: float = STOP_FACTOR,
+    callbacks: list | None = None,
+    restore: keras.Model | None = None,
+) -> LRFinderResult:
+    """The sweep on a compiled ``model`` whose optimizer has a plain (variable) rate, over ``batches``.
+
+    The weights of ``restore`` (default ``model``; the whole model when
+    ``model`` is its top above a cached cut) and the optimizer's state are put
+    back afterwards.
+    """
+    if not 0 < start < end:
+        raise ValueError(f"the sweep needs 0 < start < end, got start={start}, end={end}")
+    if steps < 2:
+        raise ValueError(f"the sweep needs at least 2 steps, got {steps}")
+    optimizer = model.optimizer
+    if not isinstance(optimizer.learning_rate, keras.Variable):
+        raise ValueError("the optimizer's learning rate is a schedule; the sweep needs a plain rate")
+    restore = restore if restore is not None else model
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    weights = restore.get_weights()
+    state = [keras.ops.convert_to_numpy(variable) for variable in optimizer.variables]
+    rate = keras.ops.convert_to_numpy(optimizer.learning_rate)
+    data = SweepBatches(batches, steps)
+    recorder = LRSweep(sweep_rates(start, end, steps), data.sizes, smoothing, stop_factor)
+    try:
+        model.fit(data, epochs=1, shuffle=False, verbose=0, callbacks=[recorder, *(callbacks or [])])
+    finally:
+        restore.set_weights(weights)
+        for variable, value in zip(optimizer.variables, state, strict=True):
+            variable.assign(value)
+        optimizer.learning_rate.assign(rate)
+    if not recorder.losses:
+        raise ValueError(f"the loss was not finite at the first rate ({start:g}); start lower")
+    return LRFinderResult(
+        learning_rates=recorder.learning_rates,
+        losses=recorder.losses,
+        suggestion=suggest(recorder.learning_rates, recorder.losses),
+        raw_losses=recorder.raw_losses,
+        stopped_early=recorder.stopped_early,
+    )
+
+
+def find_learning_rate(
+    model: keras.Model,
+    x,
+    y,
+    *,
+    batch_size: int = 32,
+    start: float = 1e-7,
+    end: float = 10.0,
+    steps: int = 200,
+    seed: int = 0,
+    smoothing: float = SMOOTHING,
+    stop_factor: float = STOP_FACTOR,
+    callbacks: list | None = None,
+) -> LRFinderResult:
+    """Sweep the learning rate of a compiled ``model`` (its optimizer and loss) on ``x`` (arrays) and ``y``.
+
+    The batches are shuffled, and reshuffled each pass over ``x``; the
+    model's weights and its optimizer's state and rate are restored afterwards.
+    ``model`` must be compiled with ``steps_per_execution=1`` (the rate changes every step).
+    """
+    from finetune.data.batches import FileBatches
+
+    if model.steps_per_execution != 1:
+        raise ValueError("compile the model with steps_per_execution=1: the sweep changes the rate every step")
+    batches = FileBatches(x, y, min(batch_size, len(y)), shuffle=True, seed=seed)
+    return sweep(
+        model,
+        batches,
+        start=start,
+        end=end,
+        steps=steps,
+        smoothing=smoothing,
+        stop_factor=stop_factor,
+        callbacks=callbacks,
+    )
+
+
+def find_phase_learning_rate(
+    model: keras.Model,
+    layout: BackboneLayout,
+    phase: PhaseConfig,
+    dataset,
+    settings: TrainingConfig,
+    *,
+    seed: int,
+    start: float = 1e-7,
+    end: float = 10.0,
+    steps: int = 200,
+    log: Callable[[str], None] = lambda line: None,
+) -> LRFinderResult:
+    """The sweep for ``phase``: its trainable set, optimizer (schedule ignored), loss and batch size.
+
+    Where the phase would train on cached features, the frozen part runs once
+    (:class:`~finetune.training.features.FeatureStore`) and the sweep fits the top.
+    """
+    from finetune.training.features import FeatureStore
+
+    configure_phase(model, layout, phase)
+    optimizer = phase_optimizer(layout, phase, start)
+    compile_model(
+        model, optimizer, 1, settings.jit_compile, settings.loss.label_smoothing, soft_labels=bool(settings.mix)
+    )
+    store = FeatureStore([phase], settings, layout, log=log)
+    try:
+        inputs = fit_inputs(model, phase, dataset, settings, store)
+        batch_size = min(settings.batch_size_for(phase), len(dataset.train))
+        batches = training_batches(inputs, dataset, settings, batch_size, seed, 0)
+        return sweep(inputs.fit_model, batches, start=start, end=end, steps=steps, restore=model)
+    finally:
+        store.close()
