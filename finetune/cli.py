@@ -61,6 +61,7 @@ def load_backend_quietly() -> None:
             import tensorflow as tf
 
             tf.config.list_physical_devices("GPU")
+            tf.get_logger().setLevel("ERROR")  # retracing notices from short predict calls are not the user's concern
 
 
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress and no log lines; errors only.")
@@ -247,6 +248,29 @@ def schema(markdown):
     from finetune.recipe.reference import json_schema, markdown_table
 
     click.echo(markdown_table() if markdown else json.dumps(json_schema(), indent=2))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Change data or evaluation settings: data.test_limit=null, data.source=tfds:mnist, evaluation.tta=[flip].",
+)
+@QUIET
+@reported
+def evaluate(run_dir, overrides, quiet):
+    """Evaluate a finished run's model on another split or dataset.
+
+    Writes metrics.json, the pictures and report.html into a new folder
+    RUN_DIR/evaluations/<time>/; the run itself is not changed.
+    """
+    load_backend_quietly()
+    from finetune.runner.evaluate_run import evaluate_run
+
+    evaluate_run(run_dir, list(overrides), log=progress(quiet))
 
 
 @main.command()

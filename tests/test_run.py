@@ -104,6 +104,59 @@ def tf_value(event):
     return tf.make_ndarray(event.tensor_proto)
 
 
+def test_evaluate_writes_another_split_into_a_new_subfolder(finished_run):
+    from click.testing import CliRunner
+
+    from finetune import data
+    from finetune.cli import main
+
+    run_dir = finished_run.run_dir
+    metrics_before = (run_dir / "metrics.json").read_bytes()
+    result = CliRunner().invoke(main, ["evaluate", str(run_dir), "--set", "data.test_limit=60", "--quiet"])
+    assert result.exit_code == 0, result.output
+    (folder,) = (run_dir / "evaluations").iterdir()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    test = data.load_dataset(finetune.load_recipe(folder / "recipe.yaml").data, finished_run.recipe.seed).test
+    assert metrics["test"]["examples"] == len(test) == 60
+    predicted = finetune.load_model(run_dir).predict(test.images, verbose=0).argmax(axis=1)
+    assert metrics["test"]["accuracy"] == pytest.approx(float(np.mean(predicted == test.labels)))
+    assert {"confusion_matrix.png", "mistakes.png", "report.html"} <= {path.name for path in folder.iterdir()}
+    assert (run_dir / "metrics.json").read_bytes() == metrics_before  # the run itself is untouched
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [("phases.head.epochs=3", "evaluate changes only data.* and evaluation.*"), ("data.classes=[Bag]", "classes")],
+)
+def test_evaluate_refuses_what_would_change_the_model_in_one_line(finished_run, setting, expected):
+    from click.testing import CliRunner
+
+    from finetune.cli import main
+
+    result = CliRunner().invoke(main, ["evaluate", str(finished_run.run_dir), "--set", setting])
+    assert result.exit_code == 2 and expected in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_compare_reads_each_run_from_its_folder(finished_run, tmp_path):
+    import csv as csv_module
+
+    from click.testing import CliRunner
+
+    from finetune.cli import main
+
+    run_dir = str(finished_run.run_dir)
+    (row,) = json.loads(CliRunner().invoke(main, ["compare", run_dir, "--json"]).output)
+    assert row["test_accuracy"] == finished_run.test_accuracy and row["phases"] == "head 2, finetune 1"
+    trainable = sum(int(np.prod(weight.shape)) for weight in finished_run.model.trainable_weights)
+    assert row["trainable_weights"] == trainable and row["image_size"] == "32x32" and row["status"] == "finished"
+    (parsed,) = csv_module.DictReader(CliRunner().invoke(main, ["compare", run_dir, "--csv"]).output.splitlines())
+    assert float(parsed["test_accuracy"]) == finished_run.test_accuracy
+    table = CliRunner().invoke(main, ["compare", run_dir, run_dir]).output.splitlines()
+    assert table[0].split()[:3] == ["run", "recipe", "backbone"] and len(table) == 3
+    refused = CliRunner().invoke(main, ["compare", run_dir, str(tmp_path)])
+    assert refused.exit_code == 2 and "is not a run folder" in refused.output
+
+
 def test_metrics_are_computed_from_the_model(finished_run):
     from finetune import data
 

@@ -141,7 +141,7 @@ def _cut_inside_backbone(model, backbone, top_layers: set, inference_only: bool)
     frozen = frozenset(id(layer) for layer in backbone.layers if id(layer) not in top_layers)
     return CutModels(
         bottom,
-        keras.Model(inputs, x, name="cached_top"),
+        keras.Model(single(inputs), x, name="cached_top"),  # one input as itself: Keras warns about a list of one
         where=f"at {names}",
         inner_cut=cut,
         after_backbone=[],

@@ -80,7 +80,8 @@ def unit_health(model: keras.Model, x) -> dict[str, dict[str, float]]:
             tensors.append(calls[0].output_tensors[0])
     if not dense:
         return {}
-    probe = keras.Model(model.inputs, tensors)
+    inputs = model.inputs
+    probe = keras.Model(inputs[0] if len(inputs) == 1 else inputs, tensors)  # one input as itself, as x is
     outputs = probe(x, training=False)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     health = {}
