@@ -25,6 +25,13 @@ def test_a_terminal_gets_a_live_line_and_a_file_does_not():
     assert log_file.getvalue() == "[finetune] epoch 1 done\n"
 
 
+def test_the_live_line_is_cut_at_the_terminal_width(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "20")
+    terminal = Terminal()
+    Progress(terminal).live("x" * 50)
+    assert terminal.getvalue() == "\r\x1b[K" + "x" * 19
+
+
 def test_the_live_line_is_redrawn_at_most_every_interval():
     terminal = Terminal()
     progress = Progress(terminal, every_seconds=3600)
@@ -49,7 +56,8 @@ def test_quiet_shows_nothing_and_a_callable_gets_only_the_lines():
     assert Progress.of(forwarded) is forwarded
 
 
-def test_phase_progress_shows_steps_eta_and_the_epoch_values_keras_reports():
+def test_phase_progress_shows_steps_eta_and_the_epoch_values_keras_reports(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the live line is cut at the terminal's width
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("int64")
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
