@@ -317,5 +317,34 @@ def weights_import(name, file, folder, image_size, option_items, force):
     click.echo(f"{name}: {file} loads; stored as {path}")
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["keras", "saved_model", "tflite", "onnx"]),
+    help="Format to write (repeatable). Default: the run recipe's export.formats.",
+)
+@click.option(
+    "--quantization",
+    type=click.Choice(["none", "float16", "dynamic_range"]),
+    help="TFLite weights. Default: the run recipe's export.tflite_quantization.",
+)
+@reported
+def export(run_dir, formats, quantization):
+    """Write the finished run in RUN_DIR in more formats, each checked against model.keras.
+
+    \b
+    finetune export runs/tiny --format onnx --format tflite --quantization float16
+    Files go into RUN_DIR (model.onnx, model_float16.tflite, labels.txt); metrics.json's
+    "export" part records each one's agreement with the Keras model on test images.
+    """
+    load_backend_quietly()
+    from finetune.runner.export_run import export_run
+
+    export_run(run_dir, formats, quantization, log=lambda line: click.echo(line, err=True))
+
+
 if __name__ == "__main__":
     main()

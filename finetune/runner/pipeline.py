@@ -16,7 +16,7 @@ from finetune.data import Dataset, load_dataset, peek_class_names
 from finetune.errors import RunInterrupted
 from finetune.evaluation import metrics as metrics_stage
 from finetune.evaluation import pictures
-from finetune.export.saved_model import export_saved_model
+from finetune.export.formats import export_all
 from finetune.files import write_atomically
 from finetune.plan import RunPlan, prepare
 from finetune.recipe import Recipe
@@ -179,7 +179,7 @@ def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], starte
 
 
 def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolder) -> None:
-    """``model.keras``, ``metrics.json``, the confusion-matrix picture and the SavedModel."""
+    """``model.keras``, ``metrics.json``, the confusion-matrix picture and the export formats, each verified."""
     folder.save_model(model)
     folder.write_json("metrics.json", metrics)
     write_atomically(
@@ -188,5 +188,7 @@ def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolde
             metrics["test"]["confusion_matrix"], dataset.class_names, path, f"{plan.name}: test split"
         ),
     )
-    if plan.export.saved_model:
-        export_saved_model(model, folder.path / "saved_model", dataset.class_names)
+    images = dataset.test.images[: plan.export.verify_images]
+    formats, quantization = plan.export.formats, plan.export.tflite_quantization
+    metrics["export"] = export_all(model, folder.path, formats, quantization, dataset.class_names, images)
+    folder.write_json("metrics.json", metrics)
