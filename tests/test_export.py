@@ -143,6 +143,16 @@ def test_an_artifact_that_disagrees_fails_in_one_line_and_is_not_kept(run_copy, 
     assert not (run_copy / "model.onnx").exists()
     assert not [path.name for path in run_copy.iterdir() if "partial" in path.name]
 
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("this runtime lacks an op\nand says so at length")
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", broken)
+    result = _cli("export", run_copy, "--format", "onnx")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "export onnx: onnxruntime" in result.stderr
+    assert "cannot run the written file (RuntimeError: this runtime lacks an op)" in result.stderr
+    assert not (run_copy / "model.onnx").exists()
+
 
 def test_tolerances_are_tight_for_float32_and_looser_for_quantized_weights():
     from finetune.export.verify import DYNAMIC_RANGE, FLOAT16, FLOAT32, agreement, check

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.errors import ExportError
+from finetune.errors import ExportError, describe
 from finetune.export import onnx_file, saved_model, tflite
 from finetune.export.verify import TOLERANCES, agreement, check
 from finetune.files import write_atomically, write_folder_atomically, write_text_atomically
@@ -145,6 +145,7 @@ def export_all(
     run_dir = Path(run_dir)
     images = np.asarray(images)
     reference = model.predict(images, batch_size=len(images), verbose=0)
+    half_precision = model.dtype_policy.compute_dtype in ("float16", "bfloat16")  # a mixed precision run
     results: dict[str, dict] = {}
     for name in names:
         entry = get(name)
@@ -160,10 +161,10 @@ def export_all(
                 warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
                 warnings.filterwarnings("ignore", message="In the future `np.object`")
                 entry.write(model, target, kind, class_names)
-            measured.update(verify(entry, key, kind, target, images, reference))
+            measured.update(verify(entry, key, kind, target, images, reference, half_precision))
 
         if name == "keras" and keep_existing_keras and path.is_file():
-            measured.update(verify(entry, key, kind, path, images, reference))
+            measured.update(verify(entry, key, kind, path, images, reference, half_precision))
         elif entry.folder:
             write_folder_atomically(path, write_and_verify)
         else:
@@ -175,9 +176,29 @@ def export_all(
     return results
 
 
-def verify(entry: ExportFormat, key: str, kind: str, path: Path, images: np.ndarray, reference: np.ndarray) -> dict:
-    """The artifact at ``path`` read back by its runtime; its agreement with ``reference``, or an ExportError."""
-    return check(key, agreement(reference, entry.predict(path, images)), TOLERANCES[kind])
+def verify(
+    entry: ExportFormat,
+    key: str,
+    kind: str,
+    path: Path,
+    images: np.ndarray,
+    reference: np.ndarray,
+    half_precision: bool = False,
+) -> dict:
+    """The artifact at ``path`` read back by its runtime; its agreement with ``reference``, or an ExportError.
+
+    A model that computes in float16 (mixed precision) is held to the float16 tolerance at least.
+    """
+    try:
+        predicted = entry.predict(path, images)
+    except Exception as error:
+        hint = " (a mixed precision model: try precision: float32)" if half_precision else ""
+        raise ExportError(
+            f"export {key}: {entry.runtime()} cannot run the written file ({describe(error)}){hint}; "
+            "nothing was written under its name"
+        ) from error
+    tolerance = TOLERANCES["float16"] if half_precision and kind == "none" else TOLERANCES[kind]
+    return check(key, agreement(reference, predicted), tolerance)
 
 
 def _size(path: Path) -> int:
