@@ -34,6 +34,10 @@ class TrainingDiverged(FinetuneError):
     """The loss became NaN or infinite; the checkpoint keeps the last good epoch."""
 
 
+class ExportError(FinetuneError):
+    """An export cannot be written (a converter package is missing) or disagrees with the Keras model."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run; ``run_dir`` holds what ``finetune resume`` needs."""
 

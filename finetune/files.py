@@ -30,6 +30,27 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def write_folder_atomically(path: str | Path, fill: Callable[[Path], Any]) -> Path:
+    """Call ``fill(temporary folder)`` beside ``path``, then put it in place of ``path`` whole.
+
+    A kill mid-write leaves no half folder under the final name; the next
+    call removes what a killed one left (``.NAME.partial-*``).
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        fill(temporary)
+        if path.exists():  # an export redone (a resumed run, `finetune export`)
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    _fsync(path.parent)
+    return path
+
+
 def write_text_atomically(path: str | Path, text: str) -> Path:
     return write_atomically(path, lambda temporary: temporary.write_text(text))
 

@@ -10,6 +10,7 @@ its part.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from finetune.backbones import mlp
@@ -89,6 +90,7 @@ def resolve(recipe: Recipe, label: str = "recipe") -> RunPlan:
         _check_phases(recipe.phases)
         _check_mix(recipe.training.mix)
         _check_mc_dropout(recipe)
+        _check_export_packages(recipe.export)
     except RecipeError as error:
         raise RecipeError(f"{label}: {error}") from None
     return RunPlan(
@@ -210,6 +212,16 @@ def _check_mc_dropout(recipe: Recipe) -> None:
     ]
     if not any("mc_dropout" in names for names in kinds):
         raise RecipeError("evaluation.mc_samples: needs an mc_dropout layer (dropout: {name: mc_dropout, rate: 0.2})")
+
+
+def _check_export_packages(export: schema.ExportConfig) -> None:
+    # Before the run, not after hours of training: a format whose converter is not installed.
+    for name in export.formats:
+        needed = schema.EXPORT_PACKAGES.get(name, ())
+        missing = [package for package in needed if importlib.util.find_spec(package) is None]
+        if missing:
+            hint = " (pip install 'finetune[onnx]')" if name == "onnx" else ""
+            raise RecipeError(f"export.formats: {name} needs the {', '.join(missing)} package(s){hint}")
 
 
 def technique_warnings(recipe: Recipe) -> list[str]:

@@ -1,36 +1,39 @@
-"""Export: a TensorFlow SavedModel whose ``serve`` takes raw uint8 images."""
+"""Export: a TensorFlow SavedModel whose ``serve`` takes raw uint8 images, and its reload by TensorFlow."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-from finetune.data.input_spec import InputSpec, write_input_spec
-from finetune.errors import FinetuneError
-from finetune.files import write_text_atomically
+import numpy as np
+
+from finetune.errors import ExportError
+from finetune.files import write_folder_atomically, write_text_atomically
 
 
-def export_saved_model(model, path: Path, class_names, input_spec: InputSpec | None = None) -> Path:
-    """Write ``path`` (a SavedModel) and ``labels.txt`` inside it, with ``input.json`` when ``input_spec`` is given.
+def export_saved_model(model, path: Path, class_names) -> Path:
+    """Write ``path`` (a SavedModel) and ``labels.txt`` inside it, whole or not at all.
 
     ``tf.saved_model.load(path).serve(images)`` takes a batch shaped like
     the dataset's images, dtype uint8, and returns class probabilities.
     """
-    path = Path(path)
+    return write_folder_atomically(path, lambda folder: write_saved_model(model, folder, class_names))
+
+
+def write_saved_model(model, folder: Path, class_names) -> None:
+    """The SavedModel and its ``labels.txt`` in ``folder`` (not atomic: the caller renames it into place)."""
     try:
         import tensorflow  # noqa: F401  (SavedModel is a TensorFlow format)
     except ImportError:
-        raise FinetuneError("export.saved_model needs TensorFlow installed; set export.saved_model: false") from None
-    # Written aside and renamed whole: a kill mid-export leaves no half SavedModel under the final name.
-    for stale in path.parent.glob(f".{path.name}.partial-*"):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    model.export(str(partial), format="tf_saved_model", verbose=False)
-    write_text_atomically(partial / "labels.txt", "".join(f"{name}\n" for name in class_names))
-    if input_spec is not None:
-        write_input_spec(partial, input_spec)
-    if path.exists():  # an export a resumed run redoes
-        shutil.rmtree(path)
-    os.replace(partial, path)
-    return path
+        raise ExportError(
+            "export.formats: saved_model needs TensorFlow installed; take saved_model out of export.formats"
+        ) from None
+    model.export(str(folder), format="tf_saved_model", verbose=False)
+    write_text_atomically(Path(folder) / "labels.txt", "".join(f"{name}\n" for name in class_names))
+
+
+def predict_saved_model(folder: Path, images: np.ndarray) -> np.ndarray:
+    """Class probabilities from the SavedModel's ``serve``, loaded by TensorFlow alone (no finetune, no Keras)."""
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(folder))
+    return np.asarray(served.serve(tf.constant(images)))

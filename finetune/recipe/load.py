@@ -70,7 +70,7 @@ def read_recipe(source: RecipeSource, overrides: Overrides = None) -> Recipe:
     raw.setdefault("name", default_name)
     for key, value in _normalize_overrides(overrides).items():
         set_path(raw, key, value)
-    notices = _convert_decay(raw, label)
+    notices = _convert_decay(raw, label) + _convert_saved_model_flag(raw, label)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
@@ -113,6 +113,26 @@ def _convert_decay(raw: dict, label: str) -> list[str]:
             f"it meant: lr0 / (1 + {decay} * step), i.e. schedule: {{name: power, s: {1.0 / float(decay):g}, c: 1}}"
         )
     return notices
+
+
+def _convert_saved_model_flag(raw: dict, label: str) -> list[str]:
+    """The old ``export.saved_model: BOOL`` adds ``saved_model`` to ``export.formats`` or takes it out.
+
+    With both keys (an old ``--set export.saved_model=false`` on a dumped recipe), the flag edits the list.
+    """
+    export = raw.get("export")
+    if not isinstance(export, dict) or "saved_model" not in export:
+        return []
+    flag = export.pop("saved_model")
+    if not isinstance(flag, bool):
+        raise RecipeError(f"{label}: export.saved_model: expected true or false, got {flag!r}")
+    formats = export.get("formats", ["keras", "saved_model"])
+    if not isinstance(formats, list):
+        return []  # the schema names the wrong type
+    formats = [name for name in formats if name != "saved_model"] + (["saved_model"] if flag else [])
+    export["formats"] = formats
+    old = f"export.saved_model: {str(flag).lower()}"
+    return [f"{old} is the old form of export.formats: read as [{', '.join(formats)}]"]
 
 
 def _normalize_overrides(overrides) -> dict[str, Any]:
@@ -172,6 +192,8 @@ def _find_item(items: list, key: str, here: str) -> int:
 
 def _check_known_key(raw: dict, parts: list[str], here: str) -> None:
     """Reject a --set path that names no recipe field, before validation."""
+    if parts == ["export", "saved_model"]:
+        return  # the old flag, still read (_convert_saved_model_flag)
     model: Any = Recipe
     index = 0
     while index < len(parts) and isinstance(model, type) and issubclass(model, BaseModel):

@@ -305,8 +305,39 @@ class EvaluationConfig(_Strict):
     )
 
 
+ExportFormat = Literal["keras", "saved_model", "tflite", "onnx"]
+TFLiteQuantization = Literal["none", "float16", "dynamic_range"]
+DEFAULT_EXPORT_FORMATS: tuple[ExportFormat, ...] = ("keras", "saved_model")
+EXPORT_PACKAGES: dict[str, tuple[str, ...]] = {
+    "saved_model": ("tensorflow",),
+    "tflite": ("tensorflow",),
+    "onnx": ("tf2onnx", "onnx", "onnxruntime"),  # writing (tf2onnx, onnx) and checking (onnxruntime) the file
+}
+"""The packages each export format needs beyond Keras (``pip install 'finetune[onnx]'`` for ONNX)."""
+
+
 class ExportConfig(_Strict):
-    saved_model: bool = True
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: list(DEFAULT_EXPORT_FORMATS),
+        description=(
+            "what the run writes and verifies: keras (model.keras, always written; listed: reloaded and checked), "
+            "saved_model (saved_model/), tflite (model.tflite), onnx (model.onnx; pip install 'finetune[onnx]')"
+        ),
+    )
+    tflite_quantization: TFLiteQuantization = Field(
+        "none", description="tflite weights: none (float32), float16 (half the size), dynamic_range (int8 weights)"
+    )
+    verify_images: int = Field(
+        32, gt=0, description="test images each artifact predicts after writing, compared with the Keras model"
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _no_repeats(cls, value):
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return value
 
 
 class Recipe(_Strict):

@@ -17,7 +17,7 @@ from finetune.data import Dataset, load_dataset, peek_class_names
 from finetune.data.input_spec import describe_input, write_input_spec
 from finetune.errors import RunInterrupted
 from finetune.evaluation import metrics as metrics_stage
-from finetune.export.saved_model import export_saved_model
+from finetune.export.formats import export_all
 from finetune.plan import RunPlan, prepare
 from finetune.progress import Progress
 from finetune.recipe import Recipe
@@ -190,14 +190,19 @@ def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], starte
 
 
 def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolder, log, probabilities) -> None:
-    """``model.keras``, ``metrics.json``, the SavedModel, then the pictures and ``report.html``."""
+    """``model.keras``, ``input.json``, ``metrics.json``, the export formats (each reloaded and checked against
+    the model), then the pictures and ``report.html``."""
     folder.save_model(model)
     # What `finetune predict` needs to turn any picture into this model's input (shape, resize, background).
     input_spec = describe_input(dataset.train.images, dataset.class_names, plan.data.resize)
     write_input_spec(folder.path, input_spec)
     folder.write_json("metrics.json", metrics)
-    if plan.export.saved_model:
-        export_saved_model(model, folder.path / "saved_model", dataset.class_names, input_spec)
+    images = dataset.test.images[: plan.export.verify_images]
+    formats, quantization = plan.export.formats, plan.export.tflite_quantization
+    metrics["export"] = export_all(model, folder.path, formats, quantization, dataset.class_names, images)
+    if "saved_model" in formats:
+        write_input_spec(folder.path / "saved_model", input_spec)  # predict reads it beside labels.txt
+    folder.write_json("metrics.json", metrics)
     history = read_history(folder.path / "history.csv")
     for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
         log(f"[finetune] warning: picture not drawn: {problem}")

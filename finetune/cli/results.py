@@ -1,0 +1,143 @@
+"""Commands on a trained model: ``predict``, ``evaluate``, ``compare`` and ``export``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from finetune.cli.base import QUIET, load_backend_quietly, main, one_line, progress, reported
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Change data or evaluation settings: data.test_limit=null, data.source=tfds:mnist, evaluation.tta=[flip].",
+)
+@QUIET
+@reported
+def evaluate(run_dir, overrides, quiet):
+    """Evaluate a finished run's model on another split or dataset.
+
+    Writes metrics.json, the pictures and report.html into a new folder
+    RUN_DIR/evaluations/<time>/; the run itself is not changed.
+    """
+    load_backend_quietly()
+    from finetune.runner.evaluate_run import evaluate_run
+
+    evaluate_run(run_dir, list(overrides), log=progress(quiet))
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of objects instead of the table.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row instead of the table.")
+@reported
+def compare(run_dirs, as_json, as_csv):
+    """Runs side by side: recipe, backbone, image size, phases, trainable weights, time, test accuracy and loss."""
+
+    from finetune.runner import compare as comparison
+
+    rows = [comparison.compare_row(run_dir) for run_dir in run_dirs]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif as_csv:
+        click.echo(comparison.as_csv(rows), nl=False)
+    else:
+        click.echo(comparison.as_text(rows))
+
+
+_INVERT_HELP = (
+    "Turn images negative first: auto (default) inverts an image whose border is on the other side of the "
+    "training images' background (light-on-dark for Fashion-MNIST), yes inverts every image, no none."
+)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line.")
+@click.option(
+    "--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True, help=_INVERT_HELP
+)
+@reported
+def predict(model, images, top, as_json, invert):
+    """Print the top classes of each of IMAGES (files, or folders of them) by MODEL.
+
+    \b
+    MODEL is a run folder (its model.keras) or an exported saved_model/
+    folder. Each image is decoded as the training images were (grey or RGB,
+    16-bit scaled, transparency on white, EXIF orientation, the run's
+    crop/pad/stretch resize to the stored size).
+
+    \b
+    --invert auto: the run's input.json records whether the training images
+    have a dark or a light background (the median of each image's outermost
+    ring of pixels, under 128 or not, for at least 90% of them). An image
+    whose own border median (before resizing) is on the other side is
+    inverted. Models saved before input.json existed: 28x28 grey ones are
+    taken as light-on-dark (Fashion-MNIST); others are never auto-inverted.
+
+    \b
+    finetune predict runs/fmnist shirt.jpg photos/ --top 3
+    finetune predict runs/fmnist/saved_model photos/ --json
+
+    An image that cannot be read is one line on stderr; the others are still
+    predicted, and the exit code is 2.
+    """
+
+    load_backend_quietly()
+    from finetune.inference import load_predictor, predict_files
+
+    predictor = load_predictor(model)
+    for note in predictor.notes:
+        click.echo(one_line(f"note: {note}"), err=True)
+    failed = total = 0
+    for prediction in predict_files(predictor, images, top, invert):
+        total += 1
+        if prediction.error is not None:
+            failed += 1
+            click.echo(one_line(f"error: {prediction.error}"), err=True)
+        elif as_json:
+            click.echo(json.dumps(prediction.to_json()))
+        else:
+            shown = ", ".join(f"{name} {probability:.3f}" for _, name, probability in prediction.top)
+            click.echo(one_line(f"{prediction.path}: {shown}{' (inverted)' if prediction.inverted else ''}"))
+    if failed:
+        click.echo(f"{failed} of {total} images could not be read", err=True)
+        sys.exit(2)
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["keras", "saved_model", "tflite", "onnx"]),
+    help="Format to write (repeatable). Default: the run recipe's export.formats.",
+)
+@click.option(
+    "--quantization",
+    type=click.Choice(["none", "float16", "dynamic_range"]),
+    help="TFLite weights. Default: the run recipe's export.tflite_quantization.",
+)
+@reported
+def export(run_dir, formats, quantization):
+    """Write the finished run in RUN_DIR in more formats, each checked against model.keras.
+
+    \b
+    finetune export runs/tiny --format onnx --format tflite --quantization float16
+    Files go into RUN_DIR (model.onnx, model_float16.tflite, labels.txt); metrics.json's
+    "export" part records each one's agreement with the Keras model on test images.
+    """
+    load_backend_quietly()
+    from finetune.runner.export_run import export_run
+
+    export_run(run_dir, formats, quantization, log=progress(False))

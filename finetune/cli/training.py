@@ -1,0 +1,133 @@
+"""Commands that train: ``run``, ``resume``, ``validate`` (what a run would do) and ``lr-find``."""
+
+from __future__ import annotations
+
+import shlex
+
+import click
+
+from finetune.cli.base import QUIET, SET_HELP, load_backend_quietly, main, progress, reported
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Run folder (must not exist or be empty). Default: runs/<recipe name>-<time>.",
+)
+@QUIET
+@reported
+def run(recipe, overrides, out, quiet):
+    """Train and evaluate RECIPE, then export the model.
+
+    Writes recipe.yaml, history.csv, metrics.json, model.keras and
+    saved_model/ into the run folder. Progress goes to stderr: a live line
+    on a terminal, one line per epoch otherwise.
+    """
+    load_backend_quietly()  # before anything imports Keras
+    from finetune.plan import load_recipe
+    from finetune.runner import run as run_recipe
+
+    run_recipe(load_recipe(recipe, list(overrides)), out=out, log=progress(quiet))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@QUIET
+@reported
+def resume(run_dir, quiet):
+    """Continue the interrupted or killed run in RUN_DIR where its last checkpoint stood.
+
+    Finished phases are not redone; a finished run is left as it is.
+    """
+    load_backend_quietly()
+    from finetune.runner import resume as resume_run
+
+    resume_run(run_dir, log=progress(quiet))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@reported
+def validate(recipe, overrides):
+    """Check RECIPE without training; print what it would do."""
+    load_backend_quietly()
+    from finetune.data import peek_class_names
+    from finetune.plan import load_recipe
+
+    loaded = load_recipe(recipe, list(overrides))
+    # Class names when they are cheap to find (no image is decoded); data errors surface here.
+    class_names = peek_class_names(loaded.data)
+    height, width = loaded.data.image_hw
+    backbone = loaded.model.backbone
+    cut = f" cut after {backbone.cut_at}" if backbone.cut_at else ""
+    if backbone.top_blocks_removed:
+        cut = f" without its top {backbone.top_blocks_removed} blocks"
+    click.echo(
+        f"{recipe}: valid. {loaded.data.source} -> {backbone.name} "
+        f"({backbone.weights or 'random init'}){cut} at {height}x{width}, precision {loaded.precision}"
+    )
+    if loaded.model.augment:
+        click.echo(f"  augment (training only): {_names(loaded.model.augment)}")
+    if loaded.training.mix:
+        click.echo(f"  mix (training batches only): {_names(loaded.training.mix)}")
+    if class_names is not None:
+        shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
+        folder = f" {loaded.data.data_dir}" if loaded.data.data_dir else ""
+        click.echo(f"  data {loaded.data.source}{folder}: {len(class_names)} classes ({shown})")
+    for phase in loaded.phases:
+        trainable = phase.trainable if isinstance(phase.trainable, str) else f"top {phase.trainable.top_blocks} blocks"
+        click.echo(f"  phase {phase.name}: {phase.epochs} epochs, backbone trainable: {trainable}, {phase.describe()}")
+    for notice in loaded.notices:
+        click.echo(f"note: {notice}")
+
+
+@main.command("lr-find")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--phase", help="The phase to sweep (default: the first); earlier phases are trained first.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--steps", type=int, default=200, show_default=True, help="Batches in the sweep (at most).")
+@click.option("--start", type=float, default=1e-7, show_default=True, help="First learning rate.")
+@click.option("--end", type=float, default=10.0, show_default=True, help="Last learning rate.")
+@click.option(
+    "--from",
+    "from_run",
+    type=click.Path(file_okay=False),
+    help="Start from this finished run's model.keras instead of training the earlier phases.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Folder for lr_find.png and lr_find.json. Default: runs/lr_find-<recipe name>-<time>.",
+)
+@reported
+def lr_find(recipe, phase, overrides, steps, start, end, from_run, out):
+    """Sweep a phase's learning rate exponentially and suggest one (Hands-On ML ch. 11, fastai's lr_find).
+
+    The loss is recorded while the rate grows from --start to --end; the
+    suggestion is the rate at the lowest smoothed loss divided by 10. Prints
+    the --set option that applies it.
+    """
+    load_backend_quietly()
+    from finetune.plan import load_recipe
+    from finetune.runner.lr_find import lr_find as find
+
+    report = find(
+        load_recipe(recipe, list(overrides)),
+        phase,
+        out=out,
+        start=start,
+        end=end,
+        steps=steps,
+        from_run=from_run,
+        log=progress(False),
+    )
+    click.echo(f"suggested learning rate for phase {report.phase}: {report.rate}")
+    click.echo(f"finetune run {shlex.quote(recipe)} {report.set_option}")
+
+
+def _names(identifiers) -> str:
+    return ", ".join(item if isinstance(item, str) else str(item.get("name")) for item in identifiers)

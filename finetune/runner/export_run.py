@@ -1,0 +1,76 @@
+"""``finetune export``: a finished run's ``model.keras`` written in more formats, each verified, into its folder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from finetune import model as model_stage
+from finetune.data import load_dataset
+from finetune.data.input_spec import read_input_spec, write_input_spec
+from finetune.errors import RunFolderError, first_line
+from finetune.export.formats import check_available, export_all
+from finetune.plan import prepare
+from finetune.runner.folder import RunFolder
+
+
+def export_run(
+    run_dir: str | Path,
+    formats: Sequence[str] | None = None,
+    quantization: str | None = None,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict]:
+    """Export the finished run in ``run_dir`` as ``formats`` (default: its recipe's ``export.formats``).
+
+    Each artifact is checked against ``model.keras`` on the first
+    ``export.verify_images`` test images of the run's own data, then
+    renamed into the folder; ``metrics.json``'s ``export`` part gets one
+    entry per artifact (others are kept). An unfinished run, or one without
+    ``model.keras`` or ``metrics.json``, is refused in one line.
+    """
+    folder = RunFolder.existing(run_dir)
+    with folder.locked():
+        status = folder.status.get("status")
+        if status != "finished":
+            raise RunFolderError(
+                f"run {str(folder.path)!r} is {status or 'not started'}, not finished; "
+                f"finish it first (finetune resume {folder.path})"
+            )
+        for name in ("model.keras", "metrics.json"):
+            if not (folder.path / name).is_file():
+                raise RunFolderError(f"run {str(folder.path)!r} has no {name} to export from")
+        # The formats asked for replace the recipe's (a converter the run used need not be installed now).
+        overrides: dict[str, object] = {"export.formats": list(formats)} if formats else {}
+        if quantization:
+            overrides["export.tflite_quantization"] = quantization
+        _, plan = prepare(folder.path / "recipe.yaml", overrides)
+        formats, quantization = plan.export.formats, plan.export.tflite_quantization
+        check_available(formats)  # before the data is read
+        metrics = _read_metrics(folder.path / "metrics.json")
+        dataset = load_dataset(plan.data, plan.seed)
+        model = model_stage.load_model(folder.path / "model.keras", compile=False)
+        images = np.asarray(dataset.test.images[: plan.export.verify_images])
+        results = export_all(model, folder.path, formats, quantization, dataset.class_names, images)
+        spec = read_input_spec(folder.path)
+        if "saved_model" in formats and spec is not None:
+            write_input_spec(folder.path / "saved_model", spec)  # as a run writes it, for finetune predict
+        metrics["export"] = {**metrics.get("export", {}), **results}
+        folder.write_json("metrics.json", metrics)
+    for key, result in results.items():
+        log(
+            f"[finetune] {key}: {result['file']} ({result['bytes'] / 1e6:.2f} MB), {result['runtime']}: "
+            f"max |probability difference| {result['max_abs_diff']:.2g}, top-1 agreement "
+            f"{result['top1_agreement']:.3f} on {result['images']} test images"
+        )
+    return results
+
+
+def _read_metrics(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RunFolderError(f"{str(path)!r} cannot be read ({first_line(error)})") from None

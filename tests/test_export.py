@@ -1,0 +1,222 @@
+"""Export formats: each artifact reloaded by its own runtime agrees with the Keras model; `finetune export`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import finetune
+from finetune.errors import ExportError, RecipeError
+
+MLP_RECIPE = {
+    "name": "mlp_export",
+    "seed": 0,
+    "precision": "float32",
+    "data": {
+        "source": "fashion_mnist",
+        "image_size": 28,
+        "validation_split": 0.0,
+        "train_limit": 640,
+        "test_limit": 64,
+    },
+    "model": {"backbone": {"name": "mlp", "weights": None, "options": {"dense": [32, 16]}}, "head": {}},
+    "training": {"batch_size": 32, "verbose": 0},
+    "phases": [
+        {"name": "train", "epochs": 3, "trainable": "all", "optimizer": {"name": "adam", "learning_rate": 5e-3}}
+    ],
+    "export": {"formats": ["keras", "saved_model", "tflite", "onnx"]},
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A trained tiny MLP run that wrote every format (trained: confident predictions for the quantized checks)."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    return finetune.run(finetune.load_recipe(copy.deepcopy(MLP_RECIPE)), out=out, log=lambda line: None)
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """The finished run's folder, copied, so a test may change it."""
+    return shutil.copytree(finished_run.run_dir, tmp_path / "run")
+
+
+def _test_images(count=32):
+    from finetune import data
+
+    dataset = data.load_dataset(finetune.load_recipe(copy.deepcopy(MLP_RECIPE)).data, 0)
+    return np.asarray(dataset.test.images[:count]), dataset.class_names
+
+
+def _cli(*arguments):
+    from finetune.cli import main
+
+    return CliRunner().invoke(main, [str(argument) for argument in arguments])
+
+
+def _tflite_predict(path, images):
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, images)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def test_a_run_writes_every_format_and_each_runtime_agrees_with_keras(finished_run):
+    import onnxruntime
+    import tensorflow as tf
+
+    run_dir = finished_run.run_dir
+    images, class_names = _test_images()
+    expected = finished_run.model.predict(images, verbose=0)
+    assert expected.max(axis=1).mean() > 0.4  # trained (flat outputs are 0.1): the comparisons mean something
+    # Each artifact read back here by its own runtime, raw uint8 images in.
+    served = tf.saved_model.load(str(run_dir / "saved_model"))  # kept: serve needs the loaded object alive
+    reloaded = {
+        "keras": finetune.load_model(run_dir / "model.keras", compile=False).predict(images, verbose=0),
+        "saved_model": served.serve(tf.constant(images)).numpy(),
+        "tflite": _tflite_predict(run_dir / "model.tflite", images),
+        "onnx": onnxruntime.InferenceSession(str(run_dir / "model.onnx")).run(None, {"images": images})[0],
+    }
+    for name, probabilities in reloaded.items():
+        np.testing.assert_allclose(probabilities, expected, atol=1e-4, err_msg=name)
+    exported = json.loads((run_dir / "metrics.json").read_text())["export"]
+    assert sorted(exported) == ["keras", "onnx", "saved_model", "tflite"]
+    for name, entry in exported.items():
+        measured = np.abs(reloaded[name] - expected).max()
+        assert entry["max_abs_diff"] <= 1e-4 and entry["max_abs_diff"] == pytest.approx(measured, abs=2e-6), name
+        assert entry["top1_agreement"] == 1.0 and entry["images"] == 32, name
+    assert exported["tflite"]["bytes"] == (run_dir / "model.tflite").stat().st_size
+    assert (run_dir / "labels.txt").read_text().splitlines() == list(class_names)
+    assert (run_dir / "saved_model" / "labels.txt").read_text().splitlines() == list(class_names)
+    assert not [path.name for path in run_dir.iterdir() if "partial" in path.name]
+
+
+def test_quantized_tflite_files_are_a_half_and_a_quarter_the_size_and_keep_the_predictions(run_copy):
+    from finetune.export.formats import export_all
+
+    before = json.loads((run_copy / "metrics.json").read_text())["export"]
+    float32 = (run_copy / "model.tflite").stat().st_size
+    result = _cli("export", run_copy, "--format", "tflite", "--quantization", "float16")
+    assert result.exit_code == 0, result.output
+    images, class_names = _test_images()
+    model = finetune.load_model(run_copy / "model.keras")
+    export_all(model, run_copy, ["tflite"], "dynamic_range", class_names, images)
+    half = (run_copy / "model_float16.tflite").stat().st_size / float32
+    quarter = (run_copy / "model_dynamic_range.tflite").stat().st_size / float32
+    assert 0.4 < half < 0.6 and 0.2 < quarter < 0.4, (half, quarter)
+    expected = model.predict(images, verbose=0)
+    for name in ("float16", "dynamic_range"):
+        quantized = _tflite_predict(run_copy / f"model_{name}.tflite", images)
+        assert np.mean(quantized.argmax(1) == expected.argmax(1)) >= 0.9, name
+    exported = json.loads((run_copy / "metrics.json").read_text())["export"]
+    assert {key: exported[key] for key in before} == before  # the run's own entries are kept
+    assert exported["tflite_float16"]["quantization"] == "float16"
+    assert exported["tflite_float16"]["tolerance"] == {"max_abs_diff": 0.05, "min_top1_agreement": 0.95}
+    assert "float16" in result.stderr and "top-1 agreement 1.000 on 32 test images" in result.stderr
+
+
+def test_an_artifact_that_disagrees_fails_in_one_line_and_is_not_kept(run_copy, monkeypatch):
+    import onnxruntime
+
+    genuine = onnxruntime.InferenceSession.run
+
+    def shifted(self, *args, **kwargs):  # the runtime answers with every image's probabilities moved one class on
+        return [np.roll(output, 1, axis=-1) for output in genuine(self, *args, **kwargs)]
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", shifted)
+    (run_copy / "model.onnx").unlink()
+    result = _cli("export", run_copy, "--format", "onnx")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: export onnx disagrees with the Keras model on 32"), lines
+    assert "top-1 agreement" in lines[0]
+    assert not (run_copy / "model.onnx").exists()
+    assert not [path.name for path in run_copy.iterdir() if "partial" in path.name]
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("this runtime lacks an op\nand says so at length")
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", broken)
+    result = _cli("export", run_copy, "--format", "onnx")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "export onnx: onnxruntime" in result.stderr
+    assert "cannot run the written file (RuntimeError: this runtime lacks an op)" in result.stderr
+    assert not (run_copy / "model.onnx").exists()
+
+
+def test_tolerances_are_tight_for_float32_and_looser_for_quantized_weights():
+    from finetune.export.verify import DYNAMIC_RANGE, FLOAT16, FLOAT32, agreement, check
+
+    reference = np.eye(10)[np.arange(32) % 10] * 0.9 + 0.01  # confident, one class per image
+    nudged = agreement(reference, reference + 0.01)
+    assert nudged == {"images": 32, "max_abs_diff": pytest.approx(0.01), "top1_agreement": 1.0}
+    assert check("tflite_float16", nudged, FLOAT16)["tolerance"]["max_abs_diff"] == 0.05
+    with pytest.raises(ExportError, match=r"^export tflite disagrees .* 0\.01 \(tolerance 0\.0001\)"):
+        check("tflite", nudged, FLOAT32)
+    flipped = reference.copy()
+    flipped[:4] = np.roll(flipped[:4], 1, axis=-1)  # 4 of 32 predictions change: 0.875 agreement
+    with pytest.raises(ExportError, match=r"top-1 agreement 0\.875 \(at least 0\.9\)"):
+        check("tflite_dynamic_range", agreement(reference, flipped), DYNAMIC_RANGE)
+    with pytest.raises(ExportError):
+        check("onnx", agreement(reference, reference * np.nan), FLOAT32)
+
+
+def test_cli_export_refuses_an_unfinished_run_or_one_without_its_model_in_one_line(run_copy):
+    status = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**status, "status": "interrupted"}))
+    result = _cli("export", run_copy, "--format", "tflite")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "is interrupted, not finished" in result.stderr and "finetune resume" in result.stderr
+    (run_copy / "run.json").write_text(json.dumps(status))
+    (run_copy / "model.keras").unlink()
+    result = _cli("export", run_copy)
+    assert result.exit_code == 2 and result.stderr.strip().endswith("has no model.keras to export from")
+    result = _cli("export", run_copy / "nowhere")
+    assert result.exit_code == 2 and "is not a run folder" in result.stderr
+
+
+def test_a_missing_converter_is_one_line_naming_the_package(run_copy, monkeypatch):
+    import importlib.util
+
+    from finetune.export.formats import check_available
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tf2onnx" else real(name, *a))
+    recipe = copy.deepcopy(MLP_RECIPE)
+    with pytest.raises(RecipeError, match=r"export\.formats: onnx needs the tf2onnx package\(s\) \(pip install"):
+        finetune.load_recipe(recipe)  # before any training
+    with pytest.raises(ExportError, match=r"onnx needs the tf2onnx package"):
+        check_available(["keras", "onnx"])
+    result = _cli("export", run_copy, "--format", "onnx")
+    assert result.exit_code == 2 and "onnx needs the tf2onnx package(s)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    # The run's recipe lists onnx; exporting another format does not need its converter.
+    (run_copy / "model.tflite").unlink()
+    assert _cli("export", run_copy, "--format", "tflite").exit_code == 0
+    assert (run_copy / "model.tflite").is_file()
+
+
+def test_the_old_saved_model_flag_still_reads_with_a_notice():
+    recipe = copy.deepcopy(MLP_RECIPE)
+    recipe["export"] = {"saved_model": False}
+    loaded = finetune.load_recipe(recipe)
+    assert loaded.export.formats == ["keras"]
+    assert any("export.saved_model: false is the old form of export.formats" in notice for notice in loaded.notices)
+    recipe["export"] = {"saved_model": True}
+    assert finetune.load_recipe(recipe).export.formats == ["keras", "saved_model"]
+    # Both keys (an old --set on a dumped recipe): the flag edits the list.
+    dumped = finetune.load_recipe(copy.deepcopy(MLP_RECIPE)).to_dict()
+    assert finetune.load_recipe(dumped, ["export.saved_model=false"]).export.formats == ["keras", "tflite", "onnx"]
+    assert finetune.load_recipe({**MLP_RECIPE, "export": {}}).export.formats == ["keras", "saved_model"]
+    with pytest.raises(RecipeError, match=r"export\.formats"):
+        finetune.load_recipe({**MLP_RECIPE, "export": {"formats": ["tflite", "tflite"]}})
