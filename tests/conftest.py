@@ -28,7 +28,9 @@ TINY_RECIPE = {
         "backbone": {"name": "mobilenet_v2", "weights": None, "options": {"alpha": 0.35}},
         "head": {"dense": [16], "dropout": 0.1},
     },
-    "training": {"batch_size": 32, "verbose": 0},
+    # No SavedModel, TensorBoard or gradient sampling unless a test asks: each costs seconds per run.
+    "training": {"batch_size": 32, "verbose": 0, "tensorboard": False, "gradient_health_every": 0},
+    "export": {"formats": ["keras"]},
     "phases": [
         {"name": "head", "epochs": 1, "trainable": "none", "optimizer": {"name": "adam", "learning_rate": 1e-3}},
         {

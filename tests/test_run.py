@@ -24,7 +24,8 @@ def finished_run(tmp_path_factory, tiny_backbone_weights):
     raw = copy.deepcopy(TINY_RECIPE)
     raw["model"]["backbone"]["weights"] = str(tiny_backbone_weights)
     raw["phases"][0]["epochs"] = 2
-    raw["training"]["verbose"] = "auto"  # finetune's own epoch lines, into ``lines`` below
+    raw["training"].update(verbose="auto", tensorboard=True, gradient_health_every=200)  # epoch lines into ``lines``
+    raw["export"] = {"formats": ["keras", "saved_model"]}
     recipe = finetune.load_recipe(raw)
     out = tmp_path_factory.mktemp("runs") / "tiny"
     lines: list[str] = []
@@ -329,6 +330,8 @@ def test_cli_run_end_to_end(tmp_path, tiny_backbone_weights):
         "phases.finetune.epochs=0",
         "--set",
         "training.verbose=auto",
+        "--set",
+        "export.formats=[keras,saved_model]",
         "--out",
         str(out),
     )
