@@ -76,3 +76,47 @@ def keras_downloads(handler: Callable[[str, str, str | None, Callable[[], str]],
         yield
     finally:
         file_utils.get_file = original
+
+
+@contextlib.contextmanager
+def multi_worker_fit() -> Iterator[None]:
+    """Let Keras 3's TensorFlow trainer fit under ``MultiWorkerMirroredStrategy`` inside this block.
+
+    Two places reduce values across workers in a way that strategy rejects
+    (keras-team/keras#20585): the build before the first step reduces a whole
+    data batch (only its shapes are used), and each step's logs are reduced
+    with ``MEAN`` along an axis that scalars do not have. Inside the block the
+    build takes this worker's first replica's batch, and step logs take the
+    first replica's values: Keras's metric variables are summed across
+    replicas as they update, so every replica holds the global value.
+    """
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    original_build = trainer.TensorFlowTrainer._maybe_symbolic_build
+    original_reduce = trainer.reduce_per_replica
+
+    def local(value, strategy):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def build(self, iterator=None, data_batch=None):
+        if iterator is not None and data_batch is None and self._distribute_strategy is not None:
+            strategy = self.distribute_strategy
+            for _, _, batches in iterator:
+                data_batch = tree.map_structure(lambda value: local(value, strategy), next(batches))
+                break
+        return original_build(self, data_batch=data_batch)
+
+    def reduce(values, strategy, reduction):
+        return original_reduce(values, strategy, "first" if reduction == "auto" else reduction)
+
+    trainer.TensorFlowTrainer._maybe_symbolic_build = build
+    trainer.reduce_per_replica = reduce
+    try:
+        yield
+    finally:
+        trainer.TensorFlowTrainer._maybe_symbolic_build = original_build
+        trainer.reduce_per_replica = original_reduce

@@ -38,6 +38,10 @@ class ExportError(FinetuneError):
     """An export cannot be written (a converter package is missing) or disagrees with the Keras model."""
 
 
+class DistributionError(FinetuneError):
+    """The recipe's ``distribution`` cannot run here (no ``TF_CONFIG``, a backend without that strategy)."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run; ``run_dir`` holds what ``finetune resume`` needs."""
 

@@ -11,7 +11,7 @@ its part.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from finetune.backbones import mlp
 from finetune.backbones.registry import backbones, get
@@ -63,6 +63,7 @@ class RunPlan:
     evaluation: schema.EvaluationConfig
     export: schema.ExportConfig
     notices: tuple[str, ...] = ()
+    distribution: schema.DistributionConfig = field(default_factory=schema.DistributionConfig)
 
 
 def load_recipe(source: RecipeSource, overrides: Overrides = None) -> Recipe:
@@ -103,6 +104,7 @@ def resolve(recipe: Recipe, label: str = "recipe") -> RunPlan:
         evaluation=recipe.evaluation,
         export=recipe.export,
         notices=tuple(recipe.notices) + tuple(technique_warnings(recipe)),
+        distribution=recipe.distribution,
     )
 
 

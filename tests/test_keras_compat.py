@@ -90,3 +90,28 @@ def test_keras_downloads_hands_over_the_download_keras_meant():
         file_utils.get_file = original
     assert path == "/cache/file.h5"
     assert made == [(("file.h5", "https://example.org/file.h5"), {"file_hash": "abc", "cache_subdir": "x"})]
+
+
+def test_multi_worker_fit_wraps_the_build_and_the_step_reduction_and_restores_them():
+    """The two-worker run in tests/test_distribution.py is the real check; here: the names it replaces exist,
+    a fit inside the block still trains under a strategy, and both are Keras's own again afterwards."""
+    tf = pytest.importorskip("tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.distribute needs the TensorFlow backend")
+    import inspect
+
+    from keras.src.backend.tensorflow import trainer
+
+    build, reduce = trainer.TensorFlowTrainer._maybe_symbolic_build, trainer.reduce_per_replica
+    assert list(inspect.signature(build).parameters) == ["self", "iterator", "data_batch"]
+    assert list(inspect.signature(reduce).parameters) == ["values", "strategy", "reduction"]
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = x @ np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
+    with compat.multi_worker_fit(), strategy.scope():
+        assert trainer.reduce_per_replica is not reduce
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        losses = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history["loss"]
+    assert losses[-1] < losses[0] / 2
+    assert trainer.TensorFlowTrainer._maybe_symbolic_build is build and trainer.reduce_per_replica is reduce

@@ -28,8 +28,11 @@ def run(recipe, overrides, out, quiet):
     """
     load_backend_quietly()  # before anything imports Keras
     from finetune.plan import load_recipe
+    from finetune.recipe import read_recipe
     from finetune.runner import run as run_recipe
+    from finetune.runner.distribution import start
 
+    start(read_recipe(recipe, list(overrides)).distribution)  # a multi-worker engine starts before TensorFlow runs
     run_recipe(load_recipe(recipe, list(overrides)), out=out, log=progress(quiet))
 
 

@@ -340,6 +340,27 @@ class ExportConfig(_Strict):
         return value
 
 
+class DistributionConfig(_Strict):
+    """Where a run trains: one device, several on this machine, or several machines."""
+
+    strategy: Literal["auto", "none", "mirrored", "multi_worker_mirrored"] = Field(
+        "none",
+        description=(
+            "none: one device; mirrored: every GPU here (tf.distribute.MirroredStrategy; on JAX "
+            "keras.distribution.DataParallel over every local device); multi_worker_mirrored: the machines "
+            "TF_CONFIG names, each started with the same command (TensorFlow only); auto: mirrored when "
+            "several GPUs are visible, else none"
+        ),
+    )
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description=(
+            "how every phase's learning rate follows the global batch (batch sizes are per replica): "
+            "none, linear (x replicas), sqrt (x sqrt(replicas))"
+        ),
+    )
+
+
 class Recipe(_Strict):
     """A whole fine-tuning run."""
 
@@ -354,6 +375,7 @@ class Recipe(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    distribution: DistributionConfig = Field(default_factory=DistributionConfig)
 
     @model_validator(mode="before")
     @classmethod

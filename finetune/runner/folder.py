@@ -133,6 +133,10 @@ class RunFolder:
             )
             raise
 
+    def note(self, **facts) -> None:
+        """Keep ``facts`` in ``run.json`` (how the run was distributed, for resume)."""
+        self._write(**facts)
+
     def phase_done(self, name: str) -> None:
         self._write(phases_done=[*self.status["phases_done"], name])
 

@@ -20,8 +20,9 @@ from finetune.evaluation import metrics as metrics_stage
 from finetune.export.formats import export_all
 from finetune.plan import RunPlan, prepare
 from finetune.progress import Progress
-from finetune.recipe import Recipe
+from finetune.recipe import Recipe, read_recipe
 from finetune.report.write import write_pictures_and_report
+from finetune.runner import distribution as distribute
 from finetune.runner.folder import RunFolder, check_run_dir
 from finetune.runner.summary import summary_lines
 from finetune.training.checkpoints import read_history
@@ -59,17 +60,28 @@ def run(
     raises :class:`~finetune.errors.RunInterrupted`, naming the folder that
     :func:`resume` continues.
     """
+    if not isinstance(recipe, Recipe):  # a multi-worker engine starts before anything runs TensorFlow
+        distribute.start(read_recipe(recipe).distribution)
     recipe, plan = prepare(recipe)
     log = Progress.of(log)
     started = time.perf_counter()
-    check_run_dir(out)
-    dataset = load_data(plan)
-    model, layout = build(plan, dataset)
-    folder = RunFolder.claim(out, recipe)
-    with folder.locked(), interrupts_named(folder), folder.recording():
-        announce(plan, dataset, layout, folder, log)
-        model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
-        return train_and_conclude(model, layout, plan, recipe, dataset, folder, started, log)
+    distribution = distribute.start(plan.distribution)
+    facts = {"distribution": distribution.record(plan)}
+    described = distribution.describe(plan)
+    plan = distribution.adjust(plan)  # global batch sizes, scaled learning rates
+    with distribute.worker_folder(out, distribution) as out:
+        check_run_dir(out)
+        dataset = load_data(plan)
+        with distribute.scope(distribution):
+            model, layout = build(plan, dataset)
+            folder = RunFolder.claim(out, recipe)
+            with folder.locked(), interrupts_named(folder), folder.recording():
+                announce(plan, dataset, layout, folder, log)
+                folder.note(**facts)
+                if distribution.strategy != "none":
+                    log(f"[finetune] {described}")
+                model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
+                return train_and_conclude(model, layout, plan, recipe, dataset, folder, started, log, facts=facts)
 
 
 def train_and_conclude(
@@ -82,6 +94,7 @@ def train_and_conclude(
     started: float,
     log,
     resume_from=None,
+    facts: dict | None = None,
 ) -> RunResult:
     """The phases (from ``resume_from``'s epoch when given), evaluation and export; the folder marked finished."""
     train(
@@ -96,15 +109,25 @@ def train_and_conclude(
         phase_done=folder.phase_done,
         resume_from=resume_from,
     )
-    return conclude(model, plan, recipe, dataset, folder, started, log)
+    return conclude(model, plan, recipe, dataset, folder, started, log, facts)
 
 
-def conclude(model, plan: RunPlan, recipe: Recipe, dataset: Dataset, folder: RunFolder, started: float, log):
-    """Evaluation and export of a trained model, then the folder marked finished."""
+def conclude(
+    model,
+    plan: RunPlan,
+    recipe: Recipe,
+    dataset: Dataset,
+    folder: RunFolder,
+    started: float,
+    log,
+    facts: dict | None = None,
+):
+    """Evaluation and export of a trained model, then the folder marked finished; ``facts`` join metrics.json."""
     log = Progress.of(log)
     history = read_history(folder.path / "history.csv")
     log.live(f"[finetune] evaluating on {len(dataset.test):,} test images", force=True)
     metrics, probabilities = evaluate(model, plan, dataset, history, started)
+    metrics.update(facts or {})
     save(model, plan, dataset, metrics, folder, log, probabilities)
     folder.finish()
     for line in summary_lines(history, metrics, folder.path):

@@ -13,6 +13,8 @@ from finetune import model as model_stage
 from finetune.errors import RunFolderError
 from finetune.plan import prepare
 from finetune.progress import Progress
+from finetune.recipe import read_recipe
+from finetune.runner import distribution as distribute
 from finetune.runner.folder import RunFolder
 from finetune.runner.pipeline import RunResult, announce, build, interrupts_named, load_data, train_and_conclude
 from finetune.training.checkpoints import read_checkpoint, read_history, truncate_history
@@ -40,26 +42,39 @@ def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress = print
                 f"{str(folder.path / 'recipe.yaml')!r} was edited after the run started; resume runs the recipe "
                 "it started with (start a new run for the edited one)"
             )
+        config = read_recipe(folder.path / "recipe.yaml").distribution  # its engine starts before TensorFlow runs
+        distribution = distribute.for_resume(config, folder.status.get("distribution"))
         recipe, plan = prepare(folder.path / "recipe.yaml")
         started = time.perf_counter()
+        facts = {"distribution": distribution.record(plan)}
+        described = distribution.describe(plan)
+        plan = distribution.adjust(plan)
         dataset = load_data(plan)
-        model, layout = build(plan, dataset)
-        checkpoint = read_checkpoint(folder.path / "checkpoint.keras")
-        with interrupts_named(folder), folder.recording(resumed=True):
-            announce(plan, dataset, layout, folder, log)
-            if checkpoint is None:
-                log("[finetune] no checkpoint yet: training starts from the beginning")
-                truncate_history(folder.path / "history.csv", 0)
-                model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
-            else:
-                saved = keras.saving.load_model(checkpoint.path, compile=False, safe_mode=True)
-                model.set_weights(saved.get_weights())
-                truncate_history(folder.path / "history.csv", checkpoint.state["epochs_done"])
-                state = checkpoint.state
-                log(f"[finetune] resuming after epoch {state['epochs_done']} (phase {state['phase']})")
-            return train_and_conclude(
-                model, layout, plan, recipe, dataset, folder, started, log, resume_from=checkpoint
-            )
+        with distribute.scope(distribution):
+            model, layout = build(plan, dataset)
+            with interrupts_named(folder), folder.recording(resumed=True):
+                announce(plan, dataset, layout, folder, log)
+                if distribution.strategy != "none" or distribution.started_with:
+                    log(f"[finetune] {described}")
+                return _continue(model, layout, folder, recipe, plan, dataset, started, log, facts)
+
+
+def _continue(model, layout, folder, recipe, plan, dataset, started, log, facts) -> RunResult:
+    """Training from the last checkpoint (or from the start when there is none), then evaluation and export."""
+    checkpoint = read_checkpoint(folder.path / "checkpoint.keras")
+    if checkpoint is None:
+        log("[finetune] no checkpoint yet: training starts from the beginning")
+        truncate_history(folder.path / "history.csv", 0)
+        model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
+    else:
+        saved = keras.saving.load_model(checkpoint.path, compile=False, safe_mode=True)
+        model.set_weights(saved.get_weights())
+        truncate_history(folder.path / "history.csv", checkpoint.state["epochs_done"])
+        state = checkpoint.state
+        log(f"[finetune] resuming after epoch {state['epochs_done']} (phase {state['phase']})")
+    return train_and_conclude(
+        model, layout, plan, recipe, dataset, folder, started, log, resume_from=checkpoint, facts=facts
+    )
 
 
 def finished_result(folder: RunFolder) -> RunResult:
