@@ -22,9 +22,10 @@ from finetune.cli.base import QUIET, SET_HELP, load_backend_quietly, main, progr
 def run(recipe, overrides, out, quiet):
     """Train and evaluate RECIPE, then export the model.
 
-    Writes recipe.yaml, history.csv, metrics.json, model.keras and
-    saved_model/ into the run folder. Progress goes to stderr: a live line
-    on a terminal, one line per epoch otherwise.
+    Writes recipe.yaml, history.csv, metrics.json, model.keras, the
+    export.formats (saved_model/ by default), the pictures and report.html
+    into the run folder. Progress goes to stderr: a live line on a
+    terminal, one line per epoch otherwise.
     """
     load_backend_quietly()  # before anything imports Keras
     from finetune.plan import load_recipe

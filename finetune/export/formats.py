@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from finetune.catalog.augment import augmentation_layers
 from finetune.errors import ExportError, describe
 from finetune.export import onnx_file, saved_model, tflite
 from finetune.export.verify import TOLERANCES, agreement, check
@@ -145,6 +146,7 @@ def export_all(
     run_dir = Path(run_dir)
     images = np.asarray(images)
     reference = model.predict(images, batch_size=len(images), verbose=0)
+    model = without_augmentation(model)
     half_precision = model.dtype_policy.compute_dtype in ("float16", "bfloat16")  # a mixed precision run
     results: dict[str, dict] = {}
     for name in names:
@@ -174,6 +176,23 @@ def export_all(
     if any(not get(name).folder for name in names):
         write_text_atomically(run_dir / "labels.txt", "".join(f"{label}\n" for label in class_names))
     return results
+
+
+def without_augmentation(model):
+    """``model`` with its augmentation layers replaced by identities, sharing every other layer and weight.
+
+    An exporter traces the model without a ``training`` flag, and Keras's random image layers
+    default to training there: a trained model's SavedModel translated every image it served.
+    """
+    import keras
+
+    augmenting = {id(layer) for layer in augmentation_layers(model)}
+    if not augmenting:
+        return model
+    return keras.models.clone_model(
+        model,
+        clone_function=lambda layer: keras.layers.Identity(name=layer.name) if id(layer) in augmenting else layer,
+    )
 
 
 def verify(
