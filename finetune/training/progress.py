@@ -32,6 +32,8 @@ class PhaseProgress(keras.callbacks.Callback):
         images_per_epoch: int,
     ):
         super().__init__()
+        if progress.shows_live:  # only a terminal's live line needs a call per step
+            self.on_train_batch_end = self._live_step
         self.progress = progress
         self.phase = phase
         self.first_epoch = first_epoch
@@ -51,7 +53,7 @@ class PhaseProgress(keras.callbacks.Callback):
         self._epoch = epoch
         self._epoch_started = time.perf_counter()
 
-    def on_train_batch_end(self, batch, logs=None):
+    def _live_step(self, batch, logs=None):
         self._steps_done_in_phase += 1
         if not self.progress.due():  # converting the logs waits for the step: only when the line is redrawn
             return
