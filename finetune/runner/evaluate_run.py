@@ -9,14 +9,13 @@ from pathlib import Path
 
 from finetune import model as model_stage
 from finetune.errors import ModelError, RecipeError, RunFolderError
-from finetune.evaluation import metrics as metrics_stage
 from finetune.files import write_json_atomically, write_text_atomically
 from finetune.plan import prepare
 from finetune.progress import Progress
 from finetune.recipe import parse_assignments, read_recipe
 from finetune.report.write import write_pictures_and_report
 from finetune.runner.folder import RunFolder
-from finetune.runner.pipeline import load_data
+from finetune.runner.pipeline import evaluate_test_split, load_data
 
 # What an evaluation may change: where the images come from and how they are predicted, never the model.
 CHANGEABLE = ("data.", "evaluation.")
@@ -58,14 +57,7 @@ def evaluate_run(
             f"the data has {dataset.num_classes} classes and the model {classes}: evaluate on the run's classes"
         )
     log.live(f"[finetune] evaluating {folder.path} on {len(dataset.test):,} test images", force=True)
-    metrics, probabilities = metrics_stage.evaluate_with_probabilities(
-        model,
-        dataset.test,
-        dataset.class_names,
-        plan.evaluation.batch_size,
-        plan.evaluation.mc_samples,
-        plan.evaluation.tta,
-    )
+    metrics, probabilities = evaluate_test_split(model, plan, dataset)
     metrics = {"test": metrics, "run": str(folder.path), "overrides": overrides, "data": dataset.source}
     with folder.locked():
         out = _new_evaluation_folder(folder.path / "evaluations")

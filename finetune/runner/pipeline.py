@@ -178,17 +178,18 @@ def announce(plan: RunPlan, dataset: Dataset, layout, folder: RunFolder, log: Ca
         log(f"[finetune] warning: {warning}")
 
 
+def evaluate_test_split(model, plan: RunPlan, dataset: Dataset) -> tuple[dict, Any]:
+    """The test split's metrics and class probabilities, with the recipe's evaluation settings."""
+    evaluation = plan.evaluation
+    return metrics_stage.evaluate_with_probabilities(
+        model, dataset.test, dataset.class_names, evaluation.batch_size, evaluation.mc_samples, evaluation.tta
+    )
+
+
 def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], started: float) -> tuple[dict, Any]:
     """Test metrics of the trained model, with the run's context (validation from its last epoch),
     and its class probabilities for each test image (for the pictures; too big for metrics.json)."""
-    test, probabilities = metrics_stage.evaluate_with_probabilities(
-        model,
-        dataset.test,
-        dataset.class_names,
-        plan.evaluation.batch_size,
-        plan.evaluation.mc_samples,
-        plan.evaluation.tta,
-    )
+    test, probabilities = evaluate_test_split(model, plan, dataset)
     metrics = {
         "test": test,
         "recipe": plan.name,
