@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from finetune.errors import RecipeError, RunFolderError, first_line
 from finetune.recipe import read_recipe
 from finetune.report.history import phase_spans
 from finetune.runner.folder import RunFolder
+from finetune.training.checkpoints import read_history
 
 COLUMNS = (
     "run",
@@ -33,9 +33,9 @@ def compare_row(run_dir: str | Path) -> dict:
         recipe = read_recipe(folder.path / "recipe.yaml")
     except RecipeError as error:
         raise RunFolderError(f"{str(folder.path / 'recipe.yaml')!r} cannot be read: {first_line(error)}") from None
-    metrics = _json(folder.path / "metrics.json")
+    metrics = folder.read_json("metrics.json", missing={})
     test = metrics.get("test", {})
-    history = _history(folder.path / "history.csv")
+    history = read_history(folder.path / "history.csv")
     backbone = recipe.model.backbone
     name = backbone.name + (f" to {backbone.cut_at}" if backbone.cut_at else "")
     if backbone.top_blocks_removed:
@@ -82,19 +82,3 @@ def _cell(column: str, value) -> str:
     if column == "trainable_weights":
         return f"{value:,}"
     return str(value)
-
-
-def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise RunFolderError(f"{str(path)!r} cannot be read ({first_line(error)})") from None
-
-
-def _history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))

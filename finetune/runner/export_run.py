@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 from finetune import model as model_stage
 from finetune.data import load_dataset
 from finetune.data.input_spec import read_input_spec, write_input_spec
-from finetune.errors import RunFolderError, first_line
+from finetune.errors import RunFolderError
 from finetune.export.formats import check_available, export_all
 from finetune.plan import prepare
 from finetune.runner.folder import RunFolder
@@ -50,7 +49,7 @@ def export_run(
         _, plan = prepare(folder.path / "recipe.yaml", overrides)
         formats, quantization = plan.export.formats, plan.export.tflite_quantization
         check_available(formats)  # before the data is read
-        metrics = _read_metrics(folder.path / "metrics.json")
+        metrics = folder.read_json("metrics.json")
         dataset = load_dataset(plan.data, plan.seed)
         model = model_stage.load_model(folder.path / "model.keras", compile=False)
         images = np.asarray(dataset.test.images[: plan.export.verify_images])
@@ -67,10 +66,3 @@ def export_run(
             f"{result['top1_agreement']:.3f} on {result['images']} test images"
         )
     return results
-
-
-def _read_metrics(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise RunFolderError(f"{str(path)!r} cannot be read ({first_line(error)})") from None

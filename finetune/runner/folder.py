@@ -153,6 +153,16 @@ class RunFolder:
     def write_json(self, name: str, payload) -> Path:
         return write_json_atomically(self.path / name, payload)
 
+    def read_json(self, name: str, missing: dict | None = None) -> dict:
+        """A JSON file of the folder; ``missing`` when it does not exist (None: one line), one line when unreadable."""
+        path = self.path / name
+        if missing is not None and not path.is_file():
+            return missing
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise RunFolderError(f"{str(path)!r} cannot be read ({first_line(error)})") from None
+
     def _write(self, **changes) -> None:
         self.status.update(changes)
         write_json_atomically(self.path / "run.json", self.status)

@@ -128,7 +128,7 @@ def conclude(
     log.live(f"[finetune] evaluating on {len(dataset.test):,} test images", force=True)
     metrics, probabilities = evaluate(model, plan, dataset, history, started)
     metrics.update(facts or {})
-    save(model, plan, dataset, metrics, folder, log, probabilities)
+    save(model, plan, dataset, metrics, folder, log, probabilities, history)
     folder.finish()
     for line in summary_lines(history, metrics, folder.path):
         log(f"[finetune] {line}")
@@ -213,7 +213,9 @@ def evaluate(model, plan: RunPlan, dataset: Dataset, history: list[dict], starte
     return metrics, probabilities
 
 
-def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolder, log, probabilities) -> None:
+def save(
+    model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolder, log, probabilities, history: list[dict]
+) -> None:
     """``model.keras``, ``input.json``, ``metrics.json``, the export formats (each reloaded and checked against
     the model), then the pictures and ``report.html``."""
     folder.save_model(model)
@@ -227,6 +229,5 @@ def save(model, plan: RunPlan, dataset: Dataset, metrics: dict, folder: RunFolde
     if "saved_model" in formats:
         write_input_spec(folder.path / "saved_model", input_spec)  # predict reads it beside labels.txt
     folder.write_json("metrics.json", metrics)
-    history = read_history(folder.path / "history.csv")
     for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
         log(f"[finetune] warning: picture not drawn: {problem}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,7 +81,7 @@ def finished_result(folder: RunFolder) -> RunResult:
     recipe, _ = prepare(folder.path / "recipe.yaml")
     return RunResult(
         run_dir=folder.path,
-        metrics=json.loads((folder.path / "metrics.json").read_text()),
+        metrics=folder.read_json("metrics.json"),
         model=model_stage.load_model(folder.path / "model.keras"),
         recipe=recipe,
         history=read_history(folder.path / "history.csv"),
