@@ -52,7 +52,7 @@ def recipe_dict(args, size: int, case: str, weights: str) -> dict:
         },
         "model": {"backbone": {"name": "xception", "weights": weights}, "head": {"dropout": 0.2}},
         "training": {"batch_size": BATCH, "verbose": 0},
-        "export": {"saved_model": False},
+        "export": {"formats": ["keras"]},
         "phases": [
             {
                 "name": "head",

@@ -56,7 +56,7 @@ def recipe_for(model: str, per_class: str, seed: int, min_steps: int, backbone_o
         "data.validation_split=0",
         "data.train_limit=null",
         "data.test_limit=null",
-        "export.saved_model=false",
+        "export.formats=[keras]",
         "training.verbose=0",
     ]
     if per_class != "full":

@@ -104,7 +104,7 @@ def main() -> int:
         "data.image_size": args.size,
         "precision": args.precision,
         "training.batch_size": args.batch,
-        "export.saved_model": False,
+        "export.formats": ["keras"],
         "training.verbose": 2,
     }
 

@@ -76,7 +76,7 @@ def measure(folder: Path, size: int, cache_dir: Path, out: Path, code: Path) -> 
         "--set",
         "training.verbose=0",
         "--set",
-        "export.saved_model=false",
+        "export.formats=[keras]",
         "--set",
         "precision=float32",
     ]

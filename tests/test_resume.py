@@ -108,11 +108,24 @@ def test_a_run_interrupted_in_its_second_phase_resumes_to_the_same_weights(tmp_p
     assert status["status"] == "finished" and len(status["resumed"]) == 1
 
 
+class SlowStart(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        time.sleep(2)
+
+
 def test_a_kill_during_evaluation_redoes_only_evaluation_and_export(tmp_path, tiny_recipe_dict, monkeypatch):
+    """And the run's time counts the first process's training (2 s of sleep in it), not only the resumed one."""
     from finetune.runner import pipeline
+    from finetune.training import train as training
 
     recipe = finetune.load_recipe(_recipe(tiny_recipe_dict))
     original = pipeline.evaluate
+    original_fit = training.fit_phase
+
+    def slow_fit(*args, callbacks=None, **kwargs):
+        return original_fit(*args, callbacks=[*(callbacks or []), SlowStart()], **kwargs)
+
+    monkeypatch.setattr(training, "fit_phase", slow_fit)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -121,9 +134,14 @@ def test_a_kill_during_evaluation_redoes_only_evaluation_and_export(tmp_path, ti
     with pytest.raises(RunInterrupted):
         finetune.run(recipe, out=tmp_path / "run", log=lambda line: None)
     history = (tmp_path / "run" / "history.csv").read_bytes()
+    trained_for = json.loads((tmp_path / "run" / "state.json").read_text())["run_seconds"]
+    assert trained_for >= 4  # two phases, each slept 2 s
     monkeypatch.setattr(pipeline, "evaluate", original)
+    monkeypatch.setattr(training, "fit_phase", original_fit)
     lines = []
+    began = time.perf_counter()
     result = finetune.resume(tmp_path / "run", log=lines.append)
+    assert trained_for <= result.metrics["seconds"] <= trained_for + time.perf_counter() - began
     assert (tmp_path / "run" / "history.csv").read_bytes() == history  # no epoch ran again
     assert not any(line.startswith("[finetune] phase") and "epochs," in line for line in lines)
     assert (tmp_path / "run" / "metrics.json").exists() and result.test_accuracy > 0

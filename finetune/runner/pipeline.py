@@ -108,6 +108,7 @@ def train_and_conclude(
         log=log,
         phase_done=folder.phase_done,
         resume_from=resume_from,
+        run_clock=lambda: time.perf_counter() - started,
     )
     return conclude(model, plan, recipe, dataset, folder, started, log, facts)
 

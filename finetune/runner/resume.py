@@ -71,6 +71,8 @@ def _continue(model, layout, folder, recipe, plan, dataset, started, log, facts)
         truncate_history(folder.path / "history.csv", checkpoint.state["epochs_done"])
         state = checkpoint.state
         log(f"[finetune] resuming after epoch {state['epochs_done']} (phase {state['phase']})")
+        # The run's time goes on from the checkpoint's: the work kept counts, the work redone once.
+        started -= state.get("run_seconds", 0.0)
     return train_and_conclude(
         model, layout, plan, recipe, dataset, folder, started, log, resume_from=checkpoint, facts=facts
     )

@@ -92,10 +92,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
         last_epoch: int | None = None,
         epochs_saved: int | None = None,
         log: Callable[[str], None] = print,
+        run_clock: Callable[[], float] | None = None,
     ):
-        """``epochs_saved``: epochs already in ``checkpoint.keras`` (a resumed phase), else ``first_epoch``."""
+        """``epochs_saved``: epochs already in ``checkpoint.keras`` (a resumed phase), else ``first_epoch``;
+        ``run_clock``: the run's seconds so far, earlier processes' included (kept as ``run_seconds``)."""
         super().__init__()
         self.log = log
+        self.run_clock = run_clock
         self.full_model = full_model
         self.run_dir = Path(run_dir)
         self.phase = phase
@@ -109,6 +112,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self._saved_through = self.epochs_done  # the previous phase's end is always saved
         self._epoch: int | None = None
         self._steps = 0
+        self._run_seconds: float | None = None  # the run clock at the end of the epoch the weights hold
 
     @property
     def saved_model(self) -> keras.Model | None:
@@ -122,11 +126,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs_done = epoch + 1
+        self._run_seconds = self.run_clock() if self.run_clock is not None else None
         due = time.monotonic() - self._last_save >= self.every_seconds
         if due or self.epochs_done == self.last_epoch:
             self.save_now()
         elif self.saved_model is not None:
-            self._unsaved = (self.epochs_done, _snapshot(self.saved_model))
+            self._unsaved = (self.epochs_done, _snapshot(self.saved_model), self._run_seconds)
 
     def save_now(self, interrupted: bool = False) -> None:
         model = self.saved_model
@@ -158,10 +163,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return
         boundary = self._live_boundary()
         if boundary is not None and boundary > self._saved_through:
+            if boundary > self.epochs_done and self.run_clock is not None:  # every step done, the epoch not ended
+                self._run_seconds = self.run_clock()
             self.epochs_done = boundary
             self.save_now(interrupted=True)
         elif self._unsaved is not None and self._unsaved[0] > self._saved_through:
-            self.epochs_done, snapshot = self._unsaved
+            self.epochs_done, snapshot, self._run_seconds = self._unsaved
             _restore(model, snapshot)  # the live weights are some steps into the next epoch
             self.save_now(interrupted=True)
         elif self._saved_through > self.first_epoch:
@@ -186,6 +193,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         }
         if interrupted:
             state["interrupted_during_epoch"] = self.epochs_done + 1
+        if self._run_seconds is not None:  # the steps of an unfinished epoch run again after a resume: not counted
+            state["run_seconds"] = round(self._run_seconds, 2)
         return state
 
 

@@ -33,6 +33,7 @@ def train(
     log: Callable[[str], None] | Progress,
     phase_done: Callable[[str], None] = lambda name: None,
     resume_from: Checkpoint | None = None,
+    run_clock: Callable[[], float] | None = None,
 ) -> None:
     """Train ``phases`` one after another; epochs are numbered across phases.
 
@@ -44,7 +45,8 @@ def train(
 
     ``resume_from`` (a checkpoint whose weights ``model`` already holds)
     skips the phases it finished and continues its phase at the next epoch,
-    with the optimizer's state and step.
+    with the optimizer's state and step. ``run_clock`` gives the run's seconds
+    so far; each checkpoint keeps it, so a resumed run's time goes on from it.
 
     ``log`` takes the lines that stay; a :class:`~finetune.progress.Progress`
     also shows a live line per step on a terminal (``settings.verbose: auto``).
@@ -84,6 +86,7 @@ def train(
                     last_epoch=epochs_done + phase.epochs,
                     epochs_saved=epochs_done + done_here,
                     log=log,
+                    run_clock=run_clock,
                 )
                 callbacks: list = [
                     InterruptAtStepEnd(),
