@@ -3,7 +3,7 @@
     KERAS_BACKEND=jax python3 scripts/gpu_accuracy.py --out DIR [--recipe recipes/lite0_fmnist_full.yaml]
                                                       [--set KEY=VALUE ...] [--name NAME]
 
-One whole `finetune.run` of the recipe, with `--set` overrides read as YAML like the CLI's. Appends
+One whole `finetune.run` of the recipe, with `--set` overrides read as the CLI reads them. Appends
 one JSON line to DIR/gpu_accuracy.jsonl: the device, the overrides, the wall time of the run, each
 epoch's seconds and training images/s, and the test accuracy on the recipe's test split. Run it
 several times with other overrides to draw an accuracy-time frontier on the same card
@@ -34,18 +34,6 @@ def device_name() -> str:
     return f"{device.platform}: {getattr(device, 'device_kind', device)}"
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    overrides = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator:
-            raise SystemExit(f"error: --set takes KEY=VALUE, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -57,8 +45,7 @@ def main() -> int:
     import finetune
 
     args.out.mkdir(parents=True, exist_ok=True)
-    overrides = parse_overrides(args.overrides)
-    recipe = finetune.load_recipe(args.recipe, overrides=overrides)
+    recipe = finetune.load_recipe(args.recipe, overrides=args.overrides)  # read as the CLI reads --set
     name = args.name or f"run{len(list(args.out.glob('run*'))) + 1}"
     started = time.perf_counter()
     result = finetune.run(recipe, out=args.out / name, log=lambda line: print(line, flush=True))
@@ -71,7 +58,7 @@ def main() -> int:
     row = {
         "device": device_name(),
         "recipe": args.recipe,
-        "overrides": overrides,
+        "overrides": args.overrides,
         "run_dir": str(result.run_dir),
         "precision": result.metrics["precision"],
         "wall_seconds": round(seconds, 1),

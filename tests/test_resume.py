@@ -40,16 +40,21 @@ class InterruptAtStep(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-def _interrupt_at(monkeypatch, epoch, step=2):
+def _with_callback(monkeypatch, callback):
+    """Every phase's fit also runs ``callback``; returns the original ``fit_phase``."""
     from finetune.training import train as training
 
     original = training.fit_phase
 
-    def fit_with_interrupt(*args, callbacks=None, **kwargs):
-        return original(*args, callbacks=[*(callbacks or []), InterruptAtStep(epoch, step)], **kwargs)
+    def fit_with_callback(*args, callbacks=None, **kwargs):
+        return original(*args, callbacks=[*(callbacks or []), callback], **kwargs)
 
-    monkeypatch.setattr(training, "fit_phase", fit_with_interrupt)
+    monkeypatch.setattr(training, "fit_phase", fit_with_callback)
     return original
+
+
+def _interrupt_at(monkeypatch, epoch, step=2):
+    return _with_callback(monkeypatch, InterruptAtStep(epoch, step))
 
 
 def _rows(run_dir):
@@ -120,12 +125,7 @@ def test_a_kill_during_evaluation_redoes_only_evaluation_and_export(tmp_path, ti
 
     recipe = finetune.load_recipe(_recipe(tiny_recipe_dict))
     original = pipeline.evaluate
-    original_fit = training.fit_phase
-
-    def slow_fit(*args, callbacks=None, **kwargs):
-        return original_fit(*args, callbacks=[*(callbacks or []), SlowStart()], **kwargs)
-
-    monkeypatch.setattr(training, "fit_phase", slow_fit)
+    original_fit = _with_callback(monkeypatch, SlowStart())
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
