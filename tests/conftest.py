@@ -9,6 +9,9 @@ import keras
 import pytest
 
 import finetune
+from finetune.allocator import keep_freed_memory
+
+keep_freed_memory()  # as the command line does: freed tensors' pages reused, not faulted in again
 
 ROOT = Path(__file__).resolve().parents[1]
 

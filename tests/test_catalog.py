@@ -137,6 +137,26 @@ def test_cosine_schedule_with_warmup():
     assert lr[4] == pytest.approx(0.01, rel=1e-4)
 
 
+def test_cosine_warmup_has_a_floor_in_steps_capped_at_half_the_phase():
+    """On 3 steps per epoch a 0.2-epoch warm-up is 1 step; min_warmup_steps: 10 makes it 10 (of 30)."""
+    built = schedules.build_schedule(
+        {"name": "cosine", "warmup": 0.2, "unit": "epoch", "min_warmup_steps": 10}, context(0.1, 3, 10)
+    )
+    lr = values(built.learning_rate, [0, 5, 10, 20, 30])
+    assert lr[0] == pytest.approx(0.0, abs=1e-7) and lr[1] == pytest.approx(0.05, rel=1e-4)
+    assert lr[2] == pytest.approx(0.1, rel=1e-4)
+    assert lr[3] == pytest.approx(0.05 * (1 + math.cos(math.pi * 10 / 20)), rel=1e-4)
+    assert lr[4] == pytest.approx(0.0, abs=1e-6)
+    capped = schedules.build_schedule(
+        {"name": "cosine", "warmup": 0.2, "unit": "epoch", "min_warmup_steps": 100}, context(0.1, 3, 10)
+    )
+    assert values(capped.learning_rate, [15])[0] == pytest.approx(0.1, rel=1e-4)  # the peak at half of 30
+    full = schedules.build_schedule(
+        {"name": "cosine", "warmup": 0.2, "unit": "epoch", "min_warmup_steps": 10}, context(0.1, 400, 3)
+    )
+    assert values(full.learning_rate, [80])[0] == pytest.approx(0.1, rel=1e-4)  # 0.2 epoch = 80 steps > the floor
+
+
 def test_performance_schedule_halves_the_rate_after_patience():
     built = schedules.build_schedule({"name": "performance", "factor": 0.5, "patience": 2}, context(0.1))
     (plateau,) = built.callbacks

@@ -227,8 +227,13 @@ class _PendingMomentum:
         return OneCycleMomentum(self.cycle, self.low, self.high, attribute)
 
 
-def _cosine(context, scale, warmup: float = 0, alpha: float = 0.0) -> Schedule:
-    warmup_steps = int(round(warmup * scale))
+def _cosine(context, scale, warmup: float = 0, alpha: float = 0.0, min_warmup_steps: int = 0) -> Schedule:
+    if min_warmup_steps < 0:
+        raise ValueError(f"min_warmup_steps must be >= 0, got {min_warmup_steps}")
+    # A warm-up in epochs is a step or two on a small dataset; the floor (Ultralytics warms up for
+    # max(warmup_epochs * batches, 100) iterations) is capped at half the phase so a decay is left.
+    floor = min(int(min_warmup_steps), context.total_steps // 2)
+    warmup_steps = max(int(round(warmup * scale)), floor)
     decay_steps = max(1, context.total_steps - warmup_steps)
     peak = context.initial_learning_rate
     if warmup_steps == 0:
@@ -257,7 +262,12 @@ schedules: Registry[ScheduleSpec] = Registry(
             ScheduleSpec(
                 "one_cycle", _one_cycle, True, "lr0/10 -> lr0 -> lr0/10 -> lr0/10000, momentum 0.95 -> 0.85 -> 0.95"
             ),
-            ScheduleSpec("cosine", _cosine, True, "linear warm-up to lr0, then cosine decay to alpha * lr0"),
+            ScheduleSpec(
+                "cosine",
+                _cosine,
+                True,
+                "linear warm-up (at least min_warmup_steps) to lr0, then cosine decay to alpha * lr0",
+            ),
         )
     },
 )

@@ -128,3 +128,6 @@ def main():
     """
     # Quiet TensorFlow's C++ start-up chatter; nothing has imported TensorFlow yet.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from finetune.allocator import keep_freed_memory
+
+    keep_freed_memory()

@@ -8,6 +8,7 @@ image folder or a disk feature cache of any size trains in flat memory.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import keras
@@ -56,6 +57,13 @@ class FileBatches(keras.utils.PyDataset):
         if self.shuffle:
             self._order = self._order_for(self.epoch)
 
+    def at_epoch(self, epoch: int) -> FileBatches:
+        """A copy that reads epoch ``epoch``'s batches, leaving this one where it is."""
+        other = copy.copy(self)
+        other.epoch = epoch
+        other._order = other._order_for(epoch)
+        return other
+
 
 class ViewBatches(FileBatches):
     """Batches from one of several versions of the same rows, the next version each epoch.
@@ -73,6 +81,11 @@ class ViewBatches(FileBatches):
     def on_epoch_end(self) -> None:
         super().on_epoch_end()
         self.inputs = self.views[self.epoch % len(self.views)]
+
+    def at_epoch(self, epoch: int) -> ViewBatches:
+        other = super().at_epoch(epoch)
+        other.inputs = other.views[epoch % len(other.views)]
+        return other
 
 
 class MixedBatches(FileBatches):

@@ -186,6 +186,14 @@ class OptimizerConfig(BaseModel):
 class PhaseConfig(_Strict):
     name: str = Field(description="the phase's name (history.csv, --set phases.NAME.KEY=VALUE)")
     epochs: int = Field(ge=0, description="0 skips the phase")
+    min_steps: int = Field(
+        0,
+        ge=0,
+        description=(
+            "train at least this many optimizer steps: where the training split gives fewer in `epochs`, "
+            "the phase runs ceil(min_steps / steps per epoch) epochs (0: `epochs` alone)"
+        ),
+    )
     trainable: Literal["none", "all"] | TopBlocks = Field(
         "none", description="what of the backbone trains: none, all, or its top N blocks"
     )

@@ -22,6 +22,7 @@ figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; 
 figcaption { color: #555; font-size: 0.9em; }
 pre { background: #f6f8fa; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .problems { background: #fff4e5; border: 1px solid #f0b37e; padding: 0.5em 1em; }
+.warnings { background: #fdecea; border: 1px solid #e0897e; padding: 0.2em 1em; }
 """
 
 CAPTIONS = {
@@ -131,6 +132,12 @@ def render(
     if problems:
         items = "".join(f"<li>{escape(problem)}</li>" for problem in problems)
         parts.append(f'<div class="problems"><p>Not drawn:</p><ul>{items}</ul></div>')
+    if metrics.get("warnings"):
+        items = "".join(
+            f"<li>{escape(str(item.get('phase', '')))}: {escape(str(item.get('message', '')))}</li>"
+            for item in metrics["warnings"]
+        )
+        parts.append(f'<div class="warnings"><h2>Warnings</h2><ul>{items}</ul></div>')
     parts += ["<h2>Test metrics</h2>", metrics_table(metrics)]
     parts += ["<h2>Phases</h2>", phase_table(spans, metrics.get("train_images"))]
     parts.append("<h2>Pictures</h2>")

@@ -214,7 +214,13 @@ def _create(config: DistributionConfig, env: Mapping[str, str]) -> Distribution:
     import tensorflow as tf
 
     if strategy == "mirrored":
-        engine = tf.distribute.MirroredStrategy()
+        devices = None
+        if not tf.config.list_physical_devices("GPU"):
+            # Without GPUs, every logical CPU device the process was split into (a test's two
+            # virtual devices) is a replica; by default MirroredStrategy takes the first CPU alone.
+            cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+            devices = cpus if len(cpus) > 1 else None
+        engine = tf.distribute.MirroredStrategy(devices)
         return Distribution("mirrored", engine.num_replicas_in_sync, config.lr_scaling, engine=engine)
     cluster = cluster_from(env)
     if cluster is None:

@@ -16,7 +16,7 @@ from finetune.files import write_atomically, write_json_atomically
 from finetune.plan import prepare
 from finetune.recipe import Recipe
 from finetune.report.lr_plot import lr_find_png
-from finetune.runner.pipeline import build, load_data
+from finetune.runner.pipeline import build, load_data, sized_to_data
 from finetune.training.lr_find import LRFinderResult, find_phase_learning_rate
 from finetune.training.train import train
 
@@ -71,6 +71,10 @@ def lr_find(
     index = names.index(name)
     folder = _out_folder(out, plan.name)
     dataset = load_data(plan)
+    sized = sized_to_data(plan, dataset)
+    for note in sized.notices[len(plan.notices) :]:
+        log(f"[finetune] note: {note}")
+    plan = sized
     model, layout = build(plan, dataset)
     model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
     if from_run is not None:

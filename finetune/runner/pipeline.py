@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 import keras
 
 from finetune import model as model_stage
+from finetune.allocator import keep_freed_memory
 from finetune.data import Dataset, load_dataset, peek_class_names
 from finetune.data.input_spec import describe_input, write_input_spec
 from finetune.errors import RunInterrupted
@@ -26,7 +28,8 @@ from finetune.runner import distribution as distribute
 from finetune.runner.folder import RunFolder, check_run_dir
 from finetune.runner.summary import summary_lines
 from finetune.training.checkpoints import read_history
-from finetune.training.phases import check_phases, setup_warnings
+from finetune.training.divergence import read_warnings
+from finetune.training.phases import check_phases, setup_warnings, sized_phases
 from finetune.training.train import train
 
 
@@ -60,6 +63,7 @@ def run(
     raises :class:`~finetune.errors.RunInterrupted`, naming the folder that
     :func:`resume` continues.
     """
+    keep_freed_memory()
     if not isinstance(recipe, Recipe):  # a multi-worker engine starts before anything runs TensorFlow
         distribute.start(read_recipe(recipe).distribution)
     recipe, plan = prepare(recipe)
@@ -72,16 +76,20 @@ def run(
     with distribute.worker_folder(out, distribution) as out:
         check_run_dir(out)
         dataset = load_data(plan)
+        plan = sized_to_data(plan, dataset)
         with distribute.scope(distribution):
             model, layout = build(plan, dataset)
-            folder = RunFolder.claim(out, recipe)
-            with folder.locked(), interrupts_named(folder), folder.recording():
-                announce(plan, dataset, layout, folder, log)
-                folder.note(**facts)
-                if distribution.strategy != "none":
-                    log(f"[finetune] {described}")
+        folder = RunFolder.claim(out, recipe)
+        with folder.locked(), interrupts_named(folder), folder.recording():
+            announce(plan, dataset, layout, folder, log)
+            folder.note(**facts)
+            if distribution.strategy != "none":
+                log(f"[finetune] {described}")
+            with distribute.scope(distribution):
                 model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
-                return train_and_conclude(model, layout, plan, recipe, dataset, folder, started, log, facts=facts)
+            return train_and_conclude(
+                model, layout, plan, recipe, dataset, folder, started, log, distribution=distribution, facts=facts
+            )
 
 
 def train_and_conclude(
@@ -93,23 +101,28 @@ def train_and_conclude(
     folder: RunFolder,
     started: float,
     log,
+    *,
+    distribution: distribute.Distribution,
     resume_from=None,
     facts: dict | None = None,
 ) -> RunResult:
-    """The phases (from ``resume_from``'s epoch when given), evaluation and export; the folder marked finished."""
-    train(
-        model,
-        layout,
-        plan.phases,
-        plan.training,
-        dataset,
-        folder.path,
-        seed=plan.seed,
-        log=log,
-        phase_done=folder.phase_done,
-        resume_from=resume_from,
-        run_clock=lambda: time.perf_counter() - started,
-    )
+    """The phases (from ``resume_from``'s epoch when given) under ``distribution``, then evaluation and export
+    outside it (a SavedModel traced inside a tf.distribute scope cannot run outside one); the folder marked
+    finished."""
+    with distribute.scope(distribution):
+        train(
+            model,
+            layout,
+            plan.phases,
+            plan.training,
+            dataset,
+            folder.path,
+            seed=plan.seed,
+            log=log,
+            phase_done=folder.phase_done,
+            resume_from=resume_from,
+            run_clock=lambda: time.perf_counter() - started,
+        )
     return conclude(model, plan, recipe, dataset, folder, started, log, facts)
 
 
@@ -129,6 +142,9 @@ def conclude(
     log.live(f"[finetune] evaluating on {len(dataset.test):,} test images", force=True)
     metrics, probabilities = evaluate(model, plan, dataset, history, started)
     metrics.update(facts or {})
+    warnings = read_warnings(folder.path)
+    if warnings:
+        metrics["warnings"] = warnings
     save(model, plan, dataset, metrics, folder, log, probabilities, history)
     folder.finish()
     for line in summary_lines(history, metrics, folder.path):
@@ -152,6 +168,12 @@ def load_data(plan: RunPlan) -> Dataset:
     peek_class_names(plan.data)  # a missing folder or unknown class fails before anything is read
     keras.utils.set_random_seed(plan.seed)
     return load_dataset(plan.data, plan.seed)
+
+
+def sized_to_data(plan: RunPlan, dataset: Dataset) -> RunPlan:
+    """``plan`` with each phase long enough for its ``min_steps`` on ``dataset``'s training split (said in notices)."""
+    phases, notes = sized_phases(plan.phases, plan.training, len(dataset.train))
+    return dataclasses.replace(plan, phases=phases, notices=(*plan.notices, *notes))
 
 
 def build(plan: RunPlan, dataset: Dataset):

@@ -9,13 +9,22 @@ from pathlib import Path
 import keras
 
 from finetune import model as model_stage
+from finetune.allocator import keep_freed_memory
 from finetune.errors import RunFolderError
 from finetune.plan import prepare
 from finetune.progress import Progress
 from finetune.recipe import read_recipe
 from finetune.runner import distribution as distribute
 from finetune.runner.folder import RunFolder
-from finetune.runner.pipeline import RunResult, announce, build, interrupts_named, load_data, train_and_conclude
+from finetune.runner.pipeline import (
+    RunResult,
+    announce,
+    build,
+    interrupts_named,
+    load_data,
+    sized_to_data,
+    train_and_conclude,
+)
 from finetune.training.checkpoints import read_checkpoint, read_history, truncate_history
 
 
@@ -30,6 +39,7 @@ def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress = print
     is left as it is. A folder whose ``recipe.yaml`` changed, or that another
     process holds, is refused in one line.
     """
+    keep_freed_memory()
     log = Progress.of(log)
     folder = RunFolder.existing(run_dir)
     with folder.locked():
@@ -49,22 +59,24 @@ def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress = print
         described = distribution.describe(plan)
         plan = distribution.adjust(plan)
         dataset = load_data(plan)
+        plan = sized_to_data(plan, dataset)
         with distribute.scope(distribution):
             model, layout = build(plan, dataset)
-            with interrupts_named(folder), folder.recording(resumed=True):
-                announce(plan, dataset, layout, folder, log)
-                if distribution.strategy != "none" or distribution.started_with:
-                    log(f"[finetune] {described}")
-                return _continue(model, layout, folder, recipe, plan, dataset, started, log, facts)
+        with interrupts_named(folder), folder.recording(resumed=True):
+            announce(plan, dataset, layout, folder, log)
+            if distribution.strategy != "none" or distribution.started_with:
+                log(f"[finetune] {described}")
+            return _continue(model, layout, folder, recipe, plan, dataset, started, log, facts, distribution)
 
 
-def _continue(model, layout, folder, recipe, plan, dataset, started, log, facts) -> RunResult:
+def _continue(model, layout, folder, recipe, plan, dataset, started, log, facts, distribution) -> RunResult:
     """Training from the last checkpoint (or from the start when there is none), then evaluation and export."""
     checkpoint = read_checkpoint(folder.path / "checkpoint.keras")
     if checkpoint is None:
         log("[finetune] no checkpoint yet: training starts from the beginning")
         truncate_history(folder.path / "history.csv", 0)
-        model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
+        with distribute.scope(distribution):
+            model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
     else:
         saved = keras.saving.load_model(checkpoint.path, compile=False, safe_mode=True)
         model.set_weights(saved.get_weights())
@@ -74,7 +86,17 @@ def _continue(model, layout, folder, recipe, plan, dataset, started, log, facts)
         # The run's time goes on from the checkpoint's: the work kept counts, the work redone once.
         started -= state.get("run_seconds", 0.0)
     return train_and_conclude(
-        model, layout, plan, recipe, dataset, folder, started, log, resume_from=checkpoint, facts=facts
+        model,
+        layout,
+        plan,
+        recipe,
+        dataset,
+        folder,
+        started,
+        log,
+        distribution=distribution,
+        resume_from=checkpoint,
+        facts=facts,
     )
 
 

@@ -34,9 +34,20 @@ def layer_gradient_norms(model: keras.Model, x, y, loss_fn) -> dict[str, float]:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        gradients = [None if g is None else np.asarray(g) for g in tape.gradient(loss, variables)]
+        def replica_gradients(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            return tape.gradient(loss, variables)
+
+        if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
+            # A tf.distribute strategy's variables are read inside a replica: each replica sees the
+            # same batch here, so the first replica's gradients are the sample's.
+            strategy = tf.distribute.get_strategy()
+            per_replica = strategy.run(tf.function(replica_gradients), args=(x, y))
+            raw = [None if g is None else strategy.experimental_local_results(g)[0] for g in per_replica]
+        else:
+            raw = replica_gradients(x, y)
+        gradients = [None if g is None else np.asarray(g) for g in raw]
     elif backend == "jax":
         import jax
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import keras
 import numpy as np
@@ -114,10 +115,13 @@ class LRSweep(keras.callbacks.Callback):
 
 
 class SweepBatches(keras.utils.PyDataset):
-    """``steps`` batches read from ``batches`` epoch after epoch (its last, smaller batch left out).
+    """``steps`` batches read from ``batches`` pass after pass (its last, smaller batch left out).
 
     ``batches`` is a :class:`~finetune.data.batches.FileBatches` (or one of its
-    kinds); each pass moves it to its next epoch, so the rows are shuffled again.
+    kinds); step ``i`` reads batch ``i % per_pass`` of pass ``i // per_pass``,
+    each pass in its own shuffled order, whatever order Keras asks for them in
+    (it reads batch 0 first to learn the shapes). A dataset smaller than the
+    sweep is cycled as often as the sweep needs.
     """
 
     def __init__(self, batches, steps: int):
@@ -126,23 +130,28 @@ class SweepBatches(keras.utils.PyDataset):
         self.steps = steps
         whole = batches.rows // batches.batch_size
         self.per_epoch = whole if whole else len(batches)
-        self.epoch = 0
-        self.sizes: list[int] = []
+        self.sizes: list[int] = [self._size(index) for index in range(steps)]
+        self._passes: dict[int, Any] = {}
+
+    @property
+    def passes(self) -> int:
+        """How many passes over the training data the sweep reads."""
+        return math.ceil(self.steps / self.per_epoch)
+
+    def _size(self, index: int) -> int:
+        position = index % self.per_epoch
+        return min(self.batches.batch_size, self.batches.rows - position * self.batches.batch_size)
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, index: int):
         epoch = index // self.per_epoch
-        if epoch < self.epoch:
-            raise IndexError(f"the sweep reads its batches in order; batch {index} comes from a finished pass")
-        while self.epoch < epoch:
-            self.batches.on_epoch_end()
-            self.epoch += 1
-        x, y = self.batches[index % self.per_epoch]
-        if index == len(self.sizes):
-            self.sizes.append(len(y))
-        return x, y
+        if epoch not in self._passes:
+            if len(self._passes) > 4:  # Keras reads ahead a little; older passes are not asked for again
+                self._passes.pop(min(self._passes))
+            self._passes[epoch] = self.batches.at_epoch(self.batches.epoch + epoch)
+        return self._passes[epoch][index % self.per_epoch]
 
 
 def sweep(
@@ -262,7 +271,15 @@ def find_phase_learning_rate(
     try:
         inputs = fit_inputs(model, phase, dataset, settings, store)
         batch_size = min(settings.batch_size_for(phase), len(dataset.train))
+        if batch_size < settings.batch_size_for(phase):
+            log(
+                f"[finetune] lr-find: {len(dataset.train)} training images are fewer than one batch of "
+                f"{settings.batch_size_for(phase)}; the sweep's batches hold all {batch_size}"
+            )
         batches = training_batches(inputs, dataset, settings, batch_size, seed, 0)
+        passes = math.ceil(steps / max(1, len(dataset.train) // batch_size))
+        if passes > 1:
+            log(f"[finetune] lr-find: {steps} steps read the {len(dataset.train)} training images {passes} times over")
         return sweep(inputs.fit_model, batches, start=start, end=end, steps=steps, restore=model)
     finally:
         store.close()

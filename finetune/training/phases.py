@@ -123,6 +123,29 @@ def steps_per_epoch(phase: PhaseConfig, settings: TrainingConfig, train_size: in
     return max(1, math.ceil(train_size / settings.batch_size_for(phase)))
 
 
+def sized_phases(
+    phases: tuple[PhaseConfig, ...], settings: TrainingConfig, train_size: int
+) -> tuple[tuple[PhaseConfig, ...], list[str]]:
+    """``phases`` with each one's epochs raised to hold its ``min_steps`` on ``train_size`` training images.
+
+    Returns the phases and one line for each phase lengthened. Schedules,
+    checkpoints and resume then see plain epochs, so a resumed run sizes
+    itself the same way from the same data.
+    """
+    sized, notes = [], []
+    for phase in phases:
+        steps = steps_per_epoch(phase, settings, train_size)
+        needed = math.ceil(phase.min_steps / steps) if phase.epochs else 0
+        if needed > phase.epochs:
+            notes.append(
+                f"phase {phase.name}: {phase.epochs} epoch(s) of {train_size:,} images are {phase.epochs * steps} "
+                f"steps; it trains {needed} epochs ({needed * steps} steps) for min_steps: {phase.min_steps}"
+            )
+            phase = phase.model_copy(update={"epochs": needed})
+        sized.append(phase)
+    return tuple(sized), notes
+
+
 def compile_for_phase(
     model: keras.Model,
     layout: BackboneLayout,

@@ -14,6 +14,7 @@ from finetune.progress import Progress
 from finetune.recipe import PhaseConfig, TrainingConfig
 from finetune.training.batch_norm import RecalibrateBatchNorm
 from finetune.training.checkpoints import Checkpoint, EpochCheckpoint, HistoryCSV, RestoreTrainingState
+from finetune.training.divergence import DivergenceWatch
 from finetune.training.features import FeatureStore
 from finetune.training.gradient_health import GradientHealth
 from finetune.training.interrupts import InterruptAtStepEnd, ctrl_c_remembered, interrupt_handled
@@ -91,6 +92,7 @@ def train(
                 callbacks: list = [
                     InterruptAtStepEnd(),
                     StopOnNaN(phase.name, epochs_done),
+                    DivergenceWatch(phase.name, dataset.num_classes, epochs_done, log, run_dir),
                     HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
                 ]
                 if settings.verbose == "auto":

@@ -1,0 +1,96 @@
+"""A phase whose first epoch makes the model worse is named, in plain words, while the run goes on.
+
+Two signs, both read at the end of a phase's first epoch: the epoch's mean
+training loss is more than 10% above the loss of the phase's first batch, or
+it is above chance (``ln(classes)``, the loss of predicting every class
+equally, with or without label smoothing) and did not fall. Either way the updates are destroying more than they
+learn: typically a pretrained backbone unfrozen at a head's learning rate
+before the head has learnt anything. The warning is logged and kept in
+``warnings.json``, which the report shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+
+from finetune.files import write_json_atomically
+
+WARNINGS_FILE = "warnings.json"
+RISE = 1.1
+"""A first epoch whose mean loss is this many times its first batch's got worse (below it: batch-to-batch noise)."""
+
+
+def read_warnings(run_dir: Path) -> list[dict]:
+    """The warnings a run kept (``[{"phase", "kind", "message"}, ...]``); none when it kept none."""
+    path = Path(run_dir) / WARNINGS_FILE
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def keep_warning(run_dir: Path | None, phase: str, kind: str, message: str) -> None:
+    """Add one warning to the run folder's ``warnings.json`` (once per phase and kind)."""
+    if run_dir is None:
+        return
+    kept = read_warnings(run_dir)
+    if any(item["phase"] == phase and item["kind"] == kind for item in kept):
+        return
+    write_json_atomically(Path(run_dir) / WARNINGS_FILE, [*kept, {"phase": phase, "kind": kind, "message": message}])
+
+
+def divergence_message(phase: str, classes: int, first_batch: float, epoch_loss: float) -> str | None:
+    """The warning for a first epoch that ends at ``epoch_loss`` after a first batch at ``first_batch``, if any."""
+    chance = math.log(classes)
+    if epoch_loss > RISE * first_batch:
+        reason = f"higher than where it started ({first_batch:.3f})"
+    elif epoch_loss > chance and epoch_loss >= first_batch:
+        # A new head on large features can start far above chance and still be learning: only
+        # a loss above chance that did not fall is worse than guessing.
+        reason = f"above chance (ln {classes} = {chance:.2f}) and no lower than where it started"
+    else:
+        return None
+    return (
+        f"phase {phase} ended its first epoch with a training loss of {epoch_loss:.3f}, {reason}: the model got "
+        "worse while training. Train the head alone first (a phase with trainable: none), or lower "
+        "the learning rate (finetune lr-find suggests one)"
+    )
+
+
+class DivergenceWatch(keras.callbacks.Callback):
+    """Warns once when a phase's first epoch ends above chance or clearly above its first batch's loss."""
+
+    def __init__(
+        self,
+        phase: str,
+        classes: int,
+        first_epoch: int,
+        log: Callable[[str], None],
+        run_dir: Path | None = None,
+    ):
+        super().__init__()
+        self.phase = phase
+        self.classes = classes
+        self.first_epoch = first_epoch
+        self.log = log
+        self.run_dir = run_dir
+        self.first_batch: float | None = None
+        self.message: str | None = None
+        self._epoch = -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.first_batch is None and self._epoch == self.first_epoch and "loss" in (logs or {}):
+            self.first_batch = float(logs["loss"])  # the mean of one batch: the first batch's loss
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch != self.first_epoch or self.first_batch is None or "loss" not in (logs or {}):
+            return
+        self.message = divergence_message(self.phase, self.classes, self.first_batch, float(logs["loss"]))
+        if self.message is not None:
+            self.log(f"[finetune] warning: {self.message}")
+            keep_warning(self.run_dir, self.phase, "diverging", self.message)
