@@ -465,6 +465,8 @@ def test_quickstart_recipe_runs_end_to_end_on_the_pth_backbone(tmp_path, lite0_f
             "data.test_limit": 100,
             "training.batch_size": 32,
             "phases.finetune.epochs": 8,
+            "phases.head.min_steps": 0,  # the recipe's floors would make this a 360-step run
+            "phases.finetune.min_steps": 0,
             "training.verbose": 0,
             "export.saved_model": False,
         },

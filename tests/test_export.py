@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import ROOT
 
 import finetune
 from finetune.errors import ExportError, RecipeError
@@ -220,3 +221,37 @@ def test_the_old_saved_model_flag_still_reads_with_a_notice():
     assert finetune.load_recipe({**MLP_RECIPE, "export": {}}).export.formats == ["keras", "saved_model"]
     with pytest.raises(RecipeError, match=r"export\.formats"):
         finetune.load_recipe({**MLP_RECIPE, "export": {"formats": ["tflite", "tflite"]}})
+
+
+def test_a_model_with_mc_dropout_exports_its_deterministic_form_and_passes_its_check(tmp_path):
+    """The book's MC dropout recipe, shortened: the run ends finished, the SavedModel answers an image the same
+    way every call, and its answers are the Keras model's with MC dropout off."""
+    import keras
+    import tensorflow as tf
+
+    from finetune.export.formats import for_serving
+
+    recipe = finetune.load_recipe(
+        ROOT / "recipes" / "ch11_mc_dropout.yaml",
+        [
+            "data.train_limit=300",
+            "data.test_limit=64",
+            "phases.train.epochs=1",
+            "evaluation.mc_samples=4",
+            "training.verbose=0",
+            "training.tensorboard=false",
+            "export.formats=[keras, saved_model]",
+        ],
+    )
+    result = finetune.run(recipe, out=tmp_path / "mc", log=lambda line: None)
+    assert json.loads((tmp_path / "mc" / "run.json").read_text())["status"] == "finished"
+    from finetune.data import load_dataset
+
+    images = np.asarray(load_dataset(recipe.data, recipe.seed).test.images[:16])
+    stochastic = [keras.ops.convert_to_numpy(result.model(images)) for _ in range(2)]
+    assert not np.allclose(stochastic[0], stochastic[1])  # model.keras keeps MC dropout on
+    served = tf.saved_model.load(str(tmp_path / "mc" / "saved_model"))
+    first, second = (np.asarray(served.serve(tf.constant(images))) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    expected = for_serving(result.model).predict(images, verbose=0)
+    np.testing.assert_allclose(first, expected, atol=1e-5)

@@ -48,9 +48,10 @@ def _write_keras(model, path: Path, quantization: str, class_names) -> None:
 
 
 def _predict_keras(path: Path, images: np.ndarray) -> np.ndarray:
+    """A ``.keras`` file's deterministic predictions (its MC dropout and augmentation off), as the artifacts'."""
     from finetune.model import load_model
 
-    return load_model(path, compile=False).predict(images, batch_size=len(images), verbose=0)
+    return for_serving(load_model(path, compile=False)).predict(images, batch_size=len(images), verbose=0)
 
 
 def _keras_runtime() -> str:
@@ -145,8 +146,8 @@ def export_all(
     check_available(names)
     run_dir = Path(run_dir)
     images = np.asarray(images)
+    model = for_serving(model)
     reference = model.predict(images, batch_size=len(images), verbose=0)
-    model = without_augmentation(model)
     half_precision = model.dtype_policy.compute_dtype in ("float16", "bfloat16")  # a mixed precision run
     results: dict[str, dict] = {}
     for name in names:
@@ -178,20 +179,31 @@ def export_all(
     return results
 
 
-def without_augmentation(model):
-    """``model`` with its augmentation layers replaced by identities, sharing every other layer and weight.
+def for_serving(model):
+    """``model`` with its augmentation and MC dropout layers replaced by identities, sharing every other
+    layer and weight.
 
     An exporter traces the model without a ``training`` flag, and Keras's random image layers
-    default to training there: a trained model's SavedModel translated every image it served.
+    default to training there: a trained model's SavedModel translated every image it served. MC
+    dropout stays on at inference by design; a served model answers the same image the same way,
+    so the artifacts are its deterministic form (``finetune evaluate`` averages the stochastic passes
+    of ``model.keras``, which keeps the layers).
     """
     import keras
 
-    augmenting = {id(layer) for layer in augmentation_layers(model)}
-    if not augmenting:
+    from finetune.backbones.blocks import nested_layers
+    from finetune.catalog.regularizers import MCDropout
+
+    replaced = {id(layer) for layer in augmentation_layers(model)}
+    stochastic = {id(layer) for layer in nested_layers(model) if isinstance(layer, MCDropout)}
+    if not replaced | stochastic:
         return model
     return keras.models.clone_model(
         model,
-        clone_function=lambda layer: keras.layers.Identity(name=layer.name) if id(layer) in augmenting else layer,
+        clone_function=lambda layer: (
+            keras.layers.Identity(name=layer.name) if id(layer) in replaced | stochastic else layer
+        ),
+        recursive=bool(stochastic),  # MC dropout may sit inside a nested backbone (the mlp's)
     )
 
 
