@@ -230,6 +230,7 @@ def _distributed(tmp_path, shapes, size, weights, strategy, workers):
         recipe = recipe_for(shape, size, weights)
         if workers > 1:
             recipe = without_dropout(recipe)
+            recipe["export"] = {"formats": ["keras", "saved_model"]}  # traced, reloaded and checked after the scope
         recipe["distribution"] = {"strategy": strategy}
         recipe["training"]["batch_size"] = BATCH // 2  # per replica: the global batch stays BATCH
         recipe["training"]["gradient_health_every"] = 2  # sampled inside the replicas
