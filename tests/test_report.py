@@ -221,3 +221,14 @@ def test_evaluate_with_probabilities_returns_the_models_predictions():
     np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), rtol=1e-6, atol=1e-12)
     assert metrics == metrics_stage.evaluate(model, split, ["a", "b", "c"], batch_size=16)
     assert metrics["accuracy"] == pytest.approx(float(np.mean(probabilities.argmax(axis=1) == labels)))
+
+
+def test_a_run_s_warnings_are_on_the_page(tmp_path):
+    test, probabilities, metrics = run_folder(tmp_path, "name: tiny\n")
+    metrics["warnings"] = [{"phase": "finetune", "kind": "diverging", "message": "ended its first epoch <above>"}]
+    write_pictures_and_report(tmp_path, "tiny", history_rows(), metrics, test, probabilities)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Warnings</h2>" in page and "finetune: ended its first epoch &lt;above&gt;" in page
+    del metrics["warnings"]
+    write_pictures_and_report(tmp_path, "tiny", history_rows(), metrics, test, probabilities)
+    assert "Warnings" not in (tmp_path / "report.html").read_text(encoding="utf-8")
