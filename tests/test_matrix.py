@@ -7,6 +7,10 @@ first epoch and resumed, is evaluated and swept by lr-find; with several batches
 on, exported and compared. Under a strategy each shape runs in a subprocess (the devices and the cluster
 are fixed when TensorFlow starts): mirrored on two virtual CPU devices, every shape with fewer images
 than one batch; two MultiWorkerMirrored workers on 127.0.0.1, the shapes that cache, against one process.
+
+Every cell costs 40-70 s on a 2-core CI machine, about 30 minutes for the whole matrix, so CI runs a cover
+of it: every shape, size, command and distribution at least once (``IN_CI`` below), about a third of the
+cells. ``FINETUNE_MATRIX=full python3 -m pytest -m slow tests/test_matrix.py`` runs every cell.
 """
 
 import copy
@@ -66,6 +70,25 @@ SIZE_SENSITIVE = [
 ]
 # Under a strategy a run costs about a minute here: the shapes whose code differs under one.
 MIRRORED = ["head_then_top_cached", "whole_backbone", "augment_uncached", "mixup_cutmix", "mc_dropout"]
+
+FULL_MATRIX = os.environ.get("FINETUNE_MATRIX") == "full"
+# The cells CI runs: every command on the shapes that change the model, its export or its evaluation;
+# training at one batch or less on the shapes that read the data differently; the whole model under
+# mirrored; two workers (cached features under a strategy) at the sharpest size.
+IN_CI = {
+    "every_command": {"cut_backbone", "augment_uncached", "ema", "flip_tta", "mc_dropout"},
+    "under_one_batch": {"head_then_top_cached", "whole_backbone", "mixup_cutmix", "gradual_unfreezing"},
+    "one_batch": {"head_only_cached"},
+    "mirrored": ["whole_backbone"],
+    "two_workers": {"under_one_batch"},
+}
+
+
+def cell(group: str, name: str, *values):
+    """One parameter set (``values``, or ``name`` alone), skipped outside CI's cover unless FINETUNE_MATRIX=full."""
+    outside = name not in IN_CI[group] and not FULL_MATRIX
+    skip = pytest.mark.skipif(outside, reason="outside CI's cover of the matrix; FINETUNE_MATRIX=full runs it")
+    return pytest.param(*(values or (name,)), marks=skip)
 
 
 def recipe_for(shape: str, size: str, weights) -> dict:
@@ -149,7 +172,7 @@ def sweep(tmp_path, recipe_dict):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", [cell("every_command", shape) for shape in SHAPES])
 def test_every_command_on_every_shape(tmp_path, tiny_backbone_weights, monkeypatch, shape):
     """Several batches: run, killed and resumed, then every command that reads a run, and lr-find."""
     recipe_dict = recipe_for(shape, "many_batches", tiny_backbone_weights)
@@ -167,8 +190,10 @@ def test_every_command_on_every_shape(tmp_path, tiny_backbone_weights, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["under_one_batch", "one_batch"])
-@pytest.mark.parametrize("shape", SIZE_SENSITIVE)
+@pytest.mark.parametrize(
+    ("size", "shape"),
+    [cell(size, shape, size, shape) for size in ("under_one_batch", "one_batch") for shape in SIZE_SENSITIVE],
+)
 def test_the_training_commands_at_one_batch_or_less(tmp_path, tiny_backbone_weights, monkeypatch, shape, size):
     """What the data's size changes: steps per epoch, caching, mixing, schedules, the sweep; then evaluate.
 
@@ -288,14 +313,21 @@ def test_every_shape_trains_mirrored_on_two_virtual_cpu_devices(tmp_path, tiny_b
     code differs under a strategy
     (cached features, the whole model, augmentation, mixing, MC dropout), a minute each.
     """
-    results = _distributed(tmp_path, MIRRORED, "under_one_batch", tiny_backbone_weights, "mirrored", 1)
+    shapes = MIRRORED if FULL_MATRIX else IN_CI["mirrored"]
+    results = _distributed(tmp_path, shapes, "under_one_batch", tiny_backbone_weights, "mirrored", 1)
     assert all(row["ok"] and row["replicas"] == 2 for row in results.values()), results
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("size", "shapes"),
-    [("under_one_batch", ["head_then_top_cached"]), ("many_batches", ["head_then_top_cached", "gradual_unfreezing"])],
+    [
+        cell("two_workers", size, size, shapes)
+        for size, shapes in [
+            ("under_one_batch", ["head_then_top_cached"]),
+            ("many_batches", ["head_then_top_cached", "gradual_unfreezing"]),
+        ]
+    ],
 )
 def test_the_cached_shapes_train_on_two_workers_as_one_process_does(tmp_path, tiny_backbone_weights, size, shapes):
     """Two MultiWorkerMirrored workers on 127.0.0.1, gradient health sampled in the replicas."""

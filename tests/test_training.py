@@ -225,6 +225,31 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit_at_the_next_step():
     assert len(_count_batches_fit([InterruptAtStepEnd()])) == 20  # the press is forgotten with the block
 
 
+def test_a_ctrl_c_inside_a_gc_callback_is_not_raised_there_but_stops_the_fit(monkeypatch):
+    import gc
+    import signal
+    import sys
+
+    swallowed = []  # where Python sends an exception raised in a gc callback: "Exception ignored in"
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)
+
+    from finetune.training.interrupts import InterruptAtStepEnd, ctrl_c_remembered
+
+    def press_key_during_collection(phase, info):
+        if phase == "start":
+            signal.raise_signal(signal.SIGINT)  # the handler runs in this frame: a gc callback's
+
+    with ctrl_c_remembered():
+        gc.callbacks.append(press_key_during_collection)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(press_key_during_collection)
+        with pytest.raises(KeyboardInterrupt):
+            _count_batches_fit([InterruptAtStepEnd()])
+    assert swallowed == []
+
+
 # --- BatchNorm statistics recomputed after a phase ------------------------------------------------------------
 
 

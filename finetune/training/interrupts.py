@@ -2,18 +2,21 @@
 
 Python raises ``KeyboardInterrupt`` wherever the interpreter happens to be when
 SIGINT arrives. If that is a garbage-collector callback (JAX installs one) or a
-``__del__``, Python prints "Exception ignored" and carries on, and the run
-would train to the end as if the key had never been pressed. The handler here
-raises as usual and also remembers the press; :class:`InterruptAtStepEnd`
-raises again at the next batch boundary when the first one was swallowed.
+``__del__``, Python prints "Exception ignored" with a traceback and carries on,
+and the run would train to the end as if the key had never been pressed. The
+handler here remembers the press and raises, unless the interrupted frame runs
+inside such a callback, where the exception could only be swallowed;
+:class:`InterruptAtStepEnd` then raises at the next batch boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import threading
 from collections.abc import Iterator
+from types import FrameType
 
 import keras
 
@@ -22,9 +25,20 @@ class _Pressed:
     flag = False
 
 
-def _raise_and_remember(signum, frame):
+def _inside_a_swallowing_callback(frame: FrameType | None) -> bool:
+    """Whether an exception raised in ``frame`` would end in a garbage-collector callback or ``__del__``."""
+    callback_codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callback_codes or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_and_remember(signum: int, frame: FrameType | None) -> None:
     _Pressed.flag = True
-    raise KeyboardInterrupt
+    if not _inside_a_swallowing_callback(frame):
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
