@@ -267,3 +267,13 @@ def test_data_parallel_on_two_jax_devices(tmp_path):
     history = finetune.training.checkpoints.read_history(out / "history.csv")
     assert float(history[0]["learning_rate"]) == pytest.approx(0.1)  # 0.05 x 2 replicas (linear)
     assert float(history[-1]["loss"]) < float(history[0]["loss"])
+
+
+def test_the_commands_that_never_distribute_say_so_only_when_the_recipe_asks_for_a_strategy():
+    from finetune.recipe import DistributionConfig
+    from finetune.runner.distribution import one_process_note
+
+    assert one_process_note(DistributionConfig(strategy="none"), "evaluate") is None
+    note = one_process_note(DistributionConfig(strategy="multi_worker_mirrored"), "export")
+    assert note is not None and "\n" not in note
+    assert note.startswith("note: finetune export runs as one process; distribution.strategy: multi_worker_mirrored")

@@ -120,3 +120,17 @@ def test_a_run_sized_up_for_small_data_records_its_epochs_and_resumes_alike(tmp_
     result = finetune.run(finetune.load_recipe(recipe), out=tmp_path / "run", log=lines.append)
     assert [row["phase_epoch"] for row in result.history] == ["1", "2", "3"]
     assert any("trains 3 epochs (6 steps) for min_steps: 6" in line for line in lines)
+
+
+def test_lr_find_says_in_one_line_that_it_runs_as_one_process(tmp_path):
+    recipe = small_recipe(tmp_path, 100)
+    out = tmp_path / "sweep"
+    args = ["lr-find", str(recipe), "--steps", "4", "--out", str(out), "--set", "distribution.strategy=mirrored"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "runs as one process" in line]
+    assert notes == [
+        "[finetune] note: finetune lr-find runs as one process; distribution.strategy: mirrored applies to "
+        "finetune run and resume"
+    ]
+    assert json.loads((out / "lr_find.json").read_text())["learning_rates"]

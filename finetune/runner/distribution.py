@@ -254,6 +254,16 @@ def for_resume(config: DistributionConfig, recorded: dict | None, env: Mapping[s
     return Distribution("none", 1, config.lr_scaling, started_with=replicas if replicas > 1 else None)
 
 
+def one_process_note(config: DistributionConfig, command: str) -> str | None:
+    """The line a command that never distributes says when its recipe asks for a strategy."""
+    if config.strategy == "none":
+        return None
+    return (
+        f"note: finetune {command} runs as one process; distribution.strategy: {config.strategy} "
+        "applies to finetune run and resume"
+    )
+
+
 def accelerator_count() -> int:
     """GPUs (or TPU cores) this process sees; CPU devices never count."""
     if keras.backend.backend() == "jax":

@@ -14,6 +14,7 @@ from finetune.plan import prepare
 from finetune.progress import Progress
 from finetune.recipe import parse_assignments, read_recipe
 from finetune.report.write import write_pictures_and_report
+from finetune.runner.distribution import one_process_note
 from finetune.runner.folder import RunFolder
 from finetune.runner.pipeline import evaluate_test_split, load_data
 
@@ -49,6 +50,8 @@ def evaluate_run(
             f"finish it with: finetune resume {folder.path}"
         )
     recipe, plan = prepare(read_recipe(folder.path / "recipe.yaml", overrides))
+    if note := one_process_note(plan.distribution, "evaluate"):
+        log(f"[finetune] {note}")
     dataset = load_data(plan)
     model = model_stage.load_model(folder.path / "model.keras")
     classes = model.output_shape[-1]

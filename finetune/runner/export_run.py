@@ -13,6 +13,7 @@ from finetune.data.input_spec import read_input_spec, write_input_spec
 from finetune.errors import RunFolderError
 from finetune.export.formats import check_available, export_all
 from finetune.plan import prepare
+from finetune.runner.distribution import one_process_note
 from finetune.runner.folder import RunFolder
 
 
@@ -49,6 +50,8 @@ def export_run(
         _, plan = prepare(folder.path / "recipe.yaml", overrides)
         formats, quantization = plan.export.formats, plan.export.tflite_quantization
         check_available(formats)  # before the data is read
+        if note := one_process_note(plan.distribution, "export"):
+            log(f"[finetune] {note}")
         metrics = folder.read_json("metrics.json")
         dataset = load_dataset(plan.data, plan.seed)
         model = model_stage.load_model(folder.path / "model.keras", compile=False)

@@ -16,6 +16,7 @@ from finetune.files import write_atomically, write_json_atomically
 from finetune.plan import prepare
 from finetune.recipe import Recipe
 from finetune.report.lr_plot import lr_find_png
+from finetune.runner.distribution import one_process_note
 from finetune.runner.pipeline import build, load_data, sized_to_data
 from finetune.training.lr_find import LRFinderResult, find_phase_learning_rate
 from finetune.training.train import train
@@ -70,6 +71,8 @@ def lr_find(
         raise RecipeError(f"--steps {steps}: the sweep needs at least 2 steps")
     index = names.index(name)
     folder = _out_folder(out, plan.name)
+    if note := one_process_note(plan.distribution, "lr-find"):
+        log(f"[finetune] {note}")
     dataset = load_data(plan)
     sized = sized_to_data(plan, dataset)
     for note in sized.notices[len(plan.notices) :]:
