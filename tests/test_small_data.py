@@ -71,6 +71,28 @@ def test_a_rate_that_wrecks_the_model_is_warned_about_and_kept(tmp_path):
     assert calm.message is None and len(read_warnings(tmp_path)) == 1
 
 
+def test_epochs_of_one_step_are_judged_over_the_first_ten_steps():
+    """On a tiny split each epoch is one batch: the first epoch is the first batch, never worse than itself."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 20)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+
+    def fit(rate, epochs):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(64, "relu"), keras.layers.Dense(2, "softmax")])
+        model.compile(keras.optimizers.Adam(rate), "sparse_categorical_crossentropy")
+        lines = []
+        watch = DivergenceWatch("head", 2, 0, lines.append, head_only=True)
+        model.fit(x, y, batch_size=16, epochs=epochs, verbose=0, callbacks=[watch])
+        return watch.message
+
+    assert fit(1e-2, 14) is None  # learning: no warning, although epoch 1's loss equals its first batch's
+    message = fit(5.0, 14)
+    assert message is not None and "its first 10 steps (10 epochs)" in message
+    assert "trainable: none" not in message and "Lower the learning rate" in message  # it is the head phase
+    assert fit(5.0, 3) is not None  # a phase shorter than ten steps is judged at its end
+
+
 def test_the_sweep_reads_the_same_batches_whatever_order_keras_asks_in():
     """Step i is batch i % per_pass of pass i // per_pass; Keras reads batch 0 first, then in order."""
     x = np.arange(50, dtype="float32").reshape(50, 1)

@@ -1,11 +1,13 @@
 """A phase whose first epoch makes the model worse is named, in plain words, while the run goes on.
 
-Two signs, both read at the end of a phase's first epoch: the epoch's mean
-training loss is more than 10% above the loss of the phase's first batch, or
-it is above chance (``ln(classes)``, the loss of predicting every class
-equally, with or without label smoothing) and did not fall. Either way the updates are destroying more than they
-learn: typically a pretrained backbone unfrozen at a head's learning rate
-before the head has learnt anything. The warning is logged and kept in
+Two signs, both read at the end of the first epoch that completes at least
+``JUDGED_STEPS`` steps of the phase (the first epoch, unless a small data set
+makes epochs of a step or two): the mean training loss of those steps is more
+than 10% above the loss of the phase's first batch, or it is above chance
+(``ln(classes)``, the loss of predicting every class equally, with or without
+label smoothing) and did not fall. Either way the updates are destroying more
+than they learn: typically a pretrained backbone unfrozen at a head's learning
+rate before the head has learnt anything. The warning is logged and kept in
 ``warnings.json``, which the report shows.
 """
 
@@ -23,6 +25,8 @@ from finetune.files import write_json_atomically
 WARNINGS_FILE = "warnings.json"
 RISE = 1.1
 """A first epoch whose mean loss is this many times its first batch's got worse (below it: batch-to-batch noise)."""
+JUDGED_STEPS = 10
+"""Steps a judgement reads at least: an epoch of one step has only its first batch to compare with itself."""
 
 
 def read_warnings(run_dir: Path) -> list[dict]:
@@ -41,8 +45,18 @@ def keep_warning(run_dir: Path | None, phase: str, kind: str, message: str) -> N
     write_json_atomically(Path(run_dir) / WARNINGS_FILE, [*kept, {"phase": phase, "kind": kind, "message": message}])
 
 
-def divergence_message(phase: str, classes: int, first_batch: float, epoch_loss: float) -> str | None:
-    """The warning for a first epoch that ends at ``epoch_loss`` after a first batch at ``first_batch``, if any."""
+def divergence_message(
+    phase: str,
+    classes: int,
+    first_batch: float,
+    epoch_loss: float,
+    *,
+    epochs: int = 1,
+    steps: int = 0,
+    head_only: bool = False,
+) -> str | None:
+    """The warning for a phase whose first ``epochs`` epochs (``steps`` steps) end at a mean loss of
+    ``epoch_loss`` after a first batch at ``first_batch``, if any."""
     chance = math.log(classes)
     if epoch_loss > RISE * first_batch:
         reason = f"higher than where it started ({first_batch:.3f})"
@@ -52,15 +66,17 @@ def divergence_message(phase: str, classes: int, first_batch: float, epoch_loss:
         reason = f"above chance (ln {classes} = {chance:.2f}) and no lower than where it started"
     else:
         return None
+    span = "its first epoch" if epochs == 1 else f"its first {steps} steps ({epochs} epochs)"
+    advice = "" if head_only else "Train the head alone first (a phase with trainable: none), or lower"
     return (
-        f"phase {phase} ended its first epoch with a training loss of {epoch_loss:.3f}, {reason}: the model got "
-        "worse while training. Train the head alone first (a phase with trainable: none), or lower "
-        "the learning rate (finetune lr-find suggests one)"
+        f"phase {phase} ended {span} with a training loss of {epoch_loss:.3f}, {reason}: the model got "
+        f"worse while training. {advice or 'Lower'} the learning rate (finetune lr-find suggests one)"
     )
 
 
 class DivergenceWatch(keras.callbacks.Callback):
-    """Warns once when a phase's first epoch ends above chance or clearly above its first batch's loss."""
+    """Warns once when a phase's first epoch (at least ``JUDGED_STEPS`` steps) ends above chance or
+    clearly above its first batch's loss."""
 
     def __init__(
         self,
@@ -69,6 +85,8 @@ class DivergenceWatch(keras.callbacks.Callback):
         first_epoch: int,
         log: Callable[[str], None],
         run_dir: Path | None = None,
+        *,
+        head_only: bool = False,
     ):
         super().__init__()
         self.phase = phase
@@ -76,21 +94,45 @@ class DivergenceWatch(keras.callbacks.Callback):
         self.first_epoch = first_epoch
         self.log = log
         self.run_dir = run_dir
+        self.head_only = head_only
         self.first_batch: float | None = None
         self.message: str | None = None
-        self._epoch = -1
+        self._judged = False  # also set when the fit resumes inside the phase: its first batch is gone
+        self._started = False
+        self._epochs = self._steps = self._epoch_steps = 0
+        self._loss_sum = 0.0  # the judged epochs' losses, each epoch's mean times its steps
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        if not self._started:
+            self._started = True
+            self._judged = epoch != self.first_epoch
+        self._epoch_steps = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.first_batch is None and self._epoch == self.first_epoch and "loss" in (logs or {}):
+        self._epoch_steps += 1
+        if self.first_batch is None and not self._judged and "loss" in (logs or {}):
             self.first_batch = float(logs["loss"])  # the mean of one batch: the first batch's loss
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch != self.first_epoch or self.first_batch is None or "loss" not in (logs or {}):
+        if self._judged or self.first_batch is None or "loss" not in (logs or {}):
             return
-        self.message = divergence_message(self.phase, self.classes, self.first_batch, float(logs["loss"]))
+        self._epochs += 1
+        self._steps += self._epoch_steps
+        self._loss_sum += float(logs["loss"]) * self._epoch_steps
+        last_epoch_of_fit = epoch + 1 >= (self.params or {}).get("epochs", 0)
+        if self._steps < JUDGED_STEPS and not last_epoch_of_fit:
+            return
+        self._judged = True
+        mean = self._loss_sum / max(self._steps, 1)
+        self.message = divergence_message(
+            self.phase,
+            self.classes,
+            self.first_batch,
+            mean,
+            epochs=self._epochs,
+            steps=self._steps,
+            head_only=self.head_only,
+        )
         if self.message is not None:
             self.log(f"[finetune] warning: {self.message}")
             keep_warning(self.run_dir, self.phase, "diverging", self.message)

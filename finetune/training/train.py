@@ -92,7 +92,9 @@ def train(
                 callbacks: list = [
                     InterruptAtStepEnd(),
                     StopOnNaN(phase.name, epochs_done),
-                    DivergenceWatch(phase.name, dataset.num_classes, epochs_done, log, run_dir),
+                    DivergenceWatch(
+                        phase.name, dataset.num_classes, epochs_done, log, run_dir, head_only=phase.trainable == "none"
+                    ),
                     HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
                 ]
                 if settings.verbose == "auto":
