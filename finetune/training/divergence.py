@@ -67,10 +67,15 @@ def divergence_message(
     else:
         return None
     span = "its first epoch" if epochs == 1 else f"its first {steps} steps ({epochs} epochs)"
-    advice = "" if head_only else "Train the head alone first (a phase with trainable: none), or lower"
+    lower_the_rate = "the learning rate (finetune lr-find suggests one)"
+    advice = (
+        f"Lower {lower_the_rate}"
+        if head_only  # the head already trains alone: only its rate is left to change
+        else f"Train the head alone first (a phase with trainable: none), or lower {lower_the_rate}"
+    )
     return (
         f"phase {phase} ended {span} with a training loss of {epoch_loss:.3f}, {reason}: the model got "
-        f"worse while training. {advice or 'Lower'} the learning rate (finetune lr-find suggests one)"
+        f"worse while training. {advice}"
     )
 
 
