@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -14,6 +15,17 @@ from finetune.allocator import keep_freed_memory
 keep_freed_memory()  # as the command line does: freed tensors' pages reused, not faulted in again
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# CI runs a cover of the costliest cases (every behaviour once, not every variant of it) to stay within
+# its 30 minutes; FINETUNE_MATRIX=full runs every case: every matrix cell, backbone and variant.
+FULL_MATRIX = os.environ.get("FINETUNE_MATRIX") == "full"
+
+
+def outside_ci_cover(*values, reason: str):
+    """A ``pytest.param`` of ``values`` that CI skips (``reason`` says what covers it); FINETUNE_MATRIX=full runs it."""
+    mark = pytest.mark.skipif(not FULL_MATRIX, reason=f"outside CI's cover ({reason}); FINETUNE_MATRIX=full runs it")
+    return pytest.param(*values, marks=mark)
+
 
 # A recipe small enough for CPU tests: MobileNetV2 at width 0.35 on 32x32 inputs.
 TINY_RECIPE = {
@@ -140,3 +152,21 @@ def long_recipe_file(folder, weights, epochs: int):
     path = Path(folder) / "long.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(*args) -> Finished:
+    """``finetune ARGS`` through click's runner: a fresh process costs ~10 s of imports; tests of the
+    real entry point (``python -m finetune``, its exit codes) use :func:`cli`."""
+    from click.testing import CliRunner
+
+    from finetune.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    return Finished(result.exit_code, result.stdout, result.stderr)

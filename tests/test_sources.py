@@ -8,7 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, cli_in_process
 from PIL import Image
 from test_data import write_idx
 
@@ -585,7 +585,9 @@ def cli(*args):
 def test_cli_missing_image_folder_is_one_line_with_exit_code_2(tmp_path, command):
     missing = tmp_path / "nowhere"
     extra = ["--out", str(tmp_path / "out")] if command == "run" else []
-    result = cli(command, "recipes/image_folder_example.yaml", "--set", f"data.data_dir={missing}", *extra)
+    # validate in this process (a fresh one costs ~10 s of imports); run through the real entry point.
+    invoke = cli if command == "run" else cli_in_process
+    result = invoke(command, "recipes/image_folder_example.yaml", "--set", f"data.data_dir={missing}", *extra)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], result.stderr
@@ -594,7 +596,7 @@ def test_cli_missing_image_folder_is_one_line_with_exit_code_2(tmp_path, command
 
 def test_cli_validate_prints_the_class_count(tmp_path):
     root = make_image_folder(tmp_path / "images", per_class=2)
-    result = cli("validate", "recipes/image_folder_example.yaml", "--set", f"data.data_dir={root}")
+    result = cli_in_process("validate", "recipes/image_folder_example.yaml", "--set", f"data.data_dir={root}")
     assert result.returncode == 0, result.stderr
     assert "3 classes (bright, dark, striped)" in result.stdout
 
