@@ -3,7 +3,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import copy
-from dataclasses import dataclass
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -154,19 +155,20 @@ def long_recipe_file(folder, weights, epochs: int):
     return path
 
 
-@dataclass
-class Finished:
-    returncode: int
-    stdout: str
-    stderr: str
+def cli(*args) -> subprocess.CompletedProcess:
+    """``python -m finetune ARGS`` in a fresh process: the real entry point, its exit code and its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
 
 
-def cli_in_process(*args) -> Finished:
-    """``finetune ARGS`` through click's runner: a fresh process costs ~10 s of imports; tests of the
-    real entry point (``python -m finetune``, its exit codes) use :func:`cli`."""
+def cli_in_process(*args) -> subprocess.CompletedProcess:
+    """``finetune ARGS`` through click's runner, answered as :func:`cli` answers: a fresh process costs
+    ~10 s of imports, so only tests of the entry point itself need :func:`cli`."""
     from click.testing import CliRunner
 
     from finetune.cli import main
 
     result = CliRunner().invoke(main, list(args))
-    return Finished(result.exit_code, result.stdout, result.stderr)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)

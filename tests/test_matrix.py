@@ -9,7 +9,7 @@ are fixed when TensorFlow starts): mirrored on two virtual CPU devices, every sh
 than one batch; two MultiWorkerMirrored workers on 127.0.0.1, the shapes that cache, against one process.
 
 Every cell costs 40-70 s on a 2-core CI machine, about 30 minutes for the whole matrix, so CI runs a cover
-of it (``IN_CI`` below, 9 of the 25 cells): every size, command and distribution at least once, and six of
+of it (``IN_CI`` below, 8 of the 25 cells): every size, command and distribution at least once, and six of
 the ten shapes; the other four (augmentation, EMA, flip TTA, gradual unfreezing) have effect tests of their
 own in tests/test_accuracy_tools.py, and run in the full matrix.
 ``FINETUNE_MATRIX=full python3 -m pytest -m slow tests/test_matrix.py`` runs every cell.
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import FULL_MATRIX, ROOT, TINY_RECIPE
+from conftest import FULL_MATRIX, ROOT, TINY_RECIPE, outside_ci_cover
 
 import finetune
 from finetune.cli import main
@@ -88,9 +88,10 @@ IN_CI = {
 
 def cell(group: str, name: str, *values):
     """One parameter set (``values``, or ``name`` alone), skipped outside CI's cover unless FINETUNE_MATRIX=full."""
-    outside = name not in IN_CI[group] and not FULL_MATRIX
-    skip = pytest.mark.skipif(outside, reason="outside CI's cover of the matrix; FINETUNE_MATRIX=full runs it")
-    return pytest.param(*(values or (name,)), marks=skip)
+    values = values or (name,)
+    if name in IN_CI[group]:
+        return pytest.param(*values)
+    return outside_ci_cover(*values, reason="the matrix's cover, IN_CI")
 
 
 def recipe_for(shape: str, size: str, weights) -> dict:

@@ -9,7 +9,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT, cli_in_process
+from conftest import ROOT, cli, cli_in_process
 
 import finetune
 from finetune.errors import RunFolderError, RunInterrupted
@@ -235,13 +235,6 @@ def test_default_run_folder_is_new_each_time(tmp_path):
     second = new_run_dir(None, "my recipe", root=tmp_path)
     assert first != second and first.parent == second.parent == tmp_path
     assert first.name.startswith("my_recipe-")
-
-
-def cli(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
-    )
 
 
 def test_cli_validate_accepts_the_flagship_recipe():

@@ -8,7 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import ROOT, cli_in_process
+from conftest import ROOT, cli, cli_in_process
 from PIL import Image
 from test_data import write_idx
 
@@ -572,13 +572,6 @@ def test_image_folder_recipe_end_to_end(tmp_path, tiny_backbone_weights, monkeyp
     assert tuple(result.model.input.shape[1:]) == (32, 32, 3) and result.model.output.shape[-1] == 3
     assert metrics["test"]["examples"] == 18 and metrics["train_images"] + metrics["validation_images"] == 72
     assert metrics["test"]["accuracy"] > 0.6  # chance is 1/3
-
-
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
-    )
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])
