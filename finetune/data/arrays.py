@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike
 
 
 class MappedImages:
@@ -14,7 +20,7 @@ class MappedImages:
     images. Indexing returns ordinary arrays.
     """
 
-    def __init__(self, base: np.ndarray, positions: np.ndarray):
+    def __init__(self, base: np.ndarray, positions: ArrayLike) -> None:
         self.base = base
         self.positions = np.asarray(positions, dtype=np.int64)
 
@@ -37,10 +43,10 @@ class MappedImages:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def take(self, positions) -> MappedImages:
+    def take(self, positions: np.ndarray) -> MappedImages:
         return MappedImages(self.base, self.positions[positions])
 
-    def __getitem__(self, key) -> np.ndarray:
+    def __getitem__(self, key: Any) -> np.ndarray:
         key, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         rows = self.positions[key]
         if np.ndim(rows) == 0:
@@ -50,19 +56,19 @@ class MappedImages:
         every_row = (slice(None), *rest)
         return picked[every_row] if rest else picked
 
-    def __array__(self, dtype=None, copy=None):
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
         array = self[:]
         return array if dtype is None else array.astype(dtype, copy=False)
 
 
-def on_disk(images) -> bool:
+def on_disk(images: object) -> bool:
     """Whether ``images`` (or any of a list of arrays) lives in a file rather than in memory."""
     if isinstance(images, (list, tuple)):
         return any(on_disk(item) for item in images)
     return isinstance(images, (MappedImages, np.memmap))
 
 
-def pick_rows(images, positions):
+def pick_rows(images: np.ndarray | MappedImages, positions: np.ndarray) -> np.ndarray | MappedImages:
     """``images[positions]``, except that rows of a memory-mapped array stay mapped."""
     if isinstance(images, MappedImages):
         return images.take(positions)
@@ -71,7 +77,7 @@ def pick_rows(images, positions):
     return images[positions]
 
 
-def read_rows(array, rows: np.ndarray) -> np.ndarray:
+def read_rows(array: np.ndarray | MappedImages, rows: ArrayLike) -> np.ndarray:
     """``array[rows]`` as an in-memory array, reading a memory-mapped file in ascending order."""
     if isinstance(array, MappedImages):
         return array[rows]
@@ -89,13 +95,13 @@ class Moments:
     last axis), as a BatchNorm layer keeps them.
     """
 
-    def __init__(self, per_channel: bool = False):
+    def __init__(self, per_channel: bool = False) -> None:
         self.per_channel = per_channel
         self.total: np.ndarray | float = 0.0
         self.total_squares: np.ndarray | float = 0.0
         self.count = 0
 
-    def add(self, values) -> None:
+    def add(self, values: ArrayLike) -> None:
         values = np.asarray(values, dtype=np.float64)
         if self.per_channel:
             values = values.reshape(-1, values.shape[-1])
@@ -108,15 +114,15 @@ class Moments:
             self.count += values.size
 
     @property
-    def mean(self):
+    def mean(self) -> np.ndarray | float:
         return self.total / max(self.count, 1)
 
     @property
-    def variance(self):
+    def variance(self) -> np.ndarray | float:
         return np.maximum(self.total_squares / max(self.count, 1) - np.square(self.mean), 0.0)
 
 
-def chunks(array, size: int = 1024):
+def chunks(array: np.ndarray | MappedImages, size: int = 1024) -> Iterator[np.ndarray]:
     """``array`` in consecutive blocks of ``size`` rows (each an in-memory array)."""
     for start in range(0, len(array), size):
         yield np.asarray(array[start : start + size])

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 
-from finetune.data.arrays import read_rows
+from finetune.data.arrays import MappedImages, read_rows
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from numpy.typing import ArrayLike
+
+    Rows: TypeAlias = np.ndarray | MappedImages  # an array, possibly memory-mapped
+    Inputs: TypeAlias = Rows | list[Rows] | tuple[Rows, ...]  # one input, or one array per model input
+    Batch: TypeAlias = np.ndarray | tuple[np.ndarray, ...]
 
 
 class FileBatches(keras.utils.PyDataset):
@@ -26,7 +37,15 @@ class FileBatches(keras.utils.PyDataset):
     (validation, prediction).
     """
 
-    def __init__(self, inputs, labels=None, batch_size: int = 32, shuffle: bool = False, seed: int = 0, epoch: int = 0):
+    def __init__(
+        self,
+        inputs: Inputs,
+        labels: ArrayLike | None = None,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> None:
         super().__init__()
         self.inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         self.single = not isinstance(inputs, (list, tuple))
@@ -46,7 +65,7 @@ class FileBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return math.ceil(self.rows / self.batch_size)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Batch | tuple[Batch, np.ndarray]:
         rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         arrays = [read_rows(array, rows) for array in self.inputs]
         x = arrays[0] if self.single else tuple(arrays)
@@ -73,7 +92,15 @@ class ViewBatches(FileBatches):
     training images. Epoch ``e`` of the run reads version ``e % K``.
     """
 
-    def __init__(self, views: list, labels, batch_size: int = 32, shuffle: bool = True, seed: int = 0, epoch: int = 0):
+    def __init__(
+        self,
+        views: Sequence[Inputs],
+        labels: ArrayLike,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> None:
         super().__init__(views[0], labels, batch_size, shuffle, seed, epoch)
         self.views = [list(view) if isinstance(view, (list, tuple)) else [view] for view in views]
         self.inputs = self.views[epoch % len(self.views)]
@@ -97,16 +124,24 @@ class MixedBatches(FileBatches):
     """
 
     def __init__(
-        self, images, labels, classes: int, batch_size: int, mix, shuffle: bool = True, seed: int = 0, epoch: int = 0
-    ):
+        self,
+        images: Rows,
+        labels: ArrayLike,
+        classes: int,
+        batch_size: int,
+        mix: Callable[..., tuple[np.ndarray, np.ndarray]],  # mix(images, targets, rng)
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> None:
         super().__init__(images, one_hot(labels, classes), batch_size, shuffle, seed, epoch)
         self.mix = mix
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         images, targets = super().__getitem__(index)
         return self.mix(images, targets, np.random.default_rng([self.seed, self.epoch, index]))
 
 
-def one_hot(labels, classes: int) -> np.ndarray:
+def one_hot(labels: ArrayLike, classes: int) -> np.ndarray:
     """Integer labels as float32 one-hot rows (the targets mixed batches train on)."""
     return np.eye(classes, dtype=np.float32)[np.asarray(labels).reshape(-1)]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -15,7 +20,7 @@ def is_gray_mode(mode: str) -> bool:
     return mode in _GRAY_MODES or mode.startswith("I;16")
 
 
-def to_stored(image, size_hw: tuple[int, int], channels: int, resize: str = "crop") -> np.ndarray:
+def to_stored(image: PILImage.Image, size_hw: tuple[int, int], channels: int, resize: str = "crop") -> np.ndarray:
     """A PIL image as uint8 ``(height, width, channels)``.
 
     16-bit images are scaled to 8 bits; transparency is composited on white;
@@ -43,7 +48,7 @@ def to_stored(image, size_hw: tuple[int, int], channels: int, resize: str = "cro
     return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
 
 
-def _eight_bit(image):
+def _eight_bit(image: PILImage.Image) -> PILImage.Image:
     """Integer and float images as 8-bit greyscale (PIL's own conversion clips at 255)."""
     from PIL import Image
 

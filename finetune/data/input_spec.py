@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from finetune.data.arrays import read_rows
+from finetune.data.arrays import MappedImages, read_rows
 from finetune.errors import DataError
 from finetune.files import write_json_atomically
 
@@ -76,7 +77,7 @@ def polarity(brightness: float) -> str:
     return "dark" if brightness < DARK_BELOW else "light"
 
 
-def describe_input(images, class_names, resize: str) -> InputSpec:
+def describe_input(images: np.ndarray | MappedImages, class_names: Iterable[str], resize: str) -> InputSpec:
     """The spec of a model trained on ``images`` (uint8 ``(N, H, W, C)``, possibly memory-mapped).
 
     The background is ``dark`` or ``light`` when at least 90% of the training

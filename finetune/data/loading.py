@@ -7,6 +7,9 @@ does not grow with the backbone's input size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from finetune.data.arrays import pick_rows
@@ -15,8 +18,11 @@ from finetune.data.sources import get
 from finetune.data.splits import Dataset, Split
 from finetune.errors import DataError
 
+if TYPE_CHECKING:
+    from finetune.recipe.schema import DataConfig
 
-def load_dataset(config, seed: int) -> Dataset:
+
+def load_dataset(config: DataConfig, seed: int) -> Dataset:
     """Load ``config.source``, keep ``data.classes``, take the seeded subsets and hold out validation.
 
     Order: classes (relabelled 0..k-1 in the given order), train_per_class,
@@ -68,11 +74,15 @@ def _take(split: Split, labels: np.ndarray, positions: np.ndarray) -> Split:
     if len(positions) == len(split) and np.array_equal(positions, np.arange(len(split))):
         return Split(split.images, labels.astype(np.int32, copy=False), split.indices)  # no copy of a memmap
     return Split(
-        pick_rows(split.images, positions), labels[positions].astype(np.int32, copy=False), split.indices[positions]
+        pick_rows(split.images, positions),  # type: ignore[arg-type]  # rows of a memmap stay mapped
+        labels[positions].astype(np.int32, copy=False),
+        split.indices[positions],
     )
 
 
-def model_io(config, seed: int, input_shape=None, num_classes: int | None = None) -> tuple[tuple, int]:
+def model_io(
+    config: DataConfig, seed: int, input_shape: Sequence[int] | None = None, num_classes: int | None = None
+) -> tuple[tuple, int]:
     """``(input_shape, num_classes)`` for a model built without a loaded dataset.
 
     Sources with a static shape answer at once; data-dependent sources

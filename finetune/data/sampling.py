@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 
 from finetune.errors import DataError
 
 
-def select_classes(class_names, wanted) -> list[int]:
+def select_classes(class_names: Sequence[str], wanted: Iterable[str | int]) -> list[int]:
     """Positions in ``class_names`` of ``wanted`` (names, or integer indices), in the given order."""
-    chosen = []
+    chosen: list[int] = []
     for item in wanted:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
             raise DataError(f"data.classes: {item!r} is neither a class name nor an index")
@@ -30,12 +32,14 @@ def select_classes(class_names, wanted) -> list[int]:
     return chosen
 
 
-def list_names(class_names) -> str:
+def list_names(class_names: Sequence[str]) -> str:
     names = ", ".join(repr(name) for name in class_names[:50])
     return names + (f", ... ({len(class_names)} in all)" if len(class_names) > 50 else "")
 
 
-def per_class_sample(labels: np.ndarray, count: int, class_names, rng: np.random.Generator) -> np.ndarray:
+def per_class_sample(
+    labels: np.ndarray, count: int, class_names: Sequence[str], rng: np.random.Generator
+) -> np.ndarray:
     """``count`` random positions of each class (few-shot); a class with fewer is an error."""
     chosen = []
     for label, name in enumerate(class_names):

@@ -16,7 +16,7 @@ class Split:
     labels: np.ndarray  # int32, (N,)
     indices: np.ndarray = None  # type: ignore[assignment]  # positions in the source's split; set when None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.indices is None:
             object.__setattr__(self, "indices", np.arange(len(self.labels)))
 
@@ -24,7 +24,11 @@ class Split:
         return len(self.labels)
 
     def subset(self, positions: np.ndarray) -> Split:
-        return Split(pick_rows(self.images, positions), self.labels[positions], self.indices[positions])
+        return Split(
+            pick_rows(self.images, positions),  # type: ignore[arg-type]  # rows of a memmap stay mapped
+            self.labels[positions],
+            self.indices[positions],
+        )
 
 
 @dataclass(frozen=True)

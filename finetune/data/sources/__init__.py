@@ -8,10 +8,15 @@ group ``finetune.datasets``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from finetune.data.sampling import select_classes
 from finetune.data.splits import DatasetSource, split_source
 from finetune.errors import DataError, RecipeError
 from finetune.registry import Registry
+
+if TYPE_CHECKING:
+    from finetune.recipe.schema import DataConfig
 
 
 def _builtin_sources() -> dict[str, DatasetSource]:
@@ -39,7 +44,7 @@ def get(source: str) -> DatasetSource:
     return entry
 
 
-def check_config(config) -> None:
+def check_config(config: DataConfig) -> None:
     """Checks of ``data`` that need no files: the source, and class names a source knows statically."""
     try:
         source = get(config.source)
@@ -59,7 +64,7 @@ def check_config(config) -> None:
             raise RecipeError(str(error)) from None
 
 
-def peek_class_names(config) -> tuple[str, ...] | None:
+def peek_class_names(config: DataConfig) -> tuple[str, ...] | None:
     """The class names a run would train on (after ``data.classes``), if cheap to find; else None."""
     source = get(config.source)
     names = (

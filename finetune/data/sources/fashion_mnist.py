@@ -6,11 +6,15 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from finetune.data.splits import DatasetSource, Split
 from finetune.errors import DataError, first_line
+
+if TYPE_CHECKING:
+    from finetune.recipe.schema import DataConfig
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -76,7 +80,7 @@ def _find_idx_files(folder: Path) -> dict[str, Path] | None:
     return found
 
 
-def load_fashion_mnist(config) -> tuple[Split, Split, tuple[str, ...], str]:
+def load_fashion_mnist(config: DataConfig) -> tuple[Split, Split, tuple[str, ...], str]:
     """Fashion-MNIST from local IDX files, else through a Keras download."""
     searched = fashion_mnist_search_dirs(getattr(config, "data_dir", None))
     for folder in searched:
@@ -99,7 +103,7 @@ def load_fashion_mnist(config) -> tuple[Split, Split, tuple[str, ...], str]:
     return _fashion_mnist_splits(arrays, "keras download (~/.keras/datasets)")
 
 
-def _fashion_mnist_splits(arrays, where: str):
+def _fashion_mnist_splits(arrays: dict[str, np.ndarray], where: str) -> tuple[Split, Split, tuple[str, ...], str]:
     def split(prefix: str) -> Split:
         images, labels = arrays[f"{prefix}_images"], arrays[f"{prefix}_labels"]
         if len(images) != len(labels):

@@ -8,7 +8,9 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,20 +21,27 @@ from finetune.data.splits import DatasetSource, Split, split_source
 from finetune.errors import DataError, RecipeError, first_line
 from finetune.files import is_dir, is_file
 
+if TYPE_CHECKING:
+    from typing import TypeVar
 
-def check_folder_setting(config) -> None:
+    from finetune.recipe.schema import DataConfig
+
+    _T = TypeVar("_T")
+
+
+def check_folder_setting(config: DataConfig) -> None:
     """The folder may be named once only: in ``data.source`` (``image_folder:PATH``) or in ``data.data_dir``."""
     _given_folder(config)
 
 
-def _given_folder(config) -> str | None:
+def _given_folder(config: DataConfig) -> str | None:
     _, argument = split_source(config.source)
     if argument and config.data_dir and Path(argument).expanduser() != Path(config.data_dir).expanduser():
         raise RecipeError(f"data.source names folder {argument!r} but data.data_dir is {config.data_dir!r}; keep one")
     return argument or config.data_dir
 
 
-def image_folder_path(config) -> Path:
+def image_folder_path(config: DataConfig) -> Path:
     """The folder of ``image_folder`` (``data.data_dir`` or ``image_folder:PATH``), which must exist."""
     folder = _given_folder(config)
     if not folder:
@@ -104,7 +113,7 @@ def scan_image_folder(root: Path) -> tuple[tuple[str, ...], list[tuple[Path, int
     return names, train, files_of(root / "test", required=False)
 
 
-def peek_image_folder(config) -> tuple[str, ...]:
+def peek_image_folder(config: DataConfig) -> tuple[str, ...]:
     return scan_image_folder(image_folder_path(config))[0]
 
 
@@ -119,7 +128,7 @@ def cache_root() -> Path:
 _CACHE_FORMAT = 1
 
 
-def load_image_folder(config) -> tuple[Split, Split, tuple[str, ...], str]:
+def load_image_folder(config: DataConfig) -> tuple[Split, Split, tuple[str, ...], str]:
     """A folder of images, decoded once into a uint8 ``.npy`` that later runs memory-map.
 
     The cache entry is keyed by the files (path, size, mtime), the class
@@ -172,7 +181,9 @@ def load_image_folder(config) -> tuple[Split, Split, tuple[str, ...], str]:
     return train, test, class_names, f"{root} ({layout}; {how}, {len(files)} images at {entry})"
 
 
-def _without(images, labels, count: int, skipped: list[int], class_names, root: Path) -> tuple[Split, Split]:
+def _without(
+    images: np.ndarray, labels: np.ndarray, count: int, skipped: list[int], class_names: Sequence[str], root: Path
+) -> tuple[Split, Split]:
     """The train and test splits without the rows of images that could not be read."""
     kept = np.setdiff1d(np.arange(len(labels)), np.asarray(skipped, dtype=np.int64))
     train_rows, test_rows = kept[kept < count], kept[kept >= count]
@@ -180,12 +191,12 @@ def _without(images, labels, count: int, skipped: list[int], class_names, root: 
     if empty:
         raise DataError(f"image folder {str(root)!r}: class {empty[0]!r} has no readable training images left")
     return (
-        Split(pick_rows(images, train_rows), labels[train_rows]),
-        Split(pick_rows(images, test_rows), labels[test_rows]),
+        Split(pick_rows(images, train_rows), labels[train_rows]),  # type: ignore[arg-type]  # rows stay mapped
+        Split(pick_rows(images, test_rows), labels[test_rows]),  # type: ignore[arg-type]
     )
 
 
-def _file_key(path: Path, root: Path, skip_bad: bool = False) -> list:
+def _file_key(path: Path, root: Path, skip_bad: bool = False) -> list[str | int | None]:
     try:
         stat = path.stat()
     except OSError as error:  # a dangling link, a file removed meanwhile
@@ -222,7 +233,13 @@ def _decode_image(path: Path, size_hw: tuple[int, int], channels: int, resize: s
 
 
 def _decode_into_cache(
-    files, size_hw, resize, entry: Path, class_names, root: Path, skip_bad: bool = False
+    files: Sequence[tuple[Path, int]],
+    size_hw: tuple[int, int],
+    resize: str,
+    entry: Path,
+    class_names: Sequence[str],
+    root: Path,
+    skip_bad: bool = False,
 ) -> tuple[np.ndarray, list[int]]:
     """Decode ``files`` into ``entry/images.npy`` (written aside, then renamed) and map it.
 
@@ -234,7 +251,7 @@ def _decode_into_cache(
     paths = [path for path, _ in files]
     skipped: set[int] = set()
 
-    def attempt(position: int, read):
+    def attempt(position: int, read: Callable[[Path], _T]) -> _T | None:
         try:
             return read(paths[position])
         except DataError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,8 +13,11 @@ from finetune.data.sampling import carve_test_split
 from finetune.data.splits import DatasetSource, Split, split_source
 from finetune.errors import DataError, first_line
 
+if TYPE_CHECKING:
+    from finetune.recipe.schema import DataConfig
 
-def _dataset_name(config) -> str:
+
+def _dataset_name(config: DataConfig) -> str:
     """``NAME`` of ``tfds:NAME`` (the source registry has already refused a missing one)."""
     _, name = split_source(config.source)
     if not name:
@@ -21,7 +25,7 @@ def _dataset_name(config) -> str:
     return name
 
 
-def _tfds_open(config):
+def _tfds_open(config: DataConfig) -> Any:  # a tfds.core.DatasetBuilder
     """The builder of ``tfds:NAME``: from its prepared files when there are some, else its registered class.
 
     A prepared dataset needs no builder code (tfds reads ``dataset_info.json``).
@@ -45,7 +49,7 @@ def _tfds_open(config):
         raise DataError(f"tfds dataset {name!r} in {where}: {first_line(error)}") from None
 
 
-def _tfds_builder(config):
+def _tfds_builder(config: DataConfig) -> Any:  # a tfds.core.DatasetBuilder
     """The builder of ``tfds:NAME``, prepared (downloading only when it is not) or a DataError."""
     name = _dataset_name(config)
     builder = _tfds_open(config)
@@ -61,7 +65,7 @@ def _tfds_builder(config):
     return builder
 
 
-def _tfds_keys(builder, name: str) -> tuple[str, str]:
+def _tfds_keys(builder: Any, name: str) -> tuple[str, str]:
     import tensorflow_datasets as tfds
 
     features = builder.info.features
@@ -81,7 +85,7 @@ def _tfds_keys(builder, name: str) -> tuple[str, str]:
     return image_key, label_key
 
 
-def load_tfds(config) -> tuple[Split, Split, tuple[str, ...], str]:
+def load_tfds(config: DataConfig) -> tuple[Split, Split, tuple[str, ...], str]:
     """A prepared tensorflow-datasets image classification dataset (its train and test splits).
 
     Without a ``test`` split, a seeded stratified ``data.test_split`` of
@@ -126,7 +130,17 @@ def load_tfds(config) -> tuple[Split, Split, tuple[str, ...], str]:
     return train, test, class_names, f"tfds {builder.info.full_name} in {builder.data_dir_root} ({how})"
 
 
-def _read_tfds_split(builder, split, image_key, label_key, count, shape, channels, size_hw, resize) -> Split:
+def _read_tfds_split(
+    builder: Any,
+    split: str,
+    image_key: str,
+    label_key: str,
+    count: int,
+    shape: tuple[int | None, ...],
+    channels: int,
+    size_hw: tuple[int, int] | None,
+    resize: str,
+) -> Split:
     import tensorflow_datasets as tfds
     from PIL import Image
 
@@ -134,7 +148,7 @@ def _read_tfds_split(builder, split, image_key, label_key, count, shape, channel
     dataset = dataset.map(lambda example: (example[image_key], example[label_key]))
     labels = np.empty(count, dtype=np.int32)
     if size_hw is None:
-        images = np.empty((count, *shape), dtype=np.uint8)
+        images = np.empty((count, *shape), dtype=np.uint8)  # type: ignore[type-var]  # fixed size: no None
         filled = 0
         for batch_images, batch_labels in tfds.as_numpy(dataset.batch(1024)):
             images[filled : filled + len(batch_labels)] = _checked_uint8(batch_images)
@@ -162,7 +176,7 @@ def _checked_uint8(pixels: np.ndarray) -> np.ndarray:
     return as_uint8(pixels)
 
 
-def peek_tfds(config) -> tuple[str, ...] | None:
+def peek_tfds(config: DataConfig) -> tuple[str, ...] | None:
     """The label names of a prepared dataset; None when it would have to be downloaded."""
     name = _dataset_name(config)
     builder = _tfds_open(config)
