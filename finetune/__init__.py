@@ -4,6 +4,7 @@ import finetune
 recipe = finetune.load_recipe("recipes/xception_fmnist.yaml", overrides={"phases.head.epochs": 1})
 result = finetune.run(recipe, out="runs/x")   # result.metrics, result.model, result.run_dir
 result = finetune.resume("runs/x")               # an interrupted or killed run goes on
+result = finetune.run("recipe.yaml", overrides=["phases.head.epochs=1"], log=None)  # lines to `logging` only
 model = finetune.build_model(recipe)
 model = finetune.load_model("runs/x/model.keras")
 for prediction in finetune.predict("runs/x", ["shirt.jpg", "photos/"], top=3):   # .path, .top, .inverted, .error
@@ -23,6 +24,7 @@ __all__ = [
     "FinetuneError",
     "Recipe",
     "RecipeError",
+    "RunCallback",
     "RunResult",
     "__version__",
     "build_model",
@@ -43,6 +45,7 @@ _LAZY = {
     "run": "finetune.runner",
     "resume": "finetune.runner",
     "RunResult": "finetune.runner",
+    "RunCallback": "finetune.catalog.callbacks",
 }
 
 

@@ -78,7 +78,13 @@ def prepare(source: Recipe | RecipeSource, overrides: Overrides = None) -> tuple
     """A recipe (read from ``source`` unless it is one already) and its plan, resolved once."""
     if isinstance(source, Recipe):
         return source, resolve(source)
-    recipe = read_recipe(source, overrides)
+    return resolve_read(read_recipe(source, overrides), source)
+
+
+def resolve_read(recipe: Recipe, source: Recipe | RecipeSource) -> tuple[Recipe, RunPlan]:
+    """:func:`prepare` of a recipe already read from ``source`` (a run starts its distribution in between)."""
+    if isinstance(source, Recipe):
+        return recipe, resolve(recipe)
     plan = resolve(recipe, source_label(source))
     recipe.notices.extend([notice for notice in plan.notices if notice not in recipe.notices])
     return recipe, plan

@@ -1,19 +1,33 @@
 """What a run shows while it works: lines that stay, and one live line that only a terminal sees.
 
-A terminal gets a line that redraws in place (epoch, step, loss, learning rate, images/s, ETA); a
-log file or a pipe gets only the lines that stay (one per epoch), so no progress bar ever fills a
-log; ``quiet`` shows nothing. Errors never go through here: the command line prints them.
+Every module logs through ``logging.getLogger(__name__)``, under the ``finetune`` logger, which
+starts at INFO. :class:`ProgressHandler` writes its records as the lines users know
+(``[finetune] ...``, ``[finetune] warning: ...``): the command line installs one on stderr, and
+:func:`lines_to` one for a Python call's ``log=``. A terminal also gets a line that redraws in
+place (epoch, step, loss, learning rate, images/s, ETA), drawn through :func:`live` on the
+handler that shows it; a log file or a pipe gets only the lines that stay (one per epoch), so no
+progress bar ever fills a log. Errors never go through here: the command line prints them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 _CLEAR_LINE = "\r\x1b[K"
+
+LOGGER_NAME = "finetune"
+LINE_PREFIX = "[finetune] "
+
+_logger = logging.getLogger(LOGGER_NAME)
+if _logger.level == logging.NOTSET:  # a run's lines are INFO; an application that set a level keeps it
+    _logger.setLevel(logging.INFO)
+_logger.addHandler(logging.NullHandler())  # never Python's last-resort handler on stderr
 
 
 class Progress:
@@ -102,3 +116,71 @@ def duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class LineFormatter(logging.Formatter):
+    """A record as the line it always was: ``[finetune] `` and, for a warning, ``warning: ``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        return f"{LINE_PREFIX}{kind}{record.getMessage()}"
+
+
+class ProgressHandler(logging.Handler):
+    """Hands each record's line to a :class:`Progress`, which clears its live line first."""
+
+    def __init__(self, progress: Progress, level: int = logging.NOTSET):
+        super().__init__(level)
+        self.progress = progress
+        self.setFormatter(LineFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.progress(self.format(record))
+        except Exception:  # noqa: BLE001 - logging's own rule: a broken handler never stops the run
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def lines_to(log: Callable[[str], None] | Progress | None) -> Iterator[None]:
+    """For the block, the ``finetune`` logger's lines also go to ``log`` (``print``, a list's append, a Progress).
+
+    ``None`` adds nothing: the lines reach only the handlers the application configured.
+    """
+    if log is None:
+        yield
+        return
+    handler = ProgressHandler(Progress.of(log))
+    _logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        _logger.removeHandler(handler)
+        handler.progress.end_live()
+
+
+def live(text: str, *, force: bool = False) -> None:
+    """Redraw the live line of the handler that shows one (a terminal's); nothing elsewhere or when silenced."""
+    shown = _live_progress()
+    if shown is not None:
+        shown.live(text, force=force)
+
+
+def live_due() -> bool:
+    """Whether a :func:`live` call now would draw (lets callers skip building the text)."""
+    shown = _live_progress()
+    return shown is not None and shown.due()
+
+
+def shows_live() -> bool:
+    """Whether a live line is shown at all (only then does a per-step hook pay off)."""
+    return _live_progress() is not None
+
+
+def _live_progress() -> Progress | None:
+    if not _logger.isEnabledFor(logging.INFO):
+        return None
+    for handler in _logger.handlers:
+        if isinstance(handler, ProgressHandler) and handler.progress.shows_live:
+            return handler.progress
+    return None

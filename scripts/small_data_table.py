@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
 MLP = ROOT / "recipes" / "ch11_one_cycle.yaml"
 
 
@@ -69,7 +71,7 @@ def logistic_regression(path: Path, overrides: list[str]) -> dict:
 
     import finetune
     from finetune.plan import prepare
-    from finetune.runner.pipeline import load_data
+    from finetune.runner.session import load_data
 
     _, plan = prepare(finetune.load_recipe(path, overrides))
     dataset = load_data(plan)
@@ -95,10 +97,18 @@ def main() -> int:
     parser.add_argument("--data", default="fashion_mnist")
     parser.add_argument("--baselines", action="store_true")
     parser.add_argument("--no-recipe", action="store_true", help="the baselines alone")
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for every run that changes no result (export.formats=[keras] where TensorFlow is missing)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     for per_class in args.per_class:
-        overrides = data_overrides(args.data, per_class)
+        overrides = [*data_overrides(args.data, per_class), *args.extra]
         jobs = [] if args.no_recipe else [(args.recipe.stem, lambda o=overrides: run_recipe(args.recipe, o))]
         if args.baselines:
             jobs += [

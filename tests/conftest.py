@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -134,10 +135,25 @@ def compile_phase(model, recipe, phase, steps=1):
     return compile_for_phase(model, layout_of(model, recipe), phase, steps, settings=recipe.training)
 
 
-def fit(model, recipe, phase, dataset, **kwargs):
-    from finetune.training.phases import fit_phase
+def fit(model, recipe, phase, dataset, *, initial_epoch=0, phase_epochs_done=0, **kwargs):
+    """One phase fitted as a run fits it (``initial_epoch``: the run's epoch it starts at)."""
+    from finetune.training.context import PhaseRun, RunContext
+    from finetune.training.phases import fit_phase, steps_per_epoch
 
-    return fit_phase(model, layout_of(model, recipe), phase, dataset, recipe.training, seed=recipe.seed, **kwargs)
+    run = RunContext(model, layout_of(model, recipe), dataset, (phase,), recipe.training, seed=recipe.seed)
+    steps = steps_per_epoch(phase, recipe.training, len(dataset.train))
+    first = initial_epoch - phase_epochs_done
+    return fit_phase(run, PhaseRun(phase, 0, first_epoch=first, steps=steps, epochs_done=phase_epochs_done), **kwargs)
+
+
+@contextlib.contextmanager
+def logged_lines():
+    """The ``finetune`` logger's lines, as a run's ``log=`` gets them, in a list."""
+    from finetune.progress import lines_to
+
+    lines: list[str] = []
+    with lines_to(lines.append):
+        yield lines
 
 
 def long_recipe_file(folder, weights, epochs: int):

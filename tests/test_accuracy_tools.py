@@ -9,7 +9,7 @@ import copy
 import keras
 import numpy as np
 import pytest
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, logged_lines
 
 import finetune
 from finetune.errors import RecipeError
@@ -120,8 +120,9 @@ def test_unknown_augmentation_is_one_line():
 
 def test_augmented_phase_is_not_cached_and_says_so(tiny_recipe_dict):
     tiny_recipe_dict["model"]["augment"] = ["random_translation"]
-    _, plan, dataset, model, store, notes = _store(tiny_recipe_dict)
-    assert store.features(model, plan.phases[0], dataset, 32) is None
+    _, plan, dataset, model, store = _store(tiny_recipe_dict)
+    with logged_lines() as notes:
+        assert store.features(model, plan.phases[0], dataset, 32) is None
     assert any("model.augment" in note and "not cached" in note for note in notes)
 
 
@@ -283,7 +284,7 @@ def test_gradual_unfreezing_expands_into_phases_that_unfreeze_more(tiny_recipe_d
 
 
 def _store(tiny_recipe_dict):
-    """The recipe, its plan, dataset and model, and a FeatureStore whose log lines land in ``notes``."""
+    """The recipe, its plan, dataset and model, and a FeatureStore."""
     from finetune.data import load_dataset
     from finetune.training.features import FeatureStore
 
@@ -291,9 +292,8 @@ def _store(tiny_recipe_dict):
     plan = resolve(recipe)
     dataset = load_dataset(plan.data, plan.seed)
     model = assemble(plan.model, dataset.input_shape, dataset.num_classes)
-    notes = []
-    store = FeatureStore(plan.phases, plan.training, layout(model, plan.model), log=notes.append)
-    return recipe, plan, dataset, model, store, notes
+    store = FeatureStore(plan.phases, plan.training, layout(model, plan.model))
+    return recipe, plan, dataset, model, store
 
 
 def _augmented_store(tiny_recipe_dict, views):
@@ -303,8 +303,9 @@ def _augmented_store(tiny_recipe_dict, views):
 
 
 def test_augmented_views_cache_k_different_copies_and_plain_validation(tiny_recipe_dict):
-    plan, dataset, model, store, notes = _augmented_store(tiny_recipe_dict, 3)
-    features = store.features(model, plan.phases[0], dataset, 32)
+    plan, dataset, model, store = _augmented_store(tiny_recipe_dict, 3)
+    with logged_lines() as notes:
+        features = store.features(model, plan.phases[0], dataset, 32)
     assert features is not None and len(features.views) == 3
     cut = store.plan(model, plan.phases[0])
     plain = cut.bottom.predict(dataset.train.images, verbose=0)
@@ -331,7 +332,7 @@ def test_view_batches_read_the_next_view_each_epoch():
 def test_augmented_views_that_do_not_fit_are_refused_in_one_line(tiny_recipe_dict, monkeypatch):
     from finetune.training import features as features_module
 
-    plan, dataset, model, store, _ = _augmented_store(tiny_recipe_dict, 2)
+    plan, dataset, model, store = _augmented_store(tiny_recipe_dict, 2)
     monkeypatch.setattr(features_module, "choose_storage", lambda *args, **kwargs: "off")
     with pytest.raises(RecipeError, match=r"training\.augmented_views: 2 augmented copies .* fit neither"):
         store.features(model, plan.phases[0], dataset, 32)
@@ -414,10 +415,11 @@ def test_a_phase_trains_on_mixed_batches_and_validates_on_plain_labels(tiny_reci
     from conftest import compile_phase, fit
 
     tiny_recipe_dict["training"]["mix"] = ["mixup", {"name": "cutmix", "probability": 0.5}]
-    recipe, _, dataset, model, store, notes = _store(tiny_recipe_dict)
+    recipe, _, dataset, model, store = _store(tiny_recipe_dict)
     phase = recipe.phases[0].model_copy(update={"epochs": 2})
     compile_phase(model, recipe, phase, steps=5)
-    history = fit(model, recipe, phase, dataset, features=store)
+    with logged_lines() as notes:
+        history = fit(model, recipe, phase, dataset, features=store)
     assert any("training.mix" in note and "not cached" in note for note in notes)
     # Validation accuracy is the model's own on the unmixed validation images and their labels.
     predicted = model.predict(dataset.validation.images, verbose=0).argmax(axis=1)

@@ -1,5 +1,6 @@
 """The layout rules: layers enforced by import-linter, small modules, and a map that matches the tree."""
 
+import ast
 import os
 import re
 import shutil
@@ -72,3 +73,36 @@ def test_the_architecture_page_lists_every_module_and_no_other():
     page = (ROOT / "docs" / "architecture.md").read_text()
     listed = set(re.findall(r"finetune/[\w/]+\.py", page))
     assert listed == set(MODULES), (sorted(set(MODULES) - listed), sorted(listed - set(MODULES)))
+
+
+def _functions(package: str):
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path, node
+
+
+def test_no_function_of_runner_or_training_takes_more_than_six_parameters():
+    """A run's state travels in its session and context objects, not in long argument lists."""
+    crowded = []
+    for package in ("runner", "training"):
+        for path, node in _functions(package):
+            arguments = node.args
+            every = (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)
+            names = [argument.arg for argument in every if argument.arg not in ("self", "cls")]
+            if len(names) > 6:
+                crowded.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} takes {len(names)}")
+    assert not crowded, crowded
+
+
+def test_the_line_prefix_is_written_by_the_formatter_alone():
+    """Modules log through `logging`; only the handler's formatter (and the command line) writes `[finetune] `."""
+    written = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative.startswith("cli/") or relative == "progress.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "[finetune] " in node.value:
+                written.append(f"{relative}:{node.lineno}")
+    assert not written, written

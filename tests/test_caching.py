@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import compile_phase, configure, fit, layout_of, outside_ci_cover
+from conftest import compile_phase, configure, fit, layout_of, logged_lines, outside_ci_cover
 
 import finetune
 from finetune import data
@@ -120,8 +120,8 @@ def test_disk_cache_matches_memory(tiny_recipe, tmp_path):
     model = finetune.build_model(tiny_recipe)
     top2 = cut(model, tiny_recipe, tiny_recipe.phase("finetune"))
     images = data.load_dataset(tiny_recipe.data, 0).train.images[:50]
-    (memory,) = caching.extract(top2.bottom, images, 16, "float32", "memory", None, "train")
-    (disk,) = caching.extract(top2.bottom, images, 16, "float32", "disk", tmp_path, "train")
+    (memory,) = caching.extract(top2.bottom, images, 16, caching.CacheTarget("float32", "memory", None, "train"))
+    (disk,) = caching.extract(top2.bottom, images, 16, caching.CacheTarget("float32", "disk", tmp_path, "train"))
     assert isinstance(disk, np.memmap) and (tmp_path / "train_0.npy").is_file()
     np.testing.assert_array_equal(memory, np.asarray(disk))
     direct = keras.ops.convert_to_numpy(top2.bottom(images))
@@ -293,9 +293,9 @@ def test_disk_cached_training_with_shuffling_matches_uncached(deterministic, tmp
         step = recipe.phase(phase)
         configure(model, recipe, step)
         setup = compile_phase(model, recipe, step, steps_per_epoch(step, recipe.training, len(dataset.train)))
-        lines = []
-        store = caching.FeatureStore([step], recipe.training, layout_of(model, recipe), folder / "cache", lines.append)
-        history = fit(model, recipe, step, dataset, callbacks=setup.callbacks, features=store)
+        store = caching.FeatureStore([step], recipe.training, layout_of(model, recipe), folder / "cache")
+        with logged_lines() as lines:
+            history = fit(model, recipe, step, dataset, callbacks=setup.callbacks, features=store)
         if cache == "disk":
             assert any("in disk" in line for line in lines), lines  # the features really were on disk
             assert {array.dtype for array in np.atleast_1d(store.splits["train"])} == {np.dtype(cache_dtype)}

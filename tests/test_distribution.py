@@ -236,7 +236,7 @@ def test_two_workers_on_localhost_train_what_one_process_trains(tmp_path):
     trained = finetune.load_model(outs[0] / "model.keras")
     for mine, theirs in zip(trained.get_weights(), single.model.get_weights(), strict=True):
         np.testing.assert_allclose(mine, theirs, atol=1e-4)
-    losses = [float(row["loss"]) for row in finetune.training.checkpoints.read_history(outs[0] / "history.csv")]
+    losses = [float(row["loss"]) for row in finetune.training.history.read_history(outs[0] / "history.csv")]
     assert losses == pytest.approx([float(row["loss"]) for row in single.history], abs=1e-4)
 
 
@@ -264,7 +264,7 @@ def test_data_parallel_on_two_jax_devices(tmp_path):
     assert metrics["backend"] == "jax"
     assert metrics["distribution"]["engine"] == "keras.distribution.DataParallel"
     assert (metrics["distribution"]["replicas"], metrics["distribution"]["global_batch"]) == (2, 32)
-    history = finetune.training.checkpoints.read_history(out / "history.csv")
+    history = finetune.training.history.read_history(out / "history.csv")
     assert float(history[0]["learning_rate"]) == pytest.approx(0.1)  # 0.05 x 2 replicas (linear)
     assert float(history[-1]["loss"]) < float(history[0]["loss"])
 

@@ -4,6 +4,7 @@ import json
 
 import keras
 import numpy as np
+from conftest import logged_lines
 
 from finetune.training.gradient_health import GradientHealth, layer_gradient_norms
 
@@ -25,10 +26,10 @@ def _network(depth, activation, initializer):
 
 def _fit_with_health(model, tmp_path):
     x, y = _data()
-    lines = []
-    health = GradientHealth(tmp_path, "train", every_steps=4, log=lines.append)
+    health = GradientHealth(tmp_path, "train", every_steps=4)
     health.sample = (x[:64], y[:64])
-    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[health])
+    with logged_lines() as lines:
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[health])
     return health, lines
 
 
@@ -90,7 +91,7 @@ def test_a_sample_leaves_batch_norm_statistics_and_dropout_state_as_they_were(tm
     x, y = _data()
     model.fit(x[:32], y[:32], verbose=0)
     before = [keras.ops.convert_to_numpy(v).copy() for v in model.variables]
-    health = GradientHealth(None, "train", log=lambda line: None)
+    health = GradientHealth(None, "train")
     health.set_model(model)
     health.sample = (x + 5.0, y)  # a batch whose statistics differ: a leak would show
     health.record()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from finetune.cli import main
 from finetune.data.batches import FileBatches
 from finetune.data.sources.fashion_mnist import fashion_mnist_search_dirs, read_idx
-from finetune.training.lr_find import find_learning_rate
+from finetune.training.lr_find import SweepSettings, find_learning_rate
 
 BATCH = 32
 
@@ -58,7 +58,9 @@ def test_the_optimizer_trains_at_the_exponential_rates_and_each_batch_loss_is_re
     x, y = images
     model = softmax_regression()
     spy = Spy(FileBatches(x, y, BATCH, shuffle=True, seed=0))
-    result = find_learning_rate(model, x, y, batch_size=BATCH, start=1e-5, end=1e-2, steps=30, callbacks=[spy])
+    result = find_learning_rate(
+        model, x, y, SweepSettings(start=1e-5, end=1e-2, steps=30), batch_size=BATCH, callbacks=[spy]
+    )
     expected = 1e-5 * (1e-2 / 1e-5) ** (np.arange(30) / 29)
     assert not result.stopped_early and len(result.learning_rates) == 30
     np.testing.assert_allclose(result.learning_rates, expected, rtol=1e-6)
@@ -81,7 +83,7 @@ def test_the_weights_and_the_optimizer_state_are_restored_afterwards(images):
     before = [w.copy() for w in model.get_weights()]
     state = [keras.ops.convert_to_numpy(v).copy() for v in model.optimizer.variables]
     spy = Spy(FileBatches(x, y, BATCH, shuffle=True, seed=0))
-    find_learning_rate(model, x, y, batch_size=BATCH, start=1e-4, end=1.0, steps=40, callbacks=[spy])
+    find_learning_rate(model, x, y, SweepSettings(start=1e-4, end=1.0, steps=40), batch_size=BATCH, callbacks=[spy])
     assert any(not np.array_equal(a, b) for a, b in zip(spy.last_weights, before, strict=True))  # it did train
     for restored, original in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(restored, original)
@@ -92,7 +94,9 @@ def test_the_weights_and_the_optimizer_state_are_restored_afterwards(images):
 
 def test_the_sweep_stops_once_the_smoothed_loss_passes_four_times_its_minimum(images):
     x, y = images
-    result = find_learning_rate(softmax_regression(), x, y, batch_size=BATCH, start=1e-3, end=1e4, steps=150)
+    result = find_learning_rate(
+        softmax_regression(), x, y, SweepSettings(start=1e-3, end=1e4, steps=150), batch_size=BATCH
+    )
     losses = np.asarray(result.losses)
     assert result.stopped_early and len(losses) < 150
     # Every smoothed loss but the last stayed within 4x of the minimum so far; the last did not (the clipped
@@ -104,7 +108,7 @@ def test_the_sweep_stops_once_the_smoothed_loss_passes_four_times_its_minimum(im
 def test_the_suggestion_lies_in_the_sweep_and_within_10x_of_the_best_of_a_grid_of_rates(images):
     x, y = images
     model = softmax_regression()
-    result = find_learning_rate(model, x, y, batch_size=BATCH, start=1e-7, end=10.0, steps=200)
+    result = find_learning_rate(model, x, y, SweepSettings(start=1e-7, end=10.0, steps=200), batch_size=BATCH)
     initial = [w.copy() for w in model.get_weights()]
     final_loss = {}
     for rate in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):  # the same optimizer for 48 steps from the same weights

@@ -5,8 +5,10 @@ import io
 import keras
 import numpy as np
 
-from finetune.progress import Progress, duration
+from finetune.progress import Progress, duration, lines_to
+from finetune.recipe import PhaseConfig
 from finetune.runner.summary import summary_lines
+from finetune.training.context import PhaseRun
 from finetune.training.progress import PhaseProgress
 
 
@@ -63,10 +65,10 @@ def test_phase_progress_shows_steps_eta_and_the_epoch_values_keras_reports(monke
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", metrics=["accuracy"])
     terminal = Terminal()
-    shown = PhaseProgress(
-        Progress(terminal, every_seconds=0), "head", first_epoch=3, last_epoch=5, steps=4, images_per_epoch=64
-    )
-    history = model.fit(x, y, batch_size=16, epochs=5, initial_epoch=3, verbose=0, callbacks=[shown])
+    head = PhaseConfig(name="head", epochs=2)
+    with lines_to(Progress(terminal, every_seconds=0)):
+        shown = PhaseProgress(PhaseRun(head, 0, first_epoch=3, steps=4), images_per_epoch=64)
+        history = model.fit(x, y, batch_size=16, epochs=5, initial_epoch=3, verbose=0, callbacks=[shown])
     output = terminal.getvalue()
     live = [part for part in output.split("\r\x1b[K") if part.startswith("head epoch")]
     assert [part.split()[2:5] for part in live[:4]] == [["4/5", "step", f"{step}/4"] for step in (1, 2, 3, 4)]

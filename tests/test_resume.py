@@ -120,23 +120,23 @@ class SlowStart(keras.callbacks.Callback):
 
 def test_a_kill_during_evaluation_redoes_only_evaluation_and_export(tmp_path, tiny_recipe_dict, monkeypatch):
     """And the run's time counts the first process's training (2 s of sleep in it), not only the resumed one."""
-    from finetune.runner import pipeline
+    from finetune.runner import conclude as run_end
     from finetune.training import train as training
 
     recipe = finetune.load_recipe(_recipe(tiny_recipe_dict))
-    original = pipeline.evaluate
+    original = run_end.evaluate
     original_fit = _with_callback(monkeypatch, SlowStart())
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "evaluate", killed)
+    monkeypatch.setattr(run_end, "evaluate", killed)
     with pytest.raises(RunInterrupted):
         finetune.run(recipe, out=tmp_path / "run", log=lambda line: None)
     history = (tmp_path / "run" / "history.csv").read_bytes()
     trained_for = json.loads((tmp_path / "run" / "state.json").read_text())["run_seconds"]
     assert trained_for >= 4  # two phases, each slept 2 s
-    monkeypatch.setattr(pipeline, "evaluate", original)
+    monkeypatch.setattr(run_end, "evaluate", original)
     monkeypatch.setattr(training, "fit_phase", original_fit)
     lines = []
     began = time.perf_counter()
@@ -346,7 +346,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_says_
     result = finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=log)
     warning = "checkpoint after epoch 2 not written ([Errno 28] No space left on device); the one after epoch 1 is kept"
     assert any(warning in line for line in lines), lines
-    assert seen["state"]["epochs_done"] == 1  # the epoch-1 checkpoint survived the failed write whole
+    assert seen["state"].epochs_done == 1  # the epoch-1 checkpoint survived the failed write whole
     assert not list((tmp_path / "run").glob(".*partial*"))  # no half-written file left behind
     assert result.test_accuracy >= 0 and len(_rows(tmp_path / "run")) == 3
 

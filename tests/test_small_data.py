@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import logged_lines
 
 import finetune
 from finetune.cli import main
@@ -59,12 +60,12 @@ def test_a_rate_that_wrecks_the_model_is_warned_about_and_kept(tmp_path):
     y = (x[:, 0] > 0).astype("int64")
     model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(64, "relu"), keras.layers.Dense(2, "softmax")])
     model.compile(keras.optimizers.Adam(5.0), "sparse_categorical_crossentropy")  # finite, and far worse
-    lines = []
-    watch = DivergenceWatch("head", 2, 0, lines.append, tmp_path)
-    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[watch])
+    watch = DivergenceWatch("head", 2, 0, tmp_path)
+    with logged_lines() as lines:
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[watch])
     assert watch.message is not None and len([line for line in lines if "warning" in line]) == 1
     assert read_warnings(tmp_path)[0]["phase"] == "head"
-    calm = DivergenceWatch("calm", 2, 0, lines.append, tmp_path)
+    calm = DivergenceWatch("calm", 2, 0, tmp_path)
     model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(64, "relu"), keras.layers.Dense(2, "softmax")])
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[calm])
@@ -81,8 +82,7 @@ def test_epochs_of_one_step_are_judged_over_the_first_ten_steps():
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(64, "relu"), keras.layers.Dense(2, "softmax")])
         model.compile(keras.optimizers.Adam(rate), "sparse_categorical_crossentropy")
-        lines = []
-        watch = DivergenceWatch("head", 2, 0, lines.append, head_only=True)
+        watch = DivergenceWatch("head", 2, 0, head_only=True)
         model.fit(x, y, batch_size=16, epochs=epochs, verbose=0, callbacks=[watch])
         return watch.message
 

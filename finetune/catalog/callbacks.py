@@ -24,14 +24,33 @@ def build_callbacks(items: list, run_dir: Path | None, phase: str) -> list[keras
     return [callbacks.get(item, run_dir=folder, phase=phase) for item in items]
 
 
-class FullModelCheckpoint(keras.callbacks.ModelCheckpoint):
+class RunCallback(keras.callbacks.Callback):
+    """A Keras callback that also receives its run: before each fit, the phase calls :meth:`set_run` with a
+    :class:`~finetune.training.context.PhaseFit`, as Keras calls ``set_model`` and ``set_params``.
+
+    Subclass it for a callback (built in, or registered by a plugin) that needs more than the model Keras
+    fits: ``fit.run`` (the whole model while a cached top trains, the run folder, the data, the seed),
+    ``fit.phase`` (the phase, its epochs and steps) or ``fit.sample()`` (one batch of what the fit trains on).
+    """
+
+    fit_context: Any = None
+
+    def set_run(self, fit: Any) -> None:
+        self.fit_context = fit
+
+
+class FullModelCheckpoint(RunCallback, keras.callbacks.ModelCheckpoint):
     """ModelCheckpoint that saves the whole model even while a cached top model trains.
 
-    The top model shares every weight with the full one (``full_model``), so
-    saving the full model while the top one fits saves the trained weights.
+    The top model shares every weight with the run's whole one, so saving the
+    whole model while the top one fits saves the trained weights.
     """
 
     full_model: keras.Model | None = None
+
+    def set_run(self, fit: Any) -> None:
+        super().set_run(fit)
+        self.full_model = fit.run.model
 
     @contextlib.contextmanager
     def _full_model_in_place(self):

@@ -206,11 +206,11 @@ def _one_cycle(
     callbacks: tuple = ()
     if momentum is not None:
         low, high = momentum
-        callbacks = (_PendingMomentum(cycle, low, high),)
+        callbacks = (PendingMomentum(cycle, low, high),)
     return Schedule(cycle, callbacks)
 
 
-class _PendingMomentum:
+class PendingMomentum:
     """A momentum schedule waiting for the optimizer it will drive."""
 
     def __init__(self, cycle, low, high):

@@ -14,6 +14,7 @@ import shlex
 import sys
 import traceback
 import unicodedata
+from collections.abc import Iterator
 
 import click
 
@@ -66,11 +67,26 @@ def load_backend_quietly() -> None:
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress and no log lines; errors only.")
 
 
-def progress(quiet: bool):
-    """Where a command's progress goes: stderr (a live line on a terminal), or nowhere with ``--quiet``."""
-    from finetune.progress import Progress
+@contextlib.contextmanager
+def lines_on_stderr(quiet: bool = False) -> Iterator[None]:
+    """For the command, the ``finetune`` logger's lines go to stderr as ``[finetune] ...`` (a live line too, on a
+    terminal); ``--quiet`` raises the logger's level so that only errors, which the command prints, remain."""
+    import logging
 
-    return Progress(sys.stderr, "quiet" if quiet else "auto")
+    from finetune.progress import LOGGER_NAME, Progress, ProgressHandler
+
+    logger = logging.getLogger(LOGGER_NAME)
+    handler = ProgressHandler(Progress(sys.stderr, "auto"))
+    level = logger.level
+    logger.addHandler(handler)
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.progress.end_live()
 
 
 def reported(command):

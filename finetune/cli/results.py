@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from finetune.cli.base import QUIET, load_backend_quietly, main, one_line, progress, reported
+from finetune.cli.base import QUIET, lines_on_stderr, load_backend_quietly, main, one_line, reported
 
 
 @main.command()
@@ -30,7 +30,8 @@ def evaluate(run_dir, overrides, quiet):
     load_backend_quietly()
     from finetune.runner.evaluate_run import evaluate_run
 
-    evaluate_run(run_dir, list(overrides), log=progress(quiet))
+    with lines_on_stderr(quiet):
+        evaluate_run(run_dir, list(overrides), log=None)
 
 
 @main.command()
@@ -140,4 +141,5 @@ def export(run_dir, formats, quantization):
     load_backend_quietly()
     from finetune.runner.export_run import export_run
 
-    export_run(run_dir, formats, quantization, log=progress(False))
+    with lines_on_stderr():
+        export_run(run_dir, formats, quantization, log=None)

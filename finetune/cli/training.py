@@ -6,7 +6,7 @@ import shlex
 
 import click
 
-from finetune.cli.base import QUIET, SET_HELP, load_backend_quietly, main, progress, reported
+from finetune.cli.base import QUIET, SET_HELP, lines_on_stderr, load_backend_quietly, main, reported
 
 
 @main.command()
@@ -28,13 +28,10 @@ def run(recipe, overrides, out, quiet):
     terminal, one line per epoch otherwise.
     """
     load_backend_quietly()  # before anything imports Keras
-    from finetune.plan import load_recipe
-    from finetune.recipe import read_recipe
     from finetune.runner import run as run_recipe
-    from finetune.runner.distribution import start
 
-    start(read_recipe(recipe, list(overrides)).distribution)  # a multi-worker engine starts before TensorFlow runs
-    run_recipe(load_recipe(recipe, list(overrides)), out=out, log=progress(quiet))
+    with lines_on_stderr(quiet):  # the run reads the recipe once, and starts its distribution before TensorFlow runs
+        run_recipe(recipe, out=out, overrides=list(overrides), log=None)
 
 
 @main.command()
@@ -49,7 +46,8 @@ def resume(run_dir, quiet):
     load_backend_quietly()
     from finetune.runner import resume as resume_run
 
-    resume_run(run_dir, log=progress(quiet))
+    with lines_on_stderr(quiet):
+        resume_run(run_dir, log=None)
 
 
 @main.command()
@@ -118,17 +116,17 @@ def lr_find(recipe, phase, overrides, steps, start, end, from_run, out):
     load_backend_quietly()
     from finetune.plan import load_recipe
     from finetune.runner.lr_find import lr_find as find
+    from finetune.training.lr_find import SweepSettings
 
-    report = find(
-        load_recipe(recipe, list(overrides)),
-        phase,
-        out=out,
-        start=start,
-        end=end,
-        steps=steps,
-        from_run=from_run,
-        log=progress(False),
-    )
+    with lines_on_stderr():
+        report = find(
+            load_recipe(recipe, list(overrides)),
+            phase,
+            sweep=SweepSettings(start=start, end=end, steps=steps),
+            out=out,
+            from_run=from_run,
+            log=None,
+        )
     click.echo(f"suggested learning rate for phase {report.phase}: {report.rate}")
     click.echo(f"finetune run {shlex.quote(recipe)} {report.set_option}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,12 +12,15 @@ from finetune import model as model_stage
 from finetune.errors import ModelError, RecipeError, RunFolderError
 from finetune.files import write_json_atomically, write_text_atomically
 from finetune.plan import prepare
-from finetune.progress import Progress
+from finetune.progress import Progress, lines_to, live
 from finetune.recipe import parse_assignments, read_recipe
 from finetune.report.write import write_pictures_and_report
+from finetune.runner.conclude import evaluate_test_split
 from finetune.runner.distribution import one_process_note
 from finetune.runner.folder import RunFolder
-from finetune.runner.pipeline import evaluate_test_split, load_data
+from finetune.runner.session import load_data
+
+logger = logging.getLogger(__name__)
 
 # What an evaluation may change: where the images come from and how they are predicted, never the model.
 CHANGEABLE = ("data.", "evaluation.")
@@ -29,7 +33,7 @@ class Evaluation:
 
 
 def evaluate_run(
-    run_dir: str | Path, overrides: list[str] | None = None, *, log: Callable[[str], None] | Progress = print
+    run_dir: str | Path, overrides: list[str] | None = None, *, log: Callable[[str], None] | Progress | None = print
 ) -> Evaluation:
     """Evaluate ``run_dir``'s ``model.keras`` on the test split of its recipe's data with ``overrides``
     (``data.KEY=VALUE`` or ``evaluation.KEY=VALUE``).
@@ -38,8 +42,11 @@ def evaluate_run(
     ``mistakes.png`` and ``report.html`` into ``RUN_DIR/evaluations/<time>/``; nothing of
     the run itself changes.
     """
-    log = Progress.of(log)
-    overrides = list(overrides or [])
+    with lines_to(log):
+        return _evaluate(run_dir, list(overrides or []))
+
+
+def _evaluate(run_dir: str | Path, overrides: list[str]) -> Evaluation:
     for key in parse_assignments(overrides, "--set", "data.test_limit=null"):
         if not key.startswith(CHANGEABLE):
             raise RecipeError(f"--set {key}: evaluate changes only data.* and evaluation.* (the model is trained)")
@@ -51,7 +58,7 @@ def evaluate_run(
         )
     recipe, plan = prepare(read_recipe(folder.path / "recipe.yaml", overrides))
     if note := one_process_note(plan.distribution, "evaluate"):
-        log(f"[finetune] {note}")
+        logger.info(note)
     dataset = load_data(plan)
     model = model_stage.load_model(folder.path / "model.keras")
     classes = model.output_shape[-1]
@@ -59,7 +66,7 @@ def evaluate_run(
         raise RecipeError(
             f"the data has {dataset.num_classes} classes and the model {classes}: evaluate on the run's classes"
         )
-    log.live(f"[finetune] evaluating {folder.path} on {len(dataset.test):,} test images", force=True)
+    live(f"evaluating {folder.path} on {len(dataset.test):,} test images", force=True)
     metrics, probabilities = evaluate_test_split(model, plan, dataset)
     metrics = {"test": metrics, "run": str(folder.path), "overrides": overrides, "data": dataset.source}
     with folder.locked():
@@ -68,10 +75,10 @@ def evaluate_run(
         write_json_atomically(out / "metrics.json", metrics)
         title = f"{plan.name}: evaluation"
         for problem in write_pictures_and_report(out, title, [], metrics, dataset.test, probabilities):
-            log(f"[finetune] warning: picture not drawn: {problem}")
+            logger.warning(f"picture not drawn: {problem}")
     test = metrics["test"]
-    log(
-        f"[finetune] test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} on {test['examples']:,} images; "
+    logger.info(
+        f"test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} on {test['examples']:,} images; "
         f"results in {out}"
     )
     return Evaluation(out, metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,8 +14,11 @@ from finetune.data.input_spec import read_input_spec, write_input_spec
 from finetune.errors import RunFolderError
 from finetune.export.formats import check_available, export_all
 from finetune.plan import prepare
+from finetune.progress import Progress, lines_to
 from finetune.runner.distribution import one_process_note
 from finetune.runner.folder import RunFolder
+
+logger = logging.getLogger(__name__)
 
 
 def export_run(
@@ -22,7 +26,7 @@ def export_run(
     formats: Sequence[str] | None = None,
     quantization: str | None = None,
     *,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | Progress | None = print,
 ) -> dict[str, dict]:
     """Export the finished run in ``run_dir`` as ``formats`` (default: its recipe's ``export.formats``).
 
@@ -32,7 +36,11 @@ def export_run(
     entry per artifact (others are kept). An unfinished run, or one without
     ``model.keras`` or ``metrics.json``, is refused in one line.
     """
-    folder = RunFolder.existing(run_dir)
+    with lines_to(log):
+        return _export(RunFolder.existing(run_dir), formats, quantization)
+
+
+def _export(folder: RunFolder, formats: Sequence[str] | None, quantization: str | None) -> dict[str, dict]:
     with folder.locked():
         status = folder.status.get("status")
         if status != "finished":
@@ -51,7 +59,7 @@ def export_run(
         formats, quantization = plan.export.formats, plan.export.tflite_quantization
         check_available(formats)  # before the data is read
         if note := one_process_note(plan.distribution, "export"):
-            log(f"[finetune] {note}")
+            logger.info(note)
         metrics = folder.read_json("metrics.json")
         dataset = load_dataset(plan.data, plan.seed)
         model = model_stage.load_model(folder.path / "model.keras", compile=False)
@@ -63,8 +71,8 @@ def export_run(
         metrics["export"] = {**metrics.get("export", {}), **results}
         folder.write_json("metrics.json", metrics)
     for key, result in results.items():
-        log(
-            f"[finetune] {key}: {result['file']} ({result['bytes'] / 1e6:.2f} MB), {result['runtime']}: "
+        logger.info(
+            f"{key}: {result['file']} ({result['bytes'] / 1e6:.2f} MB), {result['runtime']}: "
             f"max |probability difference| {result['max_abs_diff']:.2g}, top-1 agreement "
             f"{result['top1_agreement']:.3f} on {result['images']} test images"
         )

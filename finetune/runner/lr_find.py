@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 import shutil
 import tempfile
@@ -13,13 +15,14 @@ from pathlib import Path
 from finetune import model as model_stage
 from finetune.errors import RecipeError, RunFolderError, first_line
 from finetune.files import write_atomically, write_json_atomically
-from finetune.plan import prepare
-from finetune.recipe import Recipe
+from finetune.progress import Progress, lines_to
+from finetune.recipe import Recipe, read_recipe
 from finetune.report.lr_plot import lr_find_png
-from finetune.runner.distribution import one_process_note
-from finetune.runner.pipeline import build, load_data, sized_to_data
-from finetune.training.lr_find import LRFinderResult, find_phase_learning_rate
+from finetune.runner.session import RunSession, open_run
+from finetune.training.lr_find import LRFinderResult, SweepSettings, find_phase_learning_rate
 from finetune.training.train import train
+
+logger = logging.getLogger(__name__)
 
 FILES = ("lr_find.png", "lr_find.json")
 
@@ -46,12 +49,10 @@ def lr_find(
     recipe: Recipe | str | Path,
     phase: str | None = None,
     *,
+    sweep: SweepSettings = SweepSettings(),
     out: str | Path | None = None,
-    start: float = 1e-7,
-    end: float = 10.0,
-    steps: int = 200,
     from_run: str | Path | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | Progress | None = print,
 ) -> LRFindReport:
     """Sweep the learning rate of ``phase`` (default: the first) of ``recipe``; write ``lr_find.png`` and ``.json``.
 
@@ -60,51 +61,62 @@ def lr_find(
     trained first, as ``finetune run`` would, in a temporary folder removed
     afterwards. ``out`` defaults to ``runs/lr_find-<recipe name>-<time>``.
     """
-    recipe, plan = prepare(recipe)
-    names = [candidate.name for candidate in plan.phases]
+    recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)  # read once, checked before any data
+    names = [candidate.name for candidate in recipe.phases]
     name = phase if phase is not None else names[0]
     if name not in names:
         raise RecipeError(f"--phase {name!r}: the recipe has no such phase (its phases: {', '.join(names)})")
-    if not 0 < start < end:
-        raise RecipeError(f"--start {start:g} and --end {end:g}: the sweep needs 0 < start < end")
-    if steps < 2:
-        raise RecipeError(f"--steps {steps}: the sweep needs at least 2 steps")
-    index = names.index(name)
-    folder = _out_folder(out, plan.name)
-    if note := one_process_note(plan.distribution, "lr-find"):
-        log(f"[finetune] {note}")
-    dataset = load_data(plan)
-    sized = sized_to_data(plan, dataset)
-    for note in sized.notices[len(plan.notices) :]:
-        log(f"[finetune] note: {note}")
-    plan = sized
-    model, layout = build(plan, dataset)
-    model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
+    if not 0 < sweep.start < sweep.end:
+        raise RecipeError(f"--start {sweep.start:g} and --end {sweep.end:g}: the sweep needs 0 < start < end")
+    if sweep.steps < 2:
+        raise RecipeError(f"--steps {sweep.steps}: the sweep needs at least 2 steps")
+    folder = _out_folder(out, recipe.name)
+    with lines_to(log), open_run(recipe, command="lr-find") as session:
+        plan = session.plan
+        session.fit_input_statistics()
+        _train_earlier_phases(session, names.index(name), from_run)
+        chosen = plan.phases[names.index(name)]
+        logger.info(
+            f"lr-find: phase {name}, {chosen.optimizer.name} at rates {sweep.start:g} to {sweep.end:g} over up to "
+            f"{sweep.steps} steps of {plan.training.batch_size_for(chosen)} images"
+        )
+        seeded = dataclasses.replace(sweep, seed=plan.seed)
+        result = find_phase_learning_rate(session.training(), chosen, seeded)
+    report = LRFindReport(result, name, folder)
+    _write(report, plan.name)
+    stopped = "stopped when the loss exploded" if result.stopped_early else "ran every step"
+    with lines_to(log):
+        logger.info(
+            f"lr-find: {len(result.learning_rates)} steps ({stopped}); lowest smoothed loss at "
+            f"{result.minimum:.2g}, suggestion {report.rate} (that / 10); {folder / 'lr_find.png'}"
+        )
+    return report
+
+
+def _train_earlier_phases(session: RunSession, index: int, from_run: str | Path | None) -> None:
+    """The model as the phases before ``index`` leave it: ``from_run``'s, or trained here in a scratch folder."""
+    names = [phase.name for phase in session.plan.phases]
     if from_run is not None:
-        _load_run_weights(model, Path(from_run))
-        log(f"[finetune] lr-find: starting from {Path(from_run) / 'model.keras'}")
+        _load_run_weights(session.model, Path(from_run))
+        logger.info(f"lr-find: starting from {Path(from_run) / 'model.keras'}")
     elif index > 0:
-        earlier = plan.phases[:index]
-        log(
-            f"[finetune] lr-find: phase {name} starts where {', '.join(names[:index])} left the model; "
+        logger.info(
+            f"lr-find: phase {names[index]} starts where {', '.join(names[:index])} left the model; "
             "training those first in a temporary folder (pass --from RUN_DIR to start from a finished run instead)"
         )
         scratch = Path(tempfile.mkdtemp(prefix="finetune-lr-find-"))
         try:
-            train(model, layout, earlier, plan.training, dataset, scratch, seed=plan.seed, log=log)
+            earlier = dataclasses.replace(session.training(run_dir=scratch), phases=session.plan.phases[:index])
+            train(earlier)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    chosen = plan.phases[index]
-    log(
-        f"[finetune] lr-find: phase {name}, {chosen.optimizer.name} at rates {start:g} to {end:g} over up to "
-        f"{steps} steps of {plan.training.batch_size_for(chosen)} images"
-    )
-    result = find_phase_learning_rate(
-        model, layout, chosen, dataset, plan.training, seed=plan.seed, start=start, end=end, steps=steps, log=log
-    )
-    report = LRFindReport(result, name, folder)
+
+
+def _write(report: LRFindReport, recipe_name: str) -> None:
+    """``lr_find.json`` and ``lr_find.png`` into the report's folder."""
+    result, folder = report.result, report.out
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(folder / "lr_find.json", {"recipe": plan.name, "phase": name, **result.to_dict()})
+    write_json_atomically(folder / "lr_find.json", {"recipe": recipe_name, "phase": report.phase, **result.to_dict()})
     write_atomically(
         folder / "lr_find.png",
         lambda path: lr_find_png(
@@ -112,16 +124,10 @@ def lr_find(
             result.losses,
             result.suggestion,
             path,
-            f"{plan.name}: phase {name}",
+            f"{recipe_name}: phase {report.phase}",
             result.raw_losses,
         ),
     )
-    stopped = "stopped when the loss exploded" if result.stopped_early else "ran every step"
-    log(
-        f"[finetune] lr-find: {len(result.learning_rates)} steps ({stopped}); lowest smoothed loss at "
-        f"{result.minimum:.2g}, suggestion {report.rate} (that / 10); {folder / 'lr_find.png'}"
-    )
-    return report
 
 
 def _out_folder(out: str | Path | None, recipe_name: str) -> Path:

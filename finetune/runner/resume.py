@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import time
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import keras
 
 from finetune import model as model_stage
-from finetune.allocator import keep_freed_memory
 from finetune.errors import RunFolderError
 from finetune.plan import prepare
-from finetune.progress import Progress
-from finetune.recipe import read_recipe
-from finetune.runner import distribution as distribute
+from finetune.progress import Progress, lines_to
+from finetune.runner.conclude import RunResult, conclude
 from finetune.runner.folder import RunFolder
-from finetune.runner.pipeline import (
-    RunResult,
-    announce,
-    build,
-    interrupts_named,
-    load_data,
-    sized_to_data,
-    train_and_conclude,
-)
-from finetune.training.checkpoints import read_checkpoint, read_history, truncate_history
+from finetune.runner.session import RunSession, open_run
+from finetune.training.checkpoints import read_checkpoint
+from finetune.training.history import read_history, truncate_history
+from finetune.training.state import Checkpoint
+
+logger = logging.getLogger(__name__)
 
 
-def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress = print) -> RunResult:
+def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress | None = print) -> RunResult:
     """Continue the run in ``run_dir`` from its ``recipe.yaml`` and ``checkpoint.keras``.
 
     Finished phases are not redone and their ``history.csv`` rows stay as
@@ -39,65 +33,41 @@ def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress = print
     is left as it is. A folder whose ``recipe.yaml`` changed, or that another
     process holds, is refused in one line.
     """
-    keep_freed_memory()
-    log = Progress.of(log)
     folder = RunFolder.existing(run_dir)
-    with folder.locked():
+    with lines_to(log), folder.locked():
         if folder.status.get("status") == "finished":
-            log(f"[finetune] run {folder.path} already finished; nothing to resume")
+            logger.info(f"run {folder.path} already finished; nothing to resume")
             return finished_result(folder)
         if folder.recipe_changed():
             raise RunFolderError(
                 f"{str(folder.path / 'recipe.yaml')!r} was edited after the run started; resume runs the recipe "
                 "it started with (start a new run for the edited one)"
             )
-        config = read_recipe(folder.path / "recipe.yaml").distribution  # its engine starts before TensorFlow runs
-        distribution = distribute.for_resume(config, folder.status.get("distribution"))
-        recipe, plan = prepare(folder.path / "recipe.yaml")
-        started = time.perf_counter()
-        facts = {"distribution": distribution.record(plan)}
-        described = distribution.describe(plan)
-        plan = distribution.adjust(plan)
-        dataset = load_data(plan)
-        plan = sized_to_data(plan, dataset)
-        with distribute.scope(distribution):
-            model, layout = build(plan, dataset)
-        with interrupts_named(folder), folder.recording(resumed=True):
-            announce(plan, dataset, layout, folder, log)
-            if distribution.strategy != "none" or distribution.started_with:
-                log(f"[finetune] {described}")
-            return _continue(model, layout, folder, recipe, plan, dataset, started, log, facts, distribution)
+        with open_run(folder.path / "recipe.yaml", resume=folder) as session:
+            checkpoint = restore(session)
+            session.train(resume_from=checkpoint)
+            return conclude(session)
 
 
-def _continue(model, layout, folder, recipe, plan, dataset, started, log, facts, distribution) -> RunResult:
-    """Training from the last checkpoint (or from the start when there is none), then evaluation and export."""
-    checkpoint = read_checkpoint(folder.path / "checkpoint.keras")
+def restore(session: RunSession) -> Checkpoint | None:
+    """The run's last checkpoint put back into the session's model (None: training starts from the beginning),
+    with ``history.csv`` cut to it and the run's clock going on from it."""
+    assert session.folder is not None
+    path = session.folder.path
+    checkpoint = read_checkpoint(path / "checkpoint.keras")
     if checkpoint is None:
-        log("[finetune] no checkpoint yet: training starts from the beginning")
-        truncate_history(folder.path / "history.csv", 0)
-        with distribute.scope(distribution):
-            model_stage.fit_input_statistics(model, plan.model, dataset.train.images)
-    else:
-        saved = keras.saving.load_model(checkpoint.path, compile=False, safe_mode=True)
-        model.set_weights(saved.get_weights())
-        truncate_history(folder.path / "history.csv", checkpoint.state["epochs_done"])
-        state = checkpoint.state
-        log(f"[finetune] resuming after epoch {state['epochs_done']} (phase {state['phase']})")
-        # The run's time goes on from the checkpoint's: the work kept counts, the work redone once.
-        started -= state.get("run_seconds", 0.0)
-    return train_and_conclude(
-        model,
-        layout,
-        plan,
-        recipe,
-        dataset,
-        folder,
-        started,
-        log,
-        distribution=distribution,
-        resume_from=checkpoint,
-        facts=facts,
-    )
+        logger.info("no checkpoint yet: training starts from the beginning")
+        truncate_history(path / "history.csv", 0)
+        session.fit_input_statistics()
+        return None
+    saved = keras.saving.load_model(checkpoint.path, compile=False, safe_mode=True)
+    session.model.set_weights(saved.get_weights())
+    state = checkpoint.state
+    truncate_history(path / "history.csv", state.epochs_done)
+    logger.info(f"resuming after epoch {state.epochs_done} (phase {state.phase})")
+    # The run's time goes on from the checkpoint's: the work kept counts, the work redone once.
+    session.started -= state.run_seconds or 0.0
+    return checkpoint
 
 
 def finished_result(folder: RunFolder) -> RunResult:

@@ -14,13 +14,16 @@ alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 import keras
 import numpy as np
 
 from finetune.backbones.blocks import nested_layers
 from finetune.data.arrays import read_rows
+from finetune.training.context import PhaseRun, RunContext
+
+logger = logging.getLogger(__name__)
 
 
 def trainable_batch_norm(model: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -62,31 +65,19 @@ def recalibrate_batch_norm(model: keras.Model, images, batch_size: int = 128, ma
 class RecalibrateBatchNorm(keras.callbacks.Callback):
     """Recomputes BatchNorm statistics at the end of a phase's last epoch, before its checkpoint is written."""
 
-    def __init__(
-        self,
-        model: keras.Model,
-        images,
-        last_epoch: int,
-        *,
-        batch_size: int,
-        max_images: int,
-        seed: int,
-        log: Callable[[str], None],
-        phase: str,
-    ):
+    def __init__(self, run: RunContext, stage: PhaseRun):
         super().__init__()
-        self.full_model = model
-        self.images = images
-        self.last_epoch = last_epoch
-        self.batch_size = batch_size
-        self.max_images = max_images
-        self.seed = seed
-        self.log = log
-        self.phase = phase
+        self.full_model = run.model
+        self.images = run.dataset.train.images
+        self.last_epoch = stage.last_epoch
+        self.batch_size = run.settings.batch_size_for(stage.phase)
+        self.max_images = run.settings.recalibrate_bn_images
+        self.seed = run.seed
+        self.phase = stage.name
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 != self.last_epoch:
             return
         used = recalibrate_batch_norm(self.full_model, self.images, self.batch_size, self.max_images, self.seed)
         if used:
-            self.log(f"[finetune] phase {self.phase}: BatchNorm statistics recomputed on {used:,} training images")
+            logger.info(f"phase {self.phase}: BatchNorm statistics recomputed on {used:,} training images")

@@ -1,14 +1,12 @@
-"""What a run keeps as it trains: a history row per epoch, and checkpoints to resume from."""
+"""Checkpoints to resume from: the whole model, the optimizer's and RNGs' state, and where the run stood."""
 
 from __future__ import annotations
 
-import csv
 import io
 import json
+import logging
 import time
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -16,7 +14,10 @@ import numpy as np
 
 from finetune.errors import RunFolderError, first_line
 from finetune.files import write_atomically, write_json_atomically
-from finetune.training.phases import optimizer_learning_rate
+from finetune.training.context import PhaseRun, RunContext
+from finetune.training.state import Checkpoint, CheckpointState
+
+logger = logging.getLogger(__name__)
 
 # Members finetune adds to the Keras file: written in the same atomic step as the weights, so the
 # state always describes the weights beside it. Keras ignores them when it loads the file.
@@ -24,89 +25,32 @@ STATE_MEMBER = "finetune/state.json"
 OPTIMIZER_MEMBER = "finetune/optimizer.npz"
 SEEDS_MEMBER = "finetune/seed_generators.npz"
 
-HISTORY_FIELDS = [
-    "phase",
-    "epoch",
-    "phase_epoch",
-    "learning_rate",
-    "loss",
-    "accuracy",
-    "val_loss",
-    "val_accuracy",
-    "seconds",
-]
-
-
-class HistoryCSV(keras.callbacks.Callback):
-    """Appends one row per epoch to ``history.csv`` and flushes it at once."""
-
-    def __init__(self, path: Path, phase: str, first_epoch: int):
-        super().__init__()
-        self.path = Path(path)
-        self.phase = phase
-        self.first_epoch = first_epoch
-        self._started = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        row = {
-            "phase": self.phase,
-            "epoch": epoch + 1,
-            "phase_epoch": epoch + 1 - self.first_epoch,
-            "learning_rate": float(f"{optimizer_learning_rate(self.model.optimizer):.6g}"),
-            "seconds": round(time.perf_counter() - self._started, 3),
-        }
-        row.update({key: float(logs[key]) for key in HISTORY_FIELDS if key in logs})
-        new_file = not self.path.exists()
-        with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
-
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the model with its optimizer state, atomically, as epochs finish.
+    """Saves the run's whole model with its optimizer state, atomically, as the phase's epochs finish.
 
     ``checkpoint.keras`` and ``state.json`` say where the run stood. Writing a
     large backbone takes longer than an epoch of a cached head, so saves are
-    at most ``every_seconds`` apart and the phase's last epoch is always
+    at most ``training.checkpoint_seconds`` apart and the phase's last epoch is always
     saved. A finished epoch that was not saved is kept in memory, and
     :meth:`save_interrupted` writes it when Ctrl-C stops the run: a
     checkpoint always holds the state of an epoch's end, never of a step in
-    the middle of one. ``full_model`` is the model to save when the fit runs
-    on a cached top model that shares its layers.
+    the middle of one. The whole model is saved even when the fit runs on a
+    cached top model that shares its layers.
     """
 
-    def __init__(
-        self,
-        run_dir: Path,
-        phase: str,
-        phase_index: int,
-        first_epoch: int,
-        full_model: keras.Model | None = None,
-        every_seconds: float = 0.0,
-        last_epoch: int | None = None,
-        epochs_saved: int | None = None,
-        log: Callable[[str], None] = print,
-        run_clock: Callable[[], float] | None = None,
-    ):
-        """``epochs_saved``: epochs already in ``checkpoint.keras`` (a resumed phase), else ``first_epoch``;
-        ``run_clock``: the run's seconds so far, earlier processes' included (kept as ``run_seconds``)."""
+    def __init__(self, run: RunContext, stage: PhaseRun):
         super().__init__()
-        self.log = log
-        self.run_clock = run_clock
-        self.full_model = full_model
-        self.run_dir = Path(run_dir)
-        self.phase = phase
-        self.phase_index = phase_index
-        self.first_epoch = first_epoch
-        self.every_seconds = every_seconds
-        self.last_epoch = last_epoch
-        self.epochs_done = first_epoch if epochs_saved is None else epochs_saved
+        assert run.run_dir is not None, "a checkpoint needs the run's folder"
+        self.run_clock = run.clock
+        self.full_model = run.model
+        self.run_dir = Path(run.run_dir)
+        self.phase = stage.name
+        self.phase_index = stage.index
+        self.first_epoch = stage.first_epoch
+        self.every_seconds = run.settings.checkpoint_seconds
+        self.last_epoch = stage.last_epoch
+        self.epochs_done = stage.initial_epoch  # what checkpoint.keras holds already
         self._last_save = time.monotonic()
         self._unsaved: tuple | None = None
         self._saved_through = self.epochs_done  # the previous phase's end is always saved
@@ -139,13 +83,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return
         try:
             save_checkpoint(model, self.run_dir / "checkpoint.keras", self._state(interrupted))
-            write_json_atomically(self.run_dir / "state.json", self._state(interrupted))  # resume reads the member
+            write_json_atomically(self.run_dir / "state.json", self._state(interrupted).to_json())  # for people
         except OSError as error:  # a full disk: the previous checkpoint is intact, and training can go on
             kept = f"the one after epoch {self._saved_through} is kept" if self._saved_through else "none is kept"
-            self.log(
-                f"[finetune] warning: checkpoint after epoch {self.epochs_done} not written ({first_line(error)}); "
-                f"{kept}"
-            )
+            logger.warning(f"checkpoint after epoch {self.epochs_done} not written ({first_line(error)}); {kept}")
             return
         self._last_save = time.monotonic()
         self._saved_through = self.epochs_done
@@ -173,7 +114,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.save_now(interrupted=True)
         elif self._saved_through > self.first_epoch:
             self.epochs_done = self._saved_through
-            write_json_atomically(self.run_dir / "state.json", self._state(interrupted=True))
+            write_json_atomically(self.run_dir / "state.json", self._state(interrupted=True).to_json())
 
     def _live_boundary(self) -> int | None:
         """The number of epochs whose end the live weights hold, or None in the middle of an epoch."""
@@ -184,18 +125,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
         steps = (self.params or {}).get("steps")
         return self._epoch + 1 if steps and self._steps >= steps else None
 
-    def _state(self, interrupted: bool) -> dict:
-        state = {
-            "phase": self.phase,
-            "phase_index": self.phase_index,
-            "phase_epochs_done": self.epochs_done - self.first_epoch,
-            "epochs_done": self.epochs_done,
-        }
-        if interrupted:
-            state["interrupted_during_epoch"] = self.epochs_done + 1
-        if self._run_seconds is not None:  # the steps of an unfinished epoch run again after a resume: not counted
-            state["run_seconds"] = round(self._run_seconds, 2)
-        return state
+    def _state(self, interrupted: bool) -> CheckpointState:
+        return CheckpointState(
+            phase=self.phase,
+            phase_index=self.phase_index,
+            phase_epochs_done=self.epochs_done - self.first_epoch,
+            epochs_done=self.epochs_done,
+            interrupted_during_epoch=self.epochs_done + 1 if interrupted else None,
+            # the steps of an unfinished epoch run again after a resume: not counted
+            run_seconds=round(self._run_seconds, 2) if self._run_seconds is not None else None,
+        )
 
 
 def _snapshot(model: keras.Model) -> tuple:
@@ -219,16 +158,6 @@ def _restore(model: keras.Model, snapshot: tuple) -> None:
             variable.assign(value)
 
 
-@dataclass
-class Checkpoint:
-    """What ``checkpoint.keras`` says about where its run stood, with the optimizer's and RNGs' state."""
-
-    path: Path
-    state: dict
-    optimizer: dict[str, np.ndarray] = field(default_factory=dict)
-    seed_generators: list[np.ndarray] = field(default_factory=list)
-
-
 def seed_generator_states(model: keras.Model) -> list:
     """The random-number state of the model's dropout and augmentation layers, in a fixed order."""
     weights = {id(variable) for variable in model.weights}
@@ -240,7 +169,7 @@ def optimizer_key(variable) -> str:
     return variable.path.split("/", 1)[-1]
 
 
-def save_checkpoint(model: keras.Model, path: Path, state: dict) -> None:
+def save_checkpoint(model: keras.Model, path: Path, state: CheckpointState) -> None:
     """``model.save`` plus the run's state, the optimizer's variables by name and the RNG states, atomically."""
     optimizer = getattr(model, "optimizer", None)
     variables = list(optimizer.variables) if optimizer is not None else []
@@ -249,7 +178,8 @@ def save_checkpoint(model: keras.Model, path: Path, state: dict) -> None:
     def write(temporary: Path) -> None:
         model.save(temporary)
         with zipfile.ZipFile(temporary, "a") as archive:
-            archive.writestr(STATE_MEMBER, json.dumps({**state, "optimizer_variables": names}))
+            member = {"version": CheckpointState.VERSION, **state.to_json(), "optimizer_variables": names}
+            archive.writestr(STATE_MEMBER, json.dumps(member))
             archive.writestr(OPTIMIZER_MEMBER, _npz([keras.ops.convert_to_numpy(v) for v in variables]))
             archive.writestr(SEEDS_MEMBER, _npz([keras.ops.convert_to_numpy(v) for v in seed_generator_states(model)]))
 
@@ -269,7 +199,7 @@ def read_checkpoint(path: Path) -> Checkpoint | None:
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
         raise RunFolderError(f"checkpoint {str(path)!r} cannot be read ({first_line(error)})") from None
     names = state.pop("optimizer_variables", [])
-    return Checkpoint(path, state, dict(zip(names, optimizer, strict=True)), seeds)
+    return Checkpoint(path, CheckpointState.from_json(state, path), dict(zip(names, optimizer, strict=True)), seeds)
 
 
 def _npz(arrays: list) -> bytes:
@@ -314,21 +244,3 @@ class RestoreTrainingState(keras.callbacks.Callback):
         if len(states) == len(self.checkpoint.seed_generators):
             for variable, value in zip(states, self.checkpoint.seed_generators, strict=True):
                 variable.assign(value)
-
-
-def truncate_history(path: Path, epochs: int) -> None:
-    """Keep the rows of the first ``epochs`` epochs of ``history.csv``, byte for byte; drop later ones."""
-    if not path.exists():
-        return
-    lines = path.read_bytes().splitlines(keepends=True)
-    kept = lines[: 1 + epochs] if epochs else []
-    if len(kept) != len(lines):
-        write_atomically(path, lambda temporary: temporary.write_bytes(b"".join(kept)))
-
-
-def read_history(path: Path) -> list[dict]:
-    """The rows of ``history.csv`` (none when it does not exist yet)."""
-    if not path.exists():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))

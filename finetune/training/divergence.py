@@ -14,13 +14,15 @@ rate before the head has learnt anything. The warning is logged and kept in
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import keras
 
 from finetune.files import write_json_atomically
+
+logger = logging.getLogger(__name__)
 
 WARNINGS_FILE = "warnings.json"
 RISE = 1.1
@@ -51,12 +53,12 @@ def divergence_message(
     first_batch: float,
     epoch_loss: float,
     *,
-    epochs: int = 1,
-    steps: int = 0,
+    judged: tuple[int, int] = (1, 0),
     head_only: bool = False,
 ) -> str | None:
-    """The warning for a phase whose first ``epochs`` epochs (``steps`` steps) end at a mean loss of
-    ``epoch_loss`` after a first batch at ``first_batch``, if any."""
+    """The warning for a phase whose first ``judged`` (epochs, steps) end at a mean loss of ``epoch_loss``
+    after a first batch at ``first_batch``, if any."""
+    epochs, steps = judged
     chance = math.log(classes)
     if epoch_loss > RISE * first_batch:
         reason = f"higher than where it started ({first_batch:.3f})"
@@ -88,7 +90,6 @@ class DivergenceWatch(keras.callbacks.Callback):
         phase: str,
         classes: int,
         first_epoch: int,
-        log: Callable[[str], None],
         run_dir: Path | None = None,
         *,
         head_only: bool = False,
@@ -97,7 +98,6 @@ class DivergenceWatch(keras.callbacks.Callback):
         self.phase = phase
         self.classes = classes
         self.first_epoch = first_epoch
-        self.log = log
         self.run_dir = run_dir
         self.head_only = head_only
         self.first_batch: float | None = None
@@ -134,10 +134,9 @@ class DivergenceWatch(keras.callbacks.Callback):
             self.classes,
             self.first_batch,
             mean,
-            epochs=self._epochs,
-            steps=self._steps,
+            judged=(self._epochs, self._steps),
             head_only=self.head_only,
         )
         if self.message is not None:
-            self.log(f"[finetune] warning: {self.message}")
+            logger.warning(self.message)
             keep_warning(self.run_dir, self.phase, "diverging", self.message)

@@ -16,6 +16,7 @@ later phase's (lower) cut and computes its pooled features from there.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -23,16 +24,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 
+from finetune import progress
 from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.augment import augmentation_layers
 from finetune.errors import RecipeError
-from finetune.progress import Progress
 from finetune.recipe import TrainingConfig
 from finetune.training.cuts import CutModels, bridge, plan_cut, single
+
+logger = logging.getLogger(__name__)
 
 
 def feature_bytes(bottom: keras.Model, images: int, dtype: str) -> int:
@@ -67,20 +71,28 @@ def _available_memory() -> int:
         return 8 * 1024**3
 
 
+@dataclass(frozen=True)
+class CacheTarget:
+    """Where extracted features go: their dtype, ``memory`` or ``disk`` (files ``<name>_<i>.npy`` in ``folder``)."""
+
+    dtype: str
+    storage: str
+    folder: Path | None
+    name: str
+
+
 def extract(
     bottom: keras.Model,
-    images,
+    images: Any,
     batch_size: int,
-    dtype: str,
-    storage: str,
-    folder: Path | None,
-    name: str,
+    target: CacheTarget,
     rows_done: Callable[[int, int], None] = lambda done, total: None,
 ) -> list[np.ndarray]:
     """The bottom's outputs for ``images`` (an array or a list of arrays), in chunks into RAM or files.
 
     ``rows_done(done, total)`` is told after each chunk.
     """
+    dtype, storage, folder, name = target.dtype, target.storage, target.folder, target.name
     outputs = _as_list(bottom.output)
     inputs = _as_list(images)
     rows = len(inputs[0])
@@ -159,13 +171,11 @@ class FeatureStore:
         settings: TrainingConfig,
         layout: BackboneLayout,
         cache_dir: Path | None = None,
-        log: Callable[[str], None] | None = None,
     ):
         self.phases = list(phases)
         self.settings = settings
         self.layout = layout
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.log = Progress.of(log)
         self.kept: CutModels | None = None
         self.kept_from = ""
         self.splits: dict[str, list] = {}
@@ -177,8 +187,8 @@ class FeatureStore:
             return None
         if self.settings.mix:
             if phase.name not in self._plans and _could_cache(phase):
-                self.log(
-                    f"[finetune] note: phase {phase.name}: training.mix mixes the images of each batch, so the "
+                logger.info(
+                    f"note: phase {phase.name}: training.mix mixes the images of each batch, so the "
                     "frozen part is not cached and the whole model runs each step"
                 )
             self._plans[phase.name] = None
@@ -187,8 +197,8 @@ class FeatureStore:
             views = self._views(model)
             self._plans[phase.name] = plan_cut(model, self.layout, phase, augmented_views=views)
             if self._plans[phase.name] is None and augmentation_layers(model) and not views and _could_cache(phase):
-                self.log(
-                    f"[finetune] note: phase {phase.name}: model.augment changes the images every epoch, so the "
+                logger.info(
+                    f"note: phase {phase.name}: model.augment changes the images every epoch, so the "
                     "frozen part is not cached and the whole model runs each step (training.augmented_views: K "
                     "computes it once for K augmented copies instead)"
                 )
@@ -224,7 +234,7 @@ class FeatureStore:
                 return None
             self.kept, self.kept_from, self.splits = source, phase.name, kept
         elif self.kept.key == cut.key:
-            self.log(f"[finetune] phase {phase.name}: frozen part reused from phase {self.kept_from} ({cut.where})")
+            logger.info(f"phase {phase.name}: frozen part reused from phase {self.kept_from} ({cut.where})")
         own = self.splits
         if self.kept.key != cut.key:
             derived = self._compute(
@@ -318,8 +328,8 @@ class FeatureStore:
         storage = self._storage(producer, images)
         if storage == "off":
             size = feature_bytes(producer, images, self.settings.cache_dtype)
-            self.log(
-                f"[finetune] phase {phase.name}: no room to cache the frozen part ({size / 1e9:,.1f} GB); "
+            logger.info(
+                f"phase {phase.name}: no room to cache the frozen part ({size / 1e9:,.1f} GB); "
                 "running the whole model each epoch"
             )
             return None
@@ -329,13 +339,13 @@ class FeatureStore:
         for name, inputs in splits.items():
 
             def shown(done: int, total: int, split: str = name) -> None:
-                self.log.live(f"[finetune] phase {phase.name}: {what}, {split} {done:,}/{total:,} images")
+                progress.live(f"phase {phase.name}: {what}, {split} {done:,}/{total:,} images")
 
             dtype = self.settings.cache_dtype
-            computed[name] = extract(producer, inputs, batch_size, dtype, storage, folder, name, shown)
+            target = CacheTarget(dtype, storage, folder, name)
+            computed[name] = extract(producer, inputs, batch_size, target, shown)
         size = sum(array.nbytes for arrays in computed.values() for array in arrays)
-        self.log(
-            f"[finetune] phase {phase.name}: {what}, {size / 1e6:,.0f} MB in {storage}, "
-            f"{time.perf_counter() - started:.1f}s"
+        logger.info(
+            f"phase {phase.name}: {what}, {size / 1e6:,.0f} MB in {storage}, {time.perf_counter() - started:.1f}s"
         )
         return computed

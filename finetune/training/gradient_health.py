@@ -14,14 +14,19 @@ gradient itself is the one backend-specific piece (:func:`layer_gradient_norms`)
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from finetune._keras_compat import calls_in_graph
+from finetune.catalog.callbacks import RunCallback
+from finetune.training.checkpoints import seed_generator_states
+from finetune.training.context import PhaseFit
+
+logger = logging.getLogger(__name__)
 
 VANISHING_RATIO = 1e-4  # lowest layer's norm against the largest layer's
 EXPLODING_NORM = 1e3
@@ -113,7 +118,6 @@ def unit_health(model: keras.Model, x) -> dict[str, dict[str, float]]:
 def _side_effect_variables(model: keras.Model) -> list:
     """The variables a forward pass in training mode changes: BatchNorm statistics and RNG states."""
     from finetune.backbones.blocks import nested_layers
-    from finetune.training.checkpoints import seed_generator_states
 
     found = []
     for layer in nested_layers(model):
@@ -123,27 +127,33 @@ def _side_effect_variables(model: keras.Model) -> list:
     return list({id(variable): variable for variable in found}.values())
 
 
-class GradientHealth(keras.callbacks.Callback):
-    """Samples gradient norms and unit health every ``every_steps`` steps; warns once per phase per problem."""
+class GradientHealth(RunCallback):
+    """Samples gradient norms and unit health every ``every_steps`` steps; warns once per phase per problem.
+
+    Its sample is one batch of what the fit trains on (cached features under a cached top), handed over
+    by the fit through :meth:`set_run`.
+    """
 
     def __init__(
         self,
         run_dir: Path | None,
         phase: str,
         every_steps: int = 200,
-        log: Callable[[str], None] = print,
         sample_size: int = 64,
     ):
         super().__init__()
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.phase = phase
         self.every_steps = every_steps
-        self.log = log
         self.sample_size = sample_size
-        self.sample: tuple | None = None  # (x, y): set by the fit to one batch of what it trains on
+        self.sample: tuple | None = None  # (x, y): one batch of what the fit trains on
         self.samples: list[dict] = []
         self.warnings: list[str] = []
         self._step = 0
+
+    def set_run(self, fit: PhaseFit) -> None:
+        super().set_run(fit)
+        self.sample = fit.sample()
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
@@ -212,7 +222,7 @@ class GradientHealth(keras.callbacks.Callback):
         if any(existing.startswith(kind + ":") for existing in self.warnings):
             return
         self.warnings.append(f"{kind}: {message}")
-        self.log(f"[finetune] warning: {message}")
+        logger.warning(message)
 
     def on_train_end(self, logs=None):
         if self.run_dir is None or not self.samples:

@@ -10,16 +10,18 @@ are restored afterwards.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 
-from finetune.backbones.spec import BackboneLayout
-from finetune.recipe import PhaseConfig, TrainingConfig
+from finetune.data.batches import FileBatches
+from finetune.recipe import PhaseConfig
+from finetune.training.context import RunContext
+from finetune.training.features import FeatureStore
 from finetune.training.phases import (
     compile_model,
     configure_phase,
@@ -28,9 +30,30 @@ from finetune.training.phases import (
     training_batches,
 )
 
+logger = logging.getLogger(__name__)
+
 SMOOTHING = 0.9
 """The loss's exponential moving average keeps this much of its last value each step (10 steps' memory)."""
 STOP_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How a sweep runs: rates from ``start`` to ``end`` over at most ``steps`` batches, the loss's smoothing,
+    the factor over its minimum at which it stops, and the seed of its shuffled batches."""
+
+    start: float = 1e-7
+    end: float = 10.0
+    steps: int = 200
+    smoothing: float = SMOOTHING
+    stop_factor: float = STOP_FACTOR
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 0 < self.start < self.end:
+            raise ValueError(f"the sweep needs 0 < start < end, got start={self.start}, end={self.end}")
+        if self.steps < 2:
+            raise ValueError(f"the sweep needs at least 2 steps, got {self.steps}")
 
 
 @dataclass(frozen=True)
@@ -156,14 +179,10 @@ class SweepBatches(keras.utils.PyDataset):
 
 def sweep(
     model: keras.Model,
-    batches,
+    batches: Any,
+    settings: SweepSettings = SweepSettings(),
     *,
-    start: float = 1e-7,
-    end: float = 10.0,
-    steps: int = 200,
-    smoothing: float = SMOOTHING,
-    stop_factor: float = STOP_FACTOR,
-    callbacks: list | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
     restore: keras.Model | None = None,
 ) -> LRFinderResult:
     """The sweep on a compiled ``model`` whose optimizer has a plain (variable) rate, over ``batches``.
@@ -172,10 +191,7 @@ def sweep(
     ``model`` is its top above a cached cut) and the optimizer's state are put
     back afterwards.
     """
-    if not 0 < start < end:
-        raise ValueError(f"the sweep needs 0 < start < end, got start={start}, end={end}")
-    if steps < 2:
-        raise ValueError(f"the sweep needs at least 2 steps, got {steps}")
+    settings.check()
     optimizer = model.optimizer
     if not isinstance(optimizer.learning_rate, keras.Variable):
         raise ValueError("the optimizer's learning rate is a schedule; the sweep needs a plain rate")
@@ -185,8 +201,9 @@ def sweep(
     weights = restore.get_weights()
     state = [keras.ops.convert_to_numpy(variable) for variable in optimizer.variables]
     rate = keras.ops.convert_to_numpy(optimizer.learning_rate)
-    data = SweepBatches(batches, steps)
-    recorder = LRSweep(sweep_rates(start, end, steps), data.sizes, smoothing, stop_factor)
+    data = SweepBatches(batches, settings.steps)
+    rates = sweep_rates(settings.start, settings.end, settings.steps)
+    recorder = LRSweep(rates, data.sizes, settings.smoothing, settings.stop_factor)
     try:
         model.fit(data, epochs=1, shuffle=False, verbose=0, callbacks=[recorder, *(callbacks or [])])
     finally:
@@ -195,7 +212,7 @@ def sweep(
             variable.assign(value)
         optimizer.learning_rate.assign(rate)
     if not recorder.losses:
-        raise ValueError(f"the loss was not finite at the first rate ({start:g}); start lower")
+        raise ValueError(f"the loss was not finite at the first rate ({settings.start:g}); start lower")
     return LRFinderResult(
         learning_rates=recorder.learning_rates,
         losses=recorder.losses,
@@ -207,17 +224,12 @@ def sweep(
 
 def find_learning_rate(
     model: keras.Model,
-    x,
-    y,
+    x: Any,
+    y: Any,
+    settings: SweepSettings = SweepSettings(),
     *,
     batch_size: int = 32,
-    start: float = 1e-7,
-    end: float = 10.0,
-    steps: int = 200,
-    seed: int = 0,
-    smoothing: float = SMOOTHING,
-    stop_factor: float = STOP_FACTOR,
-    callbacks: list | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> LRFinderResult:
     """Sweep the learning rate of a compiled ``model`` (its optimizer and loss) on ``x`` (arrays) and ``y``.
 
@@ -225,61 +237,39 @@ def find_learning_rate(
     model's weights and its optimizer's state and rate are restored afterwards.
     ``model`` must be compiled with ``steps_per_execution=1`` (the rate changes every step).
     """
-    from finetune.data.batches import FileBatches
-
     if model.steps_per_execution != 1:
         raise ValueError("compile the model with steps_per_execution=1: the sweep changes the rate every step")
-    batches = FileBatches(x, y, min(batch_size, len(y)), shuffle=True, seed=seed)
-    return sweep(
-        model,
-        batches,
-        start=start,
-        end=end,
-        steps=steps,
-        smoothing=smoothing,
-        stop_factor=stop_factor,
-        callbacks=callbacks,
-    )
+    batches = FileBatches(x, y, min(batch_size, len(y)), shuffle=True, seed=settings.seed)
+    return sweep(model, batches, settings, callbacks=callbacks)
 
 
-def find_phase_learning_rate(
-    model: keras.Model,
-    layout: BackboneLayout,
-    phase: PhaseConfig,
-    dataset,
-    settings: TrainingConfig,
-    *,
-    seed: int,
-    start: float = 1e-7,
-    end: float = 10.0,
-    steps: int = 200,
-    log: Callable[[str], None] = lambda line: None,
-) -> LRFinderResult:
+def find_phase_learning_rate(run: RunContext, phase: PhaseConfig, settings: SweepSettings) -> LRFinderResult:
     """The sweep for ``phase``: its trainable set, optimizer (schedule ignored), loss and batch size.
 
     Where the phase would train on cached features, the frozen part runs once
     (:class:`~finetune.training.features.FeatureStore`) and the sweep fits the top.
     """
-    from finetune.training.features import FeatureStore
-
-    configure_phase(model, layout, phase)
-    optimizer = phase_optimizer(layout, phase, start)
+    model, dataset, training = run.model, run.dataset, run.settings
+    configure_phase(model, run.layout, phase)
+    optimizer = phase_optimizer(run.layout, phase, settings.start)
     compile_model(
-        model, optimizer, 1, settings.jit_compile, settings.loss.label_smoothing, soft_labels=bool(settings.mix)
+        model, optimizer, 1, training.jit_compile, training.loss.label_smoothing, soft_labels=bool(training.mix)
     )
-    store = FeatureStore([phase], settings, layout, log=log)
+    store = FeatureStore([phase], training, run.layout)
     try:
-        inputs = fit_inputs(model, phase, dataset, settings, store)
-        batch_size = min(settings.batch_size_for(phase), len(dataset.train))
-        if batch_size < settings.batch_size_for(phase):
-            log(
-                f"[finetune] lr-find: {len(dataset.train)} training images are fewer than one batch of "
-                f"{settings.batch_size_for(phase)}; the sweep's batches hold all {batch_size}"
+        inputs = fit_inputs(model, phase, dataset, training, store)
+        batch_size = min(training.batch_size_for(phase), len(dataset.train))
+        if batch_size < training.batch_size_for(phase):
+            logger.info(
+                f"lr-find: {len(dataset.train)} training images are fewer than one batch of "
+                f"{training.batch_size_for(phase)}; the sweep's batches hold all {batch_size}"
             )
-        batches = training_batches(inputs, dataset, settings, batch_size, seed, 0)
-        passes = math.ceil(steps / max(1, len(dataset.train) // batch_size))
+        batches = training_batches(inputs, dataset, training, batch_size, run.seed, 0)
+        passes = math.ceil(settings.steps / max(1, len(dataset.train) // batch_size))
         if passes > 1:
-            log(f"[finetune] lr-find: {steps} steps read the {len(dataset.train)} training images {passes} times over")
-        return sweep(inputs.fit_model, batches, start=start, end=end, steps=steps, restore=model)
+            logger.info(
+                f"lr-find: {settings.steps} steps read the {len(dataset.train)} training images {passes} times over"
+            )
+        return sweep(inputs.fit_model, batches, settings, restore=model)
     finally:
         store.close()

@@ -17,9 +17,13 @@ from finetune.backbones.blocks import nested_layers
 from finetune.backbones.spec import BackboneLayout, Block
 from finetune.catalog import callbacks as callback_registry
 from finetune.catalog import losses, optimizers, schedules
+from finetune.catalog.callbacks import RunCallback
 from finetune.catalog.mixing import BatchMixer
+from finetune.data.batches import FileBatches, MixedBatches, ViewBatches, one_hot
 from finetune.errors import RecipeError
 from finetune.recipe import PhaseConfig, TopBlocks, TrainingConfig
+from finetune.training.context import PhaseFit, PhaseRun, RunContext
+from finetune.training.features import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ def compile_for_phase(
     optimizer = phase_optimizer(layout, phase, schedule.learning_rate)
     extra = []
     for callback in schedule.callbacks:
-        if hasattr(callback, "bind"):  # a momentum schedule waiting for its optimizer
+        if isinstance(callback, schedules.PendingMomentum):  # a momentum schedule waiting for its optimizer
             callback = callback.bind(optimizer)
         if callback is not None:
             extra.append(callback)
@@ -210,41 +214,26 @@ def compile_model(
 
 
 def fit_phase(
-    model: keras.Model,
-    layout: BackboneLayout,
-    phase: PhaseConfig,
-    dataset,
-    settings: TrainingConfig,
+    run: RunContext,
+    stage: PhaseRun,
     *,
-    seed: int = 0,
-    initial_epoch: int = 0,
-    phase_epochs_done: int = 0,
-    callbacks: list | None = None,
-    features=None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    features: FeatureStore | None = None,
 ) -> keras.callbacks.History:
-    """Fit one compiled phase; epochs are counted across phases.
+    """Fit one compiled phase from ``stage.initial_epoch`` to its last epoch (epochs counted across phases).
 
-    ``initial_epoch`` is the run's epoch to start at; a resumed phase that
-    already did ``phase_epochs_done`` of its epochs does only the rest.
-
-    When ``settings.cache`` allows it and the phase trains only the top of
+    When ``training.cache`` allows it and the phase trains only the top of
     the model, the frozen bottom runs once per split and the fit runs on its
-    outputs (:mod:`finetune.training.features`). ``features`` (a
-    :class:`~finetune.training.features.FeatureStore`) keeps them across a
-    run's phases; without one, they last for this phase.
+    outputs (:mod:`finetune.training.features`). ``features`` keeps them
+    across a run's phases; without one, they last for this phase. Each
+    :class:`~finetune.training.context.RunCallback` among ``callbacks`` gets
+    the run and the fit through ``set_run`` before the fit starts.
     """
-    from finetune.training.features import FeatureStore
-
-    batch_size = settings.batch_size_for(phase)
-    store = features if features is not None else FeatureStore([phase], settings, layout)
+    phase, settings = stage.phase, run.settings
+    store = features if features is not None else FeatureStore([phase], settings, run.layout)
     try:
-        inputs = fit_inputs(model, phase, dataset, settings, store)
-        if inputs.fit_model is not model:
-            for callback in callbacks or []:
-                if hasattr(callback, "full_model") and callback.full_model is None:
-                    callback.full_model = model
-        epochs = (initial_epoch, initial_epoch - phase_epochs_done + phase.epochs)
-        return _fit(inputs, dataset, settings, batch_size, seed, epochs, callbacks)
+        inputs = fit_inputs(run.model, phase, run.dataset, settings, store)
+        return _fit(run, stage, inputs, callbacks or [])
     finally:
         if features is None:  # a store of this phase alone
             store.close()
@@ -277,36 +266,26 @@ def fit_inputs(model: keras.Model, phase: PhaseConfig, dataset, settings: Traini
 
 
 def _fit(
-    inputs: FitInputs,
-    dataset,
-    settings: TrainingConfig,
-    batch_size: int,
-    seed: int,
-    epochs: tuple[int, int],
-    callbacks,
-):
-    initial_epoch, last_epoch = epochs
-    from finetune.data.batches import FileBatches, one_hot
-
-    validation = dataset.validation
-    common = dict(
-        epochs=last_epoch,
-        initial_epoch=initial_epoch,
-        callbacks=callbacks or [],
-        verbose=resolve_verbosity(settings.verbose),
-    )
-    train = training_batches(inputs, dataset, settings, batch_size, seed, initial_epoch)
+    run: RunContext, stage: PhaseRun, inputs: FitInputs, callbacks: list[keras.callbacks.Callback]
+) -> keras.callbacks.History:
+    validation, settings = run.dataset.validation, run.settings
+    batch_size = settings.batch_size_for(stage.phase)
+    train = training_batches(inputs, run.dataset, settings, batch_size, run.seed, stage.initial_epoch)
     validation_labels = None if validation is None else validation.labels
     if settings.mix and validation is not None:
         validation_labels = one_hot(validation.labels, inputs.fit_model.output_shape[-1])
-    for callback in callbacks or []:
-        if getattr(callback, "sample", False) is None:  # gradient health: one batch of what the fit trains on
-            callback.sample = train[0]
+    fit = PhaseFit(run, stage, inputs.fit_model, sample=lambda: train[0])
+    for callback in callbacks:
+        if isinstance(callback, RunCallback):
+            callback.set_run(fit)
     return inputs.fit_model.fit(
         train,
         validation_data=None if validation is None else FileBatches(inputs.val_x, validation_labels, batch_size),
         shuffle=False,  # the batches shuffle rows themselves
-        **common,
+        epochs=stage.last_epoch,
+        initial_epoch=stage.initial_epoch,
+        callbacks=callbacks,
+        verbose=resolve_verbosity(settings.verbose),
     )
 
 
@@ -316,8 +295,6 @@ def training_batches(inputs: FitInputs, dataset, settings: TrainingConfig, batch
     Their order depends only on (seed, epoch): a resumed run sees what an uninterrupted one would,
     and a memory-mapped array is read a batch at a time, never copied whole.
     """
-    from finetune.data.batches import FileBatches, MixedBatches, ViewBatches
-
     order: dict[str, Any] = dict(shuffle=settings.shuffle, seed=seed, epoch=epoch)
     if settings.mix:  # the images of the whole model, never cached features (FeatureStore.plan)
         classes = inputs.fit_model.output_shape[-1]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import keras
 
-from finetune.progress import Progress, duration
+from finetune import progress
+from finetune.progress import duration
+from finetune.training.context import PhaseRun
 from finetune.training.phases import optimizer_learning_rate
+
+logger = logging.getLogger(__name__)
 
 _SHOWN = (("loss", "loss {:.4f}"), ("accuracy", "acc {:.4f}"))
 _SHOWN_AT_EPOCH_END = (*_SHOWN, ("val_loss", "val_loss {:.4f}"), ("val_accuracy", "val_acc {:.4f}"))
@@ -17,28 +22,18 @@ _SHOWN_AT_EPOCH_END = (*_SHOWN, ("val_loss", "val_loss {:.4f}"), ("val_accuracy"
 class PhaseProgress(keras.callbacks.Callback):
     """Shows where a phase is: epoch, step, loss, accuracy, learning rate, images/s and ETA.
 
-    Epochs are numbered across phases (``first_epoch`` is the run's epoch the
-    phase starts after), as in ``history.csv``.
+    Epochs are numbered across phases, as in ``history.csv``. The line per epoch is logged; the
+    live line per step is drawn only where a terminal shows one (:func:`finetune.progress.live`).
     """
 
-    def __init__(
-        self,
-        progress: Progress,
-        phase: str,
-        *,
-        first_epoch: int,
-        last_epoch: int,
-        steps: int,
-        images_per_epoch: int,
-    ):
+    def __init__(self, stage: PhaseRun, *, images_per_epoch: int):
         super().__init__()
-        if progress.shows_live:  # only a terminal's live line needs a call per step
+        if progress.shows_live():  # only a terminal's live line needs a call per step
             self.on_train_batch_end = self._live_step
-        self.progress = progress
-        self.phase = phase
-        self.first_epoch = first_epoch
-        self.last_epoch = last_epoch
-        self.steps = max(1, steps)
+        self.phase = stage.name
+        self.first_epoch = stage.first_epoch
+        self.last_epoch = stage.last_epoch
+        self.steps = max(1, stage.steps)
         self.images_per_step = images_per_epoch / self.steps
         self._phase_started = 0.0
         self._steps_done_in_phase = 0
@@ -55,7 +50,7 @@ class PhaseProgress(keras.callbacks.Callback):
 
     def _live_step(self, batch, logs=None):
         self._steps_done_in_phase += 1
-        if not self.progress.due():  # converting the logs waits for the step: only when the line is redrawn
+        if not progress.live_due():  # converting the logs waits for the step: only when the line is redrawn
             return
         elapsed = time.perf_counter() - self._phase_started
         rate = self._steps_done_in_phase / elapsed if elapsed > 0 else 0.0
@@ -67,7 +62,7 @@ class PhaseProgress(keras.callbacks.Callback):
             f"{rate * self.images_per_step:,.0f} img/s",
             f"ETA {duration(remaining / rate) if rate else '?'}",
         ]
-        self.progress.live("  ".join(part for part in parts if part))
+        progress.live("  ".join(part for part in parts if part))
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self._epoch_started
@@ -78,9 +73,7 @@ class PhaseProgress(keras.callbacks.Callback):
             f"{seconds:.1f}s",
             f"{images / seconds:,.0f} img/s" if seconds > 0 else "",
         ]
-        self.progress(
-            f"[finetune] {self.phase} epoch {epoch + 1}/{self.last_epoch}: " + ", ".join(part for part in parts if part)
-        )
+        logger.info(f"{self.phase} epoch {epoch + 1}/{self.last_epoch}: " + ", ".join(part for part in parts if part))
 
 
 def _values(logs, shown) -> list[str]:

@@ -2,147 +2,68 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
 
-from finetune.backbones.spec import BackboneLayout
 from finetune.errors import TrainingDiverged
-from finetune.progress import Progress
-from finetune.recipe import PhaseConfig, TrainingConfig
 from finetune.training.batch_norm import RecalibrateBatchNorm
-from finetune.training.checkpoints import Checkpoint, EpochCheckpoint, HistoryCSV, RestoreTrainingState
+from finetune.training.checkpoints import EpochCheckpoint, RestoreTrainingState
+from finetune.training.context import PhaseRun, RunContext
 from finetune.training.divergence import DivergenceWatch
 from finetune.training.features import FeatureStore
 from finetune.training.gradient_health import GradientHealth
+from finetune.training.history import HistoryCSV
 from finetune.training.interrupts import InterruptAtStepEnd, ctrl_c_remembered, interrupt_handled
 from finetune.training.phases import compile_for_phase, configure_phase, fit_phase, steps_per_epoch
 from finetune.training.progress import PhaseProgress
+from finetune.training.state import CheckpointState
+
+logger = logging.getLogger(__name__)
 
 
-def train(
-    model: keras.Model,
-    layout: BackboneLayout,
-    phases: tuple[PhaseConfig, ...],
-    settings: TrainingConfig,
-    dataset,
-    run_dir: Path,
-    *,
-    seed: int,
-    log: Callable[[str], None] | Progress,
-    phase_done: Callable[[str], None] = lambda name: None,
-    resume_from: Checkpoint | None = None,
-    run_clock: Callable[[], float] | None = None,
-) -> None:
-    """Train ``phases`` one after another; epochs are numbered across phases.
+def train(run: RunContext) -> None:
+    """Train ``run.phases`` one after another; epochs are numbered across phases.
 
     Every epoch appends a row to ``history.csv``; ``checkpoint.keras`` and
     ``state.json`` are written as epochs finish (at most every
-    ``settings.checkpoint_seconds``, always after a phase's last epoch) and
+    ``training.checkpoint_seconds``, always after a phase's last epoch) and
     when Ctrl-C stops a phase. The frozen part's outputs are shared by the
     phases that keep it frozen and freed before this returns.
 
-    ``resume_from`` (a checkpoint whose weights ``model`` already holds)
+    ``run.resume_from`` (a checkpoint whose weights the model already holds)
     skips the phases it finished and continues its phase at the next epoch,
-    with the optimizer's state and step. ``run_clock`` gives the run's seconds
-    so far; each checkpoint keeps it, so a resumed run's time goes on from it.
-
-    ``log`` takes the lines that stay; a :class:`~finetune.progress.Progress`
-    also shows a live line per step on a terminal (``settings.verbose: auto``).
+    with the optimizer's state and step. Each checkpoint keeps ``run.clock``,
+    so a resumed run's time goes on from it.
     """
-    log = Progress.of(log)
-    board = tensorboard_folder(run_dir, settings, log)
-    features = FeatureStore(phases, settings, layout, run_dir / "cache", log)
-    checkpoint = None
+    assert run.run_dir is not None, "training writes history.csv and checkpoints into the run's folder"
+    board = tensorboard_folder(run.run_dir, run.settings.tensorboard)
+    features = FeatureStore(run.phases, run.settings, run.layout, run.run_dir / "cache")
+    start = run.resume_from.state if run.resume_from is not None else CheckpointState("", 0, 0, 0)
+    checkpoint: EpochCheckpoint | None = None
     epochs_done = 0
-    start = resume_from.state if resume_from is not None else {"phase_index": 0, "phase_epochs_done": 0}
     try:
         with ctrl_c_remembered():
-            for index, phase in enumerate(phases):
-                done_here = start["phase_epochs_done"] if index == start["phase_index"] else 0
-                if index < start["phase_index"] or phase.epochs == 0 or done_here >= phase.epochs:
+            for index, phase in enumerate(run.phases):
+                done_here = start.phase_epochs_done if index == start.phase_index else 0
+                if index < start.phase_index or phase.epochs == 0 or done_here >= phase.epochs:
                     if phase.epochs == 0:
-                        log(f"[finetune] phase {phase.name}: 0 epochs, skipped")
-                    elif resume_from is not None:
-                        log(f"[finetune] phase {phase.name}: finished before, not redone")
+                        logger.info(f"phase {phase.name}: 0 epochs, skipped")
+                    elif run.resume_from is not None:
+                        logger.info(f"phase {phase.name}: finished before, not redone")
                     epochs_done += phase.epochs
                     continue
-                trainable = configure_phase(model, layout, phase)
-                steps = steps_per_epoch(phase, settings, len(dataset.train))
-                setup = compile_for_phase(model, layout, phase, steps, run_dir, settings)
-                resumed = f", resumed after epoch {epochs_done + done_here}" if done_here else ""
-                log(
-                    f"[finetune] phase {phase.name} ({index + 1}/{len(phases)}): {phase.epochs} epochs, "
-                    f"{trainable.describe()}, {phase.describe()}{resumed}"
-                )
-                checkpoint = EpochCheckpoint(
-                    run_dir,
-                    phase.name,
-                    index,
-                    epochs_done,
-                    full_model=model,
-                    every_seconds=settings.checkpoint_seconds,
-                    last_epoch=epochs_done + phase.epochs,
-                    epochs_saved=epochs_done + done_here,
-                    log=log,
-                    run_clock=run_clock,
-                )
-                callbacks: list = [
-                    InterruptAtStepEnd(),
-                    StopOnNaN(phase.name, epochs_done),
-                    DivergenceWatch(
-                        phase.name, dataset.num_classes, epochs_done, log, run_dir, head_only=phase.trainable == "none"
-                    ),
-                    HistoryCSV(run_dir / "history.csv", phase.name, epochs_done),
-                ]
-                if settings.verbose == "auto":
-                    callbacks.append(
-                        PhaseProgress(
-                            log,
-                            phase.name,
-                            first_epoch=epochs_done,
-                            last_epoch=epochs_done + phase.epochs,
-                            steps=steps,
-                            images_per_epoch=min(steps * settings.batch_size_for(phase), len(dataset.train)),
-                        )
-                    )
-                if board is not None:
-                    callbacks.append(keras.callbacks.TensorBoard(log_dir=str(board), write_graph=False))
-                if settings.gradient_health_every:
-                    callbacks.append(GradientHealth(run_dir, phase.name, settings.gradient_health_every, log))
-                if done_here and resume_from is not None:
-                    callbacks.insert(0, RestoreTrainingState(resume_from, model))
-                if settings.recalibrate_bn == "always" or (settings.recalibrate_bn == "auto" and phase.train_bn):
-                    callbacks.append(
-                        RecalibrateBatchNorm(
-                            model,
-                            dataset.train.images,
-                            epochs_done + phase.epochs,
-                            batch_size=settings.batch_size_for(phase),
-                            max_images=settings.recalibrate_bn_images,
-                            seed=seed,
-                            log=log,
-                            phase=phase.name,
-                        )
-                    )
-                callbacks += [checkpoint, *setup.callbacks]  # the checkpoint keeps recalibrated statistics
-                fit_phase(
-                    model,
-                    layout,
-                    phase,
-                    dataset,
-                    settings,
-                    seed=seed,
-                    initial_epoch=epochs_done + done_here,
-                    phase_epochs_done=done_here,
-                    callbacks=callbacks,
-                    features=features,
-                )
+                steps = steps_per_epoch(phase, run.settings, len(run.dataset.train))
+                stage = PhaseRun(phase, index, first_epoch=epochs_done, steps=steps, epochs_done=done_here)
+                checkpoint = EpochCheckpoint(run, stage)
+                train_phase(run, stage, checkpoint, features, board)
                 checkpoint = None  # the phase's last epoch is saved; a later Ctrl-C has no epoch to save
                 epochs_done += phase.epochs
-                phase_done(phase.name)
+                run.phase_done(phase.name)
     except KeyboardInterrupt:
         interrupt_handled()
         if checkpoint is not None:
@@ -152,19 +73,61 @@ def train(
         features.close()
 
 
-def tensorboard_folder(run_dir: Path, settings: TrainingConfig, log: Progress) -> Path | None:
+def train_phase(
+    run: RunContext, stage: PhaseRun, checkpoint: EpochCheckpoint, features: FeatureStore, board: Path | None
+) -> None:
+    """Set what ``stage`` trains, compile it with a fresh optimizer, and fit it with the run's callbacks."""
+    phase = stage.phase
+    trainable = configure_phase(run.model, run.layout, phase)
+    setup = compile_for_phase(run.model, run.layout, phase, stage.steps, run.run_dir, run.settings)
+    resumed = f", resumed after epoch {stage.initial_epoch}" if stage.epochs_done else ""
+    logger.info(
+        f"phase {phase.name} ({stage.index + 1}/{len(run.phases)}): {phase.epochs} epochs, "
+        f"{trainable.describe()}, {phase.describe()}{resumed}"
+    )
+    # After recalibration, so the checkpoint keeps the recalibrated statistics.
+    callbacks = [*phase_callbacks(run, stage, board), checkpoint, *setup.callbacks]
+    fit_phase(run, stage, callbacks=callbacks, features=features)
+
+
+def phase_callbacks(run: RunContext, stage: PhaseRun, board: Path | None) -> list[keras.callbacks.Callback]:
+    """finetune's own callbacks for one phase, before its checkpoint, in the order they see each epoch's end;
+    ``board`` is the TensorBoard folder (None: off)."""
+    phase, settings = stage.phase, run.settings
+    assert run.run_dir is not None
+    callbacks: list[keras.callbacks.Callback] = [
+        InterruptAtStepEnd(),
+        StopOnNaN(phase.name, stage.first_epoch),
+        DivergenceWatch(
+            phase.name, run.dataset.num_classes, stage.first_epoch, run.run_dir, head_only=phase.trainable == "none"
+        ),
+        HistoryCSV(run.run_dir / "history.csv", phase.name, stage.first_epoch),
+    ]
+    if settings.verbose == "auto":
+        images = min(stage.steps * settings.batch_size_for(phase), len(run.dataset.train))
+        callbacks.append(PhaseProgress(stage, images_per_epoch=images))
+    if board is not None:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(board), write_graph=False))
+    if settings.gradient_health_every:
+        callbacks.append(GradientHealth(run.run_dir, phase.name, settings.gradient_health_every))
+    if stage.epochs_done and run.resume_from is not None:
+        callbacks.insert(0, RestoreTrainingState(run.resume_from, run.model))
+    if settings.recalibrate_bn == "always" or (settings.recalibrate_bn == "auto" and phase.train_bn):
+        callbacks.append(RecalibrateBatchNorm(run, stage))
+    return callbacks
+
+
+def tensorboard_folder(run_dir: Path, wanted: bool) -> Path | None:
     """Where Keras's TensorBoard callback writes (epochs are numbered across phases); None when off.
 
     Keras writes the event files with ``tf.summary``, which needs TensorFlow and the tensorboard package:
     on a machine with JAX alone there are none.
     """
-    if not settings.tensorboard:
+    if not wanted:
         return None
-    import importlib.util
-
     missing = [name for name in ("tensorflow", "tensorboard") if importlib.util.find_spec(name) is None]
     if missing:
-        log(f"[finetune] note: {' and '.join(missing)} not installed here, so no TensorBoard logs are written")
+        logger.info(f"note: {' and '.join(missing)} not installed here, so no TensorBoard logs are written")
         return None
     return run_dir / "tensorboard"
 
@@ -177,10 +140,10 @@ class StopOnNaN(keras.callbacks.Callback):
         self.phase = phase
         self.epoch = first_epoch
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch = epoch
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise TrainingDiverged(

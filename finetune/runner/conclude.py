@@ -1,0 +1,126 @@
+"""The end of a run: evaluation on the test split, the saved model and its export formats, the pictures
+and report, the folder marked finished."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from finetune import model as model_stage
+from finetune.data import Dataset
+from finetune.data.input_spec import describe_input, write_input_spec
+from finetune.evaluation import metrics as metrics_stage
+from finetune.export.formats import export_all
+from finetune.plan import RunPlan
+from finetune.progress import live
+from finetune.recipe import Recipe
+from finetune.report.write import write_pictures_and_report
+from finetune.runner.folder import RunFolder
+from finetune.runner.session import RunSession
+from finetune.runner.summary import summary_lines
+from finetune.training.divergence import read_warnings
+from finetune.training.history import read_history
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced; ``metrics["test"]`` holds the test metrics."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    model: Any
+    recipe: Recipe
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.metrics["test"]["accuracy"]
+
+
+def conclude(session: RunSession) -> RunResult:
+    """Evaluation and export of the trained model, then the folder marked finished.
+
+    Outside the distribution's scope: a SavedModel traced inside a tf.distribute scope cannot run outside one.
+    """
+    folder = session.folder
+    assert folder is not None, "only a run with a folder concludes"
+    history = read_history(folder.path / "history.csv")
+    live(f"evaluating on {len(session.dataset.test):,} test images", force=True)
+    metrics, probabilities = evaluate(session, history)
+    metrics.update(session.facts)
+    warnings = read_warnings(folder.path)
+    if warnings:
+        metrics["warnings"] = warnings
+    save(session, metrics, probabilities, history)
+    folder.finish()
+    for line in summary_lines(history, metrics, folder.path):
+        logger.info(line)
+    return RunResult(folder.path, metrics, session.model, session.recipe, history)
+
+
+def evaluate_test_split(model: keras.Model, plan: RunPlan, dataset: Dataset) -> tuple[dict[str, Any], np.ndarray]:
+    """The test split's metrics and class probabilities, with the recipe's evaluation settings."""
+    evaluation = plan.evaluation
+    return metrics_stage.evaluate_with_probabilities(
+        model, dataset.test, dataset.class_names, evaluation.batch_size, evaluation.mc_samples, evaluation.tta
+    )
+
+
+def evaluate(session: RunSession, history: list[dict[str, Any]]) -> tuple[dict[str, Any], np.ndarray]:
+    """Test metrics of the trained model, with the run's context (validation from its last epoch),
+    and its class probabilities for each test image (for the pictures; too big for metrics.json)."""
+    model, plan, dataset = session.model, session.plan, session.dataset
+    test, probabilities = evaluate_test_split(model, plan, dataset)
+    metrics = {
+        "test": test,
+        "recipe": plan.name,
+        "precision": model_stage.resolve_precision(plan.model.precision),
+        "backend": keras.backend.backend(),
+        "weights": {  # the trainable ones are the last phase's
+            "total": int(model.count_params()),
+            "trainable": int(sum(math.prod(weight.shape) for weight in model.trainable_weights)),
+        },
+        "train_images": len(dataset.train),
+        "validation_images": len(dataset.validation) if dataset.validation is not None else 0,
+        "seconds": round(session.seconds, 2),
+    }
+    if dataset.validation is not None and history and history[-1].get("val_accuracy"):
+        # The last epoch already measured the final model on the validation split.
+        metrics["validation"] = {
+            "loss": float(history[-1]["val_loss"]),
+            "accuracy": float(history[-1]["val_accuracy"]),
+            "examples": len(dataset.validation),
+        }
+    return metrics, probabilities
+
+
+def save(
+    session: RunSession, metrics: dict[str, Any], probabilities: np.ndarray, history: list[dict[str, Any]]
+) -> None:
+    """``model.keras``, ``input.json``, ``metrics.json``, the export formats (each reloaded and checked against
+    the model), then the pictures and ``report.html``."""
+    model, plan, dataset = session.model, session.plan, session.dataset
+    folder: RunFolder | None = session.folder
+    assert folder is not None
+    folder.save_model(model)
+    # What `finetune predict` needs to turn any picture into this model's input (shape, resize, background).
+    input_spec = describe_input(dataset.train.images, dataset.class_names, plan.data.resize)
+    write_input_spec(folder.path, input_spec)
+    # Written before the exports as well: a run killed while exporting still has its test metrics.
+    folder.write_json("metrics.json", metrics)
+    images = dataset.test.images[: plan.export.verify_images]
+    formats, quantization = plan.export.formats, plan.export.tflite_quantization
+    metrics["export"] = export_all(model, folder.path, formats, quantization, dataset.class_names, images)
+    if "saved_model" in formats:
+        write_input_spec(folder.path / "saved_model", input_spec)  # predict reads it beside labels.txt
+    folder.write_json("metrics.json", metrics)
+    for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
+        logger.warning(f"picture not drawn: {problem}")
