@@ -49,6 +49,7 @@ def save_calibrated_weights(
     """
     import keras
 
+    # Imported here: calibration is a test and script helper; building backbones loads Keras.
     from finetune.backbones.build import build_backbone
     from finetune.backbones.input_layer import BackboneInput
     from finetune.backbones.registry import get

@@ -151,6 +151,7 @@ def load_weights(model, path: str | Path) -> None:
     """Load a PyTorch state dict (``.pth``/``.pt``) or a Keras weights file into ``model``."""
     path = Path(path)
     if path.suffix in (".pth", ".pt"):
+        # Imported here: only a .pth file needs the PyTorch-format reader.
         from finetune.backbones.torch_pth import load_state_dict
 
         assign_state_dict(model, load_state_dict(path), source=str(path))

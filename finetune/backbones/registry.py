@@ -27,6 +27,7 @@ RUN = BackboneSpec(
 
 
 def _builtin_backbones() -> dict[str, BackboneSpec]:
+    # Imported on the first lookup: the built-in backbone tables load Keras applications.
     from finetune.backbones import applications, efficientnet_lite, mlp
 
     return {**applications.specs(), "mlp": mlp.SPEC, "efficientnet_lite0": efficientnet_lite.SPEC, "run": RUN}

@@ -73,6 +73,7 @@ def lines_on_stderr(quiet: bool = False) -> Iterator[None]:
     terminal); ``--quiet`` raises the logger's level so that only errors, which the command prints, remain."""
     import logging
 
+    # Imported here: a command pays for what it uses; `finetune --help` loads no more than click.
     from finetune.progress import LOGGER_NAME, Progress, ProgressHandler
 
     logger = logging.getLogger(LOGGER_NAME)
@@ -144,6 +145,7 @@ def main():
     """
     # Quiet TensorFlow's C++ start-up chatter; nothing has imported TensorFlow yet.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Imported here: a command pays for what it uses; `finetune --help` loads no more than click.
     from finetune.allocator import keep_freed_memory
 
     keep_freed_memory()

@@ -20,6 +20,7 @@ def plugins(as_json):
     import textwrap
 
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no more than click.
     from finetune.plan import registries
 
     names = {kind: registry.names() for kind, registry in registries().items()}
@@ -41,12 +42,14 @@ def plugins(as_json):
 def schema(markdown):
     """Print the recipe's JSON schema (for editors and validators), or the table of its keys."""
 
+    # Imported here: a command pays for what it uses; `finetune --help` loads no more than click.
     from finetune.recipe.reference import json_schema, markdown_table
 
     click.echo(markdown_table() if markdown else json.dumps(json_schema(), indent=2))
 
 
 def _parse_options(items) -> dict:
+    # Imported here: a command pays for what it uses; `finetune --help` loads no more than click.
     from finetune.recipe import parse_assignments
 
     return parse_assignments(items, "--option", "alpha=0.35")
@@ -76,6 +79,7 @@ def weights(ctx, image_size, option_items, check, as_json):
         return
 
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no more than click.
     from finetune.backbones.weight_files import search_dirs
     from finetune.weights import manage
 
@@ -114,6 +118,7 @@ def weights(ctx, image_size, option_items, check, as_json):
 def weights_fetch(names, folder, image_size, option_items):
     """Download NAMES' ImageNet weights (Keras's URLs and hash check)."""
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no more than click.
     from finetune.weights import manage
 
     options = _parse_options(option_items)
@@ -133,6 +138,7 @@ def weights_fetch(names, folder, image_size, option_items):
 def weights_import(name, file, folder, image_size, option_items, force):
     """Check that FILE loads into NAME's architecture; store it under the canonical name."""
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no more than click.
     from finetune.weights import manage
 
     path = manage.import_file(name, file, folder, image_size, _parse_options(option_items), force)

@@ -28,6 +28,7 @@ def evaluate(run_dir, overrides, quiet):
     RUN_DIR/evaluations/<time>/; the run itself is not changed.
     """
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.runner.evaluate_run import evaluate_run
 
     with lines_on_stderr(quiet):
@@ -42,6 +43,7 @@ def evaluate(run_dir, overrides, quiet):
 def compare(run_dirs, as_json, as_csv):
     """Runs side by side: recipe, backbone, image size, phases, trainable weights, time, test accuracy and loss."""
 
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.runner import compare as comparison
 
     rows = [comparison.compare_row(run_dir) for run_dir in run_dirs]
@@ -94,6 +96,7 @@ def predict(model, images, top, as_json, invert):
     """
 
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.inference import load_predictor, predict_files
 
     predictor = load_predictor(model)
@@ -139,6 +142,7 @@ def export(run_dir, formats, quantization):
     "export" part records each one's agreement with the Keras model on test images.
     """
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.runner.export_run import export_run
 
     with lines_on_stderr():

@@ -28,6 +28,7 @@ def run(recipe, overrides, out, quiet):
     terminal, one line per epoch otherwise.
     """
     load_backend_quietly()  # before anything imports Keras
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.runner import run as run_recipe
 
     with lines_on_stderr(quiet):  # the run reads the recipe once, and starts its distribution before TensorFlow runs
@@ -44,6 +45,7 @@ def resume(run_dir, quiet):
     Finished phases are not redone; a finished run is left as it is.
     """
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.runner import resume as resume_run
 
     with lines_on_stderr(quiet):
@@ -57,6 +59,7 @@ def resume(run_dir, quiet):
 def validate(recipe, overrides):
     """Check RECIPE without training; print what it would do."""
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.data import peek_class_names
     from finetune.plan import load_recipe
 
@@ -114,6 +117,7 @@ def lr_find(recipe, phase, overrides, steps, start, end, from_run, out):
     the --set option that applies it.
     """
     load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.plan import load_recipe
     from finetune.runner.lr_find import lr_find as find
     from finetune.training.lr_find import SweepSettings

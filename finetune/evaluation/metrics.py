@@ -65,6 +65,7 @@ def predict_view(model, images, batch_size: int, view: str = "none") -> np.ndarr
     if view != "none":
         raise ValueError(f"unknown test-time view {view!r}")
     if on_disk(images):  # read a batch at a time rather than copying the file into one tensor
+        # Imported here: only a memory-mapped test split needs batched reads.
         from finetune.data.batches import FileBatches
 
         return np.asarray(model.predict(FileBatches(images, batch_size=batch_size), verbose=0), dtype=np.float64)

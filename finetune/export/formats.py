@@ -49,6 +49,7 @@ def _write_keras(model, path: Path, quantization: str, class_names) -> None:
 
 def _predict_keras(path: Path, images: np.ndarray) -> np.ndarray:
     """A ``.keras`` file's deterministic predictions (its MC dropout and augmentation off), as the artifacts'."""
+    # Imported here, as Keras is: this module's import stays light for the CLI's format checks.
     from finetune.model import load_model
 
     return for_serving(load_model(path, compile=False)).predict(images, batch_size=len(images), verbose=0)
@@ -191,6 +192,7 @@ def for_serving(model):
     """
     import keras
 
+    # Imported here, as Keras is: this module's import stays light for the CLI's format checks.
     from finetune.backbones.blocks import nested_layers
     from finetune.catalog.regularizers import MCDropout
 

@@ -60,6 +60,7 @@ def load_predictor(path: str | Path) -> Predictor:
 def _keras_model(path: Path) -> Predictor:
     import keras
 
+    # Imported here, as Keras is: a SavedModel or TFLite predictor never loads Keras.
     from finetune.model import load_model
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import RecipeError, RunFolderError, first_line
 from finetune.recipe import read_recipe
@@ -72,7 +73,7 @@ def as_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _cell(column: str, value) -> str:
+def _cell(column: str, value: Any) -> str:
     if value is None:
         return "-"
     if column in ("test_accuracy", "test_loss"):

@@ -238,7 +238,7 @@ def _create(config: DistributionConfig, env: Mapping[str, str]) -> Distribution:
     return Distribution("multi_worker_mirrored", engine.num_replicas_in_sync, config.lr_scaling, cluster, engine)
 
 
-def for_resume(config: DistributionConfig, recorded: dict | None, env: Mapping[str, str] | None = None):
+def for_resume(config: DistributionConfig, recorded: dict | None, env: Mapping[str, str] | None = None) -> Distribution:
     """The engine a resumed run uses: its own, except that a multi-worker run continues on this process
     alone, with the global batch and learning rates it started with (``recorded``, from run.json)."""
     env = os.environ if env is None else env

@@ -15,6 +15,7 @@ from typing import Any
 
 from finetune.errors import RunFolderError, first_line
 from finetune.files import write_atomically, write_json_atomically, write_text_atomically
+from finetune.recipe import Recipe
 
 
 def check_run_dir(out: str | Path | None) -> None:
@@ -72,7 +73,7 @@ class RunFolder:
         self.status: dict[str, Any] = {}
 
     @classmethod
-    def claim(cls, out: str | Path | None, recipe) -> RunFolder:
+    def claim(cls, out: str | Path | None, recipe: Recipe) -> RunFolder:
         """A new folder (``out``, or ``runs/<name>-<time>``) holding the resolved ``recipe.yaml``."""
         folder = cls(new_run_dir(out, recipe.name))
         write_text_atomically(folder.path / "recipe.yaml", recipe.to_yaml())
@@ -133,7 +134,7 @@ class RunFolder:
             )
             raise
 
-    def note(self, **facts) -> None:
+    def note(self, **facts: Any) -> None:
         """Keep ``facts`` in ``run.json`` (how the run was distributed, for resume)."""
         self._write(**facts)
 
@@ -147,10 +148,10 @@ class RunFolder:
         if (self.path / "cache").is_dir():
             shutil.rmtree(self.path / "cache")  # large, and rebuilt on demand
 
-    def save_model(self, model) -> Path:
+    def save_model(self, model: Any) -> Path:
         return write_atomically(self.path / "model.keras", model.save)
 
-    def write_json(self, name: str, payload) -> Path:
+    def write_json(self, name: str, payload: Any) -> Path:
         return write_json_atomically(self.path / name, payload)
 
     def read_json(self, name: str, missing: dict | None = None) -> dict:
@@ -163,7 +164,7 @@ class RunFolder:
         except (OSError, ValueError) as error:
             raise RunFolderError(f"{str(path)!r} cannot be read ({first_line(error)})") from None
 
-    def _write(self, **changes) -> None:
+    def _write(self, **changes: Any) -> None:
         self.status.update(changes)
         write_json_atomically(self.path / "run.json", self.status)
 

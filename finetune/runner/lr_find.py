@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import keras
+
 from finetune import model as model_stage
 from finetune.errors import RecipeError, RunFolderError, first_line
 from finetune.files import write_atomically, write_json_atomically
@@ -149,7 +151,7 @@ def _out_folder(out: str | Path | None, recipe_name: str) -> Path:
     return path
 
 
-def _load_run_weights(model, run_dir: Path) -> None:
+def _load_run_weights(model: keras.Model, run_dir: Path) -> None:
     saved_path = run_dir / "model.keras"
     if not saved_path.is_file():
         raise RunFolderError(f"--from {str(run_dir)!r}: no model.keras there (is it a finished run folder?)")

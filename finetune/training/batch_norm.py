@@ -15,6 +15,7 @@ alone.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import keras
 import numpy as np
@@ -36,7 +37,9 @@ def trainable_batch_norm(model: keras.Model) -> list[keras.layers.BatchNormaliza
     return list(found.values())
 
 
-def recalibrate_batch_norm(model: keras.Model, images, batch_size: int = 128, max_images: int = 4096, seed: int = 0):
+def recalibrate_batch_norm(
+    model: keras.Model, images: Any, batch_size: int = 128, max_images: int = 4096, seed: int = 0
+) -> int:
     """Set each trainable BatchNorm layer's moving statistics to the average over a sample of ``images``.
 
     The model runs as ``fit`` runs it (training mode: augmentation and
@@ -75,7 +78,7 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
         self.seed = run.seed
         self.phase = stage.name
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if epoch + 1 != self.last_epoch:
             return
         used = recalibrate_batch_norm(self.full_model, self.images, self.batch_size, self.max_images, self.seed)

@@ -8,6 +8,7 @@ import logging
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -62,13 +63,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def saved_model(self) -> keras.Model | None:
         return self.full_model or self.model
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch, self._steps = epoch, 0
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._steps = batch + 1
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epochs_done = epoch + 1
         self._run_seconds = self.run_clock() if self.run_clock is not None else None
         due = time.monotonic() - self._last_save >= self.every_seconds
@@ -164,7 +165,7 @@ def seed_generator_states(model: keras.Model) -> list:
     return [v for v in model.variables if id(v) not in weights and v.path.endswith("seed_generator_state")]
 
 
-def optimizer_key(variable) -> str:
+def optimizer_key(variable: Any) -> str:
     """An optimizer variable's name without the optimizer's own (``sgd_4/``), which Keras numbers per process."""
     return variable.path.split("/", 1)[-1]
 
@@ -226,7 +227,7 @@ class RestoreTrainingState(keras.callbacks.Callback):
         self.checkpoint = checkpoint
         self.full_model = full_model
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         optimizer = self.model.optimizer
         if not optimizer.built:  # TensorFlow builds it at the first step; its state must be there before
             optimizer.build(self.model.trainable_variables)

@@ -11,7 +11,9 @@ The bottom and the top share the full model's layers (and so its weights).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 
@@ -80,7 +82,7 @@ def plan_cut(
     return _cut_inside_backbone(model, backbone, top_layers, layout.inference_only)
 
 
-def _training_dependent(layers) -> bool:
+def _training_dependent(layers: Sequence[Any]) -> bool:
     # A frozen BatchNorm layer (trainable=False) always runs in inference mode.
     return any(
         isinstance(layer, _TRAINING_DEPENDENT)
@@ -95,7 +97,7 @@ def _layers_after(model: keras.Model, name: str) -> list:
     return model.layers[names.index(name) + 1 :]
 
 
-def _cut_before_head(model: keras.Model, backbone) -> CutModels:
+def _cut_before_head(model: keras.Model, backbone: keras.Model) -> CutModels:
     start = "head_pool" if any(layer.name == "head_pool" for layer in model.layers) else backbone.name
     head_layers = _layers_after(model, start)
     # The first head layer's first call is in the full model's graph; a nested backbone's own
@@ -117,7 +119,7 @@ def _cut_before_head(model: keras.Model, backbone) -> CutModels:
     )
 
 
-def _cut_inside_backbone(model, backbone, top_layers: set, inference_only: bool) -> CutModels:
+def _cut_inside_backbone(model: keras.Model, backbone: keras.Model, top_layers: set, inference_only: bool) -> CutModels:
     # Tensors made outside the trainable blocks and consumed inside them.
     cut, seen = [], set()
     for layer in backbone.layers:
@@ -162,6 +164,6 @@ def bridge(source: CutModels, target: CutModels) -> keras.Model:
     return keras.Model(inputs, x, name="cached_bridge")
 
 
-def single(arrays: list):
+def single(arrays: list) -> Any:
     """One array as itself, several as a list (a model's single input or output is not a list)."""
     return arrays[0] if len(arrays) == 1 else arrays

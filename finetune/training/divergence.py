@@ -17,6 +17,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import keras
 
@@ -107,19 +108,21 @@ class DivergenceWatch(keras.callbacks.Callback):
         self._epochs = self._steps = self._epoch_steps = 0
         self._loss_sum = 0.0  # the judged epochs' losses, each epoch's mean times its steps
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if not self._started:
             self._started = True
             self._judged = epoch != self.first_epoch
         self._epoch_steps = 0
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch_steps += 1
-        if self.first_batch is None and not self._judged and "loss" in (logs or {}):
+        logs = logs or {}
+        if self.first_batch is None and not self._judged and "loss" in logs:
             self.first_batch = float(logs["loss"])  # the mean of one batch: the first batch's loss
 
-    def on_epoch_end(self, epoch, logs=None):
-        if self._judged or self.first_batch is None or "loss" not in (logs or {}):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        if self._judged or self.first_batch is None or "loss" not in logs:
             return
         self._epochs += 1
         self._steps += self._epoch_steps

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from finetune import progress
 from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.augment import augmentation_layers
 from finetune.errors import RecipeError
-from finetune.recipe import TrainingConfig
+from finetune.recipe import PhaseConfig, TrainingConfig
 from finetune.training.cuts import CutModels, bridge, plan_cut, single
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def extract(
     return arrays
 
 
-def augmented_copy(model: keras.Model, images, batch_size: int) -> np.ndarray:
+def augmented_copy(model: keras.Model, images: Any, batch_size: int) -> np.ndarray:
     """``images`` through the model's augmentation layers in training mode, stored again as uint8.
 
     The copy is held in memory (the stored size of the training images, 47 MB for Fashion-MNIST).
@@ -135,11 +135,11 @@ def augmented_copy(model: keras.Model, images, batch_size: int) -> np.ndarray:
     return copies
 
 
-def _could_cache(phase) -> bool:
+def _could_cache(phase: PhaseConfig) -> bool:
     return phase.trainable != "all" and not phase.train_bn
 
 
-def _as_list(value) -> list:
+def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
@@ -167,7 +167,7 @@ class FeatureStore:
 
     def __init__(
         self,
-        phases,
+        phases: Sequence[PhaseConfig],
         settings: TrainingConfig,
         layout: BackboneLayout,
         cache_dir: Path | None = None,
@@ -182,7 +182,7 @@ class FeatureStore:
         self._plans: dict[str, CutModels | None] = {}
         self._temporary: list[Path] = []
 
-    def plan(self, model: keras.Model, phase) -> CutModels | None:
+    def plan(self, model: keras.Model, phase: PhaseConfig) -> CutModels | None:
         if self.settings.cache == "off":
             return None
         if self.settings.mix:
@@ -204,7 +204,7 @@ class FeatureStore:
                 )
         return self._plans[phase.name]
 
-    def features(self, model: keras.Model, phase, dataset, batch_size: int) -> PhaseFeatures | None:
+    def features(self, model: keras.Model, phase: PhaseConfig, dataset: Any, batch_size: int) -> PhaseFeatures | None:
         """The inputs of a cached fit of ``phase``, or None where it must run the whole model."""
         self._drop_if_trained(model)
         cut = self.plan(model, phase)
@@ -253,7 +253,9 @@ class FeatureStore:
     def _views(self, model: keras.Model) -> int:
         return self.settings.augmented_views if augmentation_layers(model) else 0
 
-    def _augmented_features(self, model, cut: CutModels, phase, dataset, batch_size: int) -> PhaseFeatures:
+    def _augmented_features(
+        self, model: keras.Model, cut: CutModels, phase: PhaseConfig, dataset: Any, batch_size: int
+    ) -> PhaseFeatures:
         """The frozen part's outputs for K augmented copies of the training images, and the plain validation ones."""
         views = self._views(model)
         splits = {
@@ -290,7 +292,7 @@ class FeatureStore:
         if trained & self.kept.frozen:
             self.kept, self.splits = None, {}
 
-    def _lowest_shared_cut(self, model: keras.Model, phase, cut: CutModels) -> CutModels:
+    def _lowest_shared_cut(self, model: keras.Model, phase: PhaseConfig, cut: CutModels) -> CutModels:
         if not self.layout.inference_only:
             return cut  # later cuts would depend on which layers are trainable then
         names = [p.name for p in self.phases]
@@ -321,7 +323,7 @@ class FeatureStore:
         return folder
 
     def _compute(
-        self, producer: keras.Model, splits: dict, phase, batch_size: int, folder_name: str, what: str
+        self, producer: keras.Model, splits: dict, phase: PhaseConfig, batch_size: int, folder_name: str, what: str
     ) -> dict | None:
         """``producer``'s outputs for each split, in memory or on disk; None (said) when neither has room."""
         images = sum(len(_as_list(inputs)[0]) for inputs in splits.values())

@@ -16,13 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 
 from finetune._keras_compat import calls_in_graph
+from finetune.backbones.blocks import nested_layers
 from finetune.catalog.callbacks import RunCallback
+from finetune.files import write_atomically, write_json_atomically
 from finetune.training.checkpoints import seed_generator_states
 from finetune.training.context import PhaseFit
 
@@ -32,14 +36,14 @@ VANISHING_RATIO = 1e-4  # lowest layer's norm against the largest layer's
 EXPLODING_NORM = 1e3
 
 
-def layer_gradient_norms(model: keras.Model, x, y, loss_fn) -> dict[str, float]:
+def layer_gradient_norms(model: keras.Model, x: Any, y: Any, loss_fn: Callable[[Any, Any], Any]) -> dict[str, float]:
     """The L2 norm of the loss's gradient over each layer's trainable weights, in the model's layer order."""
     variables = list(model.trainable_variables)
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        def replica_gradients(x, y):
+        def replica_gradients(x: Any, y: Any) -> Any:
             with tf.GradientTape() as tape:
                 loss = loss_fn(y, model(x, training=True))
             return tape.gradient(loss, variables)
@@ -58,7 +62,7 @@ def layer_gradient_norms(model: keras.Model, x, y, loss_fn) -> dict[str, float]:
 
         frozen = [v.value for v in model.non_trainable_variables]
 
-        def loss_of(trainable):
+        def loss_of(trainable: Any) -> Any:
             outputs, _ = model.stateless_call(trainable, frozen, x, training=True)
             return loss_fn(y, outputs)
 
@@ -78,7 +82,7 @@ def layer_gradient_norms(model: keras.Model, x, y, loss_fn) -> dict[str, float]:
     return {layer: math.sqrt(total) for layer, total in squares.items()}
 
 
-def unit_health(model: keras.Model, x) -> dict[str, dict[str, float]]:
+def unit_health(model: keras.Model, x: Any) -> dict[str, dict[str, float]]:
     """For each dense layer on batch ``x``: the share of dead units (zero for every image) and of saturated
     sigmoid/tanh outputs (within 0.01 of a limit, where the slope is nearly zero)."""
     dense, tensors = [], []
@@ -117,7 +121,6 @@ def unit_health(model: keras.Model, x) -> dict[str, dict[str, float]]:
 
 def _side_effect_variables(model: keras.Model) -> list:
     """The variables a forward pass in training mode changes: BatchNorm statistics and RNG states."""
-    from finetune.backbones.blocks import nested_layers
 
     found = []
     for layer in nested_layers(model):
@@ -155,7 +158,7 @@ class GradientHealth(RunCallback):
         super().set_run(fit)
         self.sample = fit.sample()
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._step += 1
         if self.sample is not None and (self._step == 1 or self._step % self.every_steps == 0):
             self.record()
@@ -224,11 +227,9 @@ class GradientHealth(RunCallback):
         self.warnings.append(f"{kind}: {message}")
         logger.warning(message)
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self.run_dir is None or not self.samples:
             return
-        from finetune.files import write_atomically, write_json_atomically
-
         record = self.run_dir / "gradient_norms.json"
         earlier = json.loads(record.read_text()) if record.exists() else {}
         earlier[self.phase] = self.samples

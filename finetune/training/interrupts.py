@@ -17,6 +17,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 import keras
 
@@ -64,7 +65,7 @@ def interrupt_handled() -> None:
 class InterruptAtStepEnd(keras.callbacks.Callback):
     """Raises ``KeyboardInterrupt`` at a batch boundary when a Ctrl-C was pressed but never reached the run."""
 
-    def _check(self, batch, logs=None):
+    def _check(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if _Pressed.flag:
             raise KeyboardInterrupt
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +89,7 @@ def sweep_rates(start: float, end: float, steps: int) -> np.ndarray:
     return start * (end / start) ** (np.arange(steps) / max(steps - 1, 1))
 
 
-def suggest(learning_rates, losses) -> float:
+def suggest(learning_rates: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray) -> float:
     """The rate at the smoothed loss's minimum, divided by 10."""
     return float(learning_rates[int(np.argmin(losses))]) / 10.0
 
@@ -100,7 +101,13 @@ class LRSweep(keras.callbacks.Callback):
     recovered from the running means weighted by the batches' sizes.
     """
 
-    def __init__(self, rates, sizes: list[int], smoothing: float = SMOOTHING, stop_factor: float = STOP_FACTOR):
+    def __init__(
+        self,
+        rates: Sequence[float] | np.ndarray,
+        sizes: list[int],
+        smoothing: float = SMOOTHING,
+        stop_factor: float = STOP_FACTOR,
+    ):
         super().__init__()
         self.rates = [float(rate) for rate in rates]
         self.sizes = sizes  # filled by the batches as they are read
@@ -114,10 +121,10 @@ class LRSweep(keras.callbacks.Callback):
         self._total = 0.0
         self._seen = 0
 
-    def on_train_batch_begin(self, batch, logs=None):
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self.model.optimizer.learning_rate.assign(self.rates[len(self.learning_rates)])
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         step = len(self.learning_rates)
         running = float((logs or {})["loss"])
         seen = self._seen + self.sizes[step]
@@ -147,7 +154,7 @@ class SweepBatches(keras.utils.PyDataset):
     sweep is cycled as often as the sweep needs.
     """
 
-    def __init__(self, batches, steps: int):
+    def __init__(self, batches: Any, steps: int):
         super().__init__()
         self.batches = batches
         self.steps = steps
@@ -168,7 +175,7 @@ class SweepBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Any:
         epoch = index // self.per_epoch
         if epoch not in self._passes:
             if len(self._passes) > 4:  # Keras reads ahead a little; older passes are not asked for again

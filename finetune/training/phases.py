@@ -7,6 +7,7 @@ every phase compiles again with its own new optimizer.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def configure_phase(model: keras.Model, layout: BackboneLayout, phase: PhaseConf
     )
 
 
-def _count(variables) -> int:
+def _count(variables: Sequence[Any]) -> int:
     return int(sum(math.prod(variable.shape) for variable in variables))
 
 
@@ -92,14 +93,14 @@ def _top_blocks(layout: BackboneLayout, phase: PhaseConfig) -> tuple[Block, ...]
     return layout.top(count)
 
 
-def check_phases(layout: BackboneLayout, phases) -> None:
+def check_phases(layout: BackboneLayout, phases: Sequence[PhaseConfig]) -> None:
     """Fail before any training if a phase asks for more blocks than the backbone has."""
     for phase in phases:
         if isinstance(phase.trainable, TopBlocks):
             _top_blocks(layout, phase)
 
 
-def setup_warnings(layout: BackboneLayout, weights: str | None, phases) -> list[str]:
+def setup_warnings(layout: BackboneLayout, weights: str | None, phases: Sequence[PhaseConfig]) -> list[str]:
     """Settings that are valid but probably not what the user wants."""
     has_batch_norm = any(
         isinstance(inner, keras.layers.BatchNormalization)
@@ -186,7 +187,7 @@ def compile_for_phase(
     return PhaseSetup(optimizer, extra)
 
 
-def phase_optimizer(layout: BackboneLayout, phase: PhaseConfig, learning_rate) -> keras.optimizers.Optimizer:
+def phase_optimizer(layout: BackboneLayout, phase: PhaseConfig, learning_rate: Any) -> keras.optimizers.Optimizer:
     """A fresh optimizer of ``phase``'s kind and settings at ``learning_rate`` (a float or a schedule),
     with the phase's backbone rate multiplier."""
     multipliers = None
@@ -197,9 +198,9 @@ def phase_optimizer(layout: BackboneLayout, phase: PhaseConfig, learning_rate) -
 
 def compile_model(
     model: keras.Model,
-    optimizer,
+    optimizer: keras.optimizers.Optimizer,
     steps_per_execution: int = 1,
-    jit_compile="auto",
+    jit_compile: bool | str = "auto",
     label_smoothing: float = 0.0,
     soft_labels: bool = False,
 ) -> None:
@@ -249,7 +250,9 @@ class FitInputs:
     views: list | None = None
 
 
-def fit_inputs(model: keras.Model, phase: PhaseConfig, dataset, settings: TrainingConfig, store) -> FitInputs:
+def fit_inputs(
+    model: keras.Model, phase: PhaseConfig, dataset: Any, settings: TrainingConfig, store: FeatureStore
+) -> FitInputs:
     """The model a fit of ``phase`` trains and its inputs: the top and cached features where ``store`` has them.
 
     ``model`` is compiled already; a cached top is compiled with its optimizer.
@@ -289,7 +292,9 @@ def _fit(
     )
 
 
-def training_batches(inputs: FitInputs, dataset, settings: TrainingConfig, batch_size: int, seed: int, epoch: int):
+def training_batches(
+    inputs: FitInputs, dataset: Any, settings: TrainingConfig, batch_size: int, seed: int, epoch: int
+) -> Any:
     """The phase's training batches from ``epoch`` on (a ``FileBatches``; mixed or augmented views where set).
 
     Their order depends only on (seed, epoch): a resumed run sees what an uninterrupted one would,
@@ -305,11 +310,11 @@ def training_batches(inputs: FitInputs, dataset, settings: TrainingConfig, batch
     return FileBatches(inputs.train_x, dataset.train.labels, batch_size, **order)
 
 
-def resolve_verbosity(setting) -> int:
+def resolve_verbosity(setting: Any) -> int:
     """Keras's own output for 1 and 2; none for ``auto`` (finetune's progress line shows it) and 0."""
     return 0 if setting == "auto" else int(setting)
 
 
-def optimizer_learning_rate(optimizer) -> float:
+def optimizer_learning_rate(optimizer: Any) -> float:
     """The rate the optimizer uses now (a schedule evaluated at the current step)."""
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))

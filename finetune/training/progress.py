@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 import keras
 
@@ -40,15 +41,15 @@ class PhaseProgress(keras.callbacks.Callback):
         self._epoch_started = 0.0
         self._epoch = 0
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._phase_started = time.perf_counter()
         self._steps_done_in_phase = 0
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch = epoch
         self._epoch_started = time.perf_counter()
 
-    def _live_step(self, batch, logs=None):
+    def _live_step(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._steps_done_in_phase += 1
         if not progress.live_due():  # converting the logs waits for the step: only when the line is redrawn
             return
@@ -64,7 +65,7 @@ class PhaseProgress(keras.callbacks.Callback):
         ]
         progress.live("  ".join(part for part in parts if part))
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         seconds = time.perf_counter() - self._epoch_started
         images = self.images_per_step * self.steps
         parts = [
@@ -76,7 +77,7 @@ class PhaseProgress(keras.callbacks.Callback):
         logger.info(f"{self.phase} epoch {epoch + 1}/{self.last_epoch}: " + ", ".join(part for part in parts if part))
 
 
-def _values(logs, shown) -> list[str]:
+def _values(logs: dict[str, Any] | None, shown: tuple[tuple[str, str], ...]) -> list[str]:
     logs = logs or {}
     values = []
     for key, form in shown:

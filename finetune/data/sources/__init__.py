@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 def _builtin_sources() -> dict[str, DatasetSource]:
+    # Imported when the registry first looks a name up: each source module imports this one (DatasetSource).
     from finetune.data.sources import fashion_mnist, image_folder, tfds
 
     return {source.name: source for source in (fashion_mnist.SOURCE, image_folder.SOURCE, tfds.SOURCE)}
