@@ -143,19 +143,24 @@ class ProgressHandler(logging.Handler):
 
 @contextlib.contextmanager
 def lines_to(log: Callable[[str], None] | Progress | None) -> Iterator[None]:
-    """For the block, the ``finetune`` logger's lines also go to ``log`` (``print``, a list's append, a Progress).
+    """For the block, the ``finetune`` logger's lines go to ``log`` (``print``, a list's append, a Progress), and
+    to handlers set on the ``finetune`` logger itself, but not up to the root logger: TensorFlow's absl calls
+    ``logging.basicConfig()`` while it exports, which would print every later line twice.
 
-    ``None`` adds nothing: the lines reach only the handlers the application configured.
+    ``None`` adds nothing and changes nothing: the lines reach the handlers the application configured.
     """
     if log is None:
         yield
         return
     handler = ProgressHandler(Progress.of(log))
+    propagate = _logger.propagate
     _logger.addHandler(handler)
+    _logger.propagate = False
     try:
         yield
     finally:
         _logger.removeHandler(handler)
+        _logger.propagate = propagate
         handler.progress.end_live()
 
 

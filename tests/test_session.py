@@ -149,9 +149,14 @@ def test_a_library_users_logging_controls_a_run(tmp_path, mlp_recipe_dict):
     handler = Keep()
     logger.addHandler(handler)
     level = logger.level
+    root_records: list[logging.LogRecord] = []
+    at_root = Keep()
+    at_root.emit = root_records.append  # a root handler, as TensorFlow's absl installs one while exporting
+    logging.getLogger().addHandler(at_root)
     try:
         lines: list[str] = []
         finetune.run(recipe, out=tmp_path / "loud", log=lines.append)
+        assert not [record for record in root_records if record.name.startswith("finetune")]  # printed once
         warnings = [record.getMessage() for record in records if record.levelno == logging.WARNING]
         assert any("the model got worse while training" in message for message in warnings), warnings
         assert not any(message.startswith(("[finetune]", "warning:")) for message in warnings)  # the handler adds those
@@ -165,4 +170,5 @@ def test_a_library_users_logging_controls_a_run(tmp_path, mlp_recipe_dict):
         assert lines == [] and records == []
     finally:
         logger.removeHandler(handler)
+        logging.getLogger().removeHandler(at_root)
         logger.setLevel(level)

@@ -78,8 +78,11 @@ def lines_on_stderr(quiet: bool = False) -> Iterator[None]:
 
     logger = logging.getLogger(LOGGER_NAME)
     handler = ProgressHandler(Progress(sys.stderr, "auto"))
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
+    # The command owns its output: a library that configures the root logger (a bare logging.info() does)
+    # must not print each line a second time.
+    logger.propagate = False
     if quiet:
         logger.setLevel(logging.ERROR)
     try:
@@ -87,6 +90,7 @@ def lines_on_stderr(quiet: bool = False) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
         handler.progress.end_live()
 
 
