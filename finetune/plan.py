@@ -98,6 +98,7 @@ def resolve(recipe: Recipe, label: str = "recipe") -> RunPlan:
         _check_mix(recipe.training.mix)
         _check_mc_dropout(recipe)
         _check_export_packages(recipe.export)
+        _check_export_precision(recipe.export, recipe.precision)
     except RecipeError as error:
         raise RecipeError(f"{label}: {error}") from None
     return RunPlan(
@@ -230,6 +231,25 @@ def _check_export_packages(export: schema.ExportConfig) -> None:
         if missing:
             hint = " (pip install 'finetune[onnx]')" if name == "onnx" else ""
             raise RecipeError(f"export.formats: {name} needs the {', '.join(missing)} package(s){hint}")
+
+
+# Formats whose runtime cannot run what the converter writes from a model computing in that precision
+# (measured with TensorFlow 2.21, ONNX Runtime 1.32): the run would train for hours and fail at its export.
+_UNREADABLE_EXPORTS = {
+    ("tflite", "mixed_float16"): "the TFLite interpreter has no kernel for its float16 MatMul (FlexMatMul)",
+    ("tflite", "mixed_bfloat16"): "the TFLite interpreter has no kernel for its bfloat16 MatMul (FlexMatMul)",
+    ("onnx", "mixed_bfloat16"): "ONNX Runtime refuses its MatMul of float16 and bfloat16 tensors",
+}
+
+
+def _check_export_precision(export: schema.ExportConfig, precision: str) -> None:
+    for name in export.formats:
+        reason = _UNREADABLE_EXPORTS.get((name, precision))
+        if reason:
+            raise RecipeError(
+                f"export.formats: {name} cannot be read back from a {precision} model ({reason}); "
+                f"use precision: float32, or drop {name} from export.formats"
+            )
 
 
 def technique_warnings(recipe: Recipe) -> list[str]:

@@ -237,7 +237,7 @@ def test_a_model_with_mc_dropout_exports_its_deterministic_form_and_passes_its_c
             "data.train_limit=300",
             "data.test_limit=64",
             "phases.train.epochs=1",
-            "evaluation.mc_samples=4",
+            "evaluation.mc_samples=50",
             "training.verbose=0",
             "training.tensorboard=false",
             "export.formats=[keras, saved_model]",
@@ -255,3 +255,100 @@ def test_a_model_with_mc_dropout_exports_its_deterministic_form_and_passes_its_c
     np.testing.assert_array_equal(first, second)
     expected = for_serving(result.model).predict(images, verbose=0)
     np.testing.assert_allclose(first, expected, atol=1e-5)
+    # `finetune predict` on the run folder answers with the mean of the recipe's 50 passes, as evaluate does:
+    # repeated calls then differ by a seventh of what single passes differ by (the mean's standard error).
+    from finetune.inference.predictor import load_predictor
+
+    predictor = load_predictor(tmp_path / "mc")
+    assert any("mean of 50 MC dropout passes" in note for note in predictor.notes)
+    answers = [predictor.predict(images) for _ in range(4)]
+    singles = [keras.ops.convert_to_numpy(result.model(images, training=False)) for _ in range(4)]
+
+    def spread(outputs):
+        return float(np.mean(np.std(np.stack(outputs), axis=0)))
+
+    assert spread(answers) < 0.35 * spread(singles), (spread(answers), spread(singles))
+
+
+def test_a_format_that_fails_at_the_end_of_a_run_is_recorded_and_the_run_finishes_then_export_retries_it(
+    tmp_path, monkeypatch
+):
+    """An export failure never strands a trained model: run.json says finished, metrics.json records the
+    failure and the retry command; `finetune export --format` then writes it."""
+    import onnxruntime
+
+    genuine = onnxruntime.InferenceSession.run
+    monkeypatch.setattr(  # the runtime answers with every image's probabilities moved one class on
+        onnxruntime.InferenceSession,
+        "run",
+        lambda self, *args, **kwargs: [np.roll(output, 1, axis=-1) for output in genuine(self, *args, **kwargs)],
+    )
+    recipe = copy.deepcopy(MLP_RECIPE)
+    recipe["phases"][0]["epochs"] = 1
+    recipe["export"] = {"formats": ["keras", "onnx"]}
+    lines: list[str] = []
+    result = finetune.run(finetune.load_recipe(recipe), out=tmp_path / "run", log=lines.append)
+    run_dir = result.run_dir
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    exported = json.loads((run_dir / "metrics.json").read_text())["export"]
+    assert exported["keras"]["top1_agreement"] == 1.0
+    assert exported["onnx"]["error"].startswith("export onnx disagrees with the Keras model")
+    assert not (run_dir / "model.onnx").exists()
+    warning = [line for line in lines if "export onnx disagrees" in line]
+    assert warning and f"retry with: finetune export {run_dir} --format onnx" in warning[0]
+    assert warning[0].startswith("[finetune] warning: ")
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", genuine)  # the runtime fixed, say
+    retried = _cli("export", run_dir, "--format", "onnx")
+    assert retried.exit_code == 0, retried.output
+    exported = json.loads((run_dir / "metrics.json").read_text())["export"]
+    assert "error" not in exported["onnx"] and exported["onnx"]["top1_agreement"] == 1.0
+    assert (run_dir / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize(
+    "precision, formats, refused",
+    [
+        ("mixed_bfloat16", ["keras", "tflite"], "tflite"),
+        ("mixed_float16", ["keras", "tflite"], "tflite"),
+        ("mixed_bfloat16", ["keras", "onnx"], "onnx"),
+    ],
+)
+def test_a_precision_whose_export_no_runtime_can_read_is_refused_by_validate(tmp_path, precision, formats, refused):
+    """Both failures were measured at the end of real runs (FlexMatMul; ONNX Runtime's MatMul type error)."""
+    recipe = copy.deepcopy(MLP_RECIPE)
+    recipe["precision"] = precision
+    recipe["export"] = {"formats": formats}
+    with pytest.raises(RecipeError, match=rf"export\.formats: {refused} cannot be read back from a {precision} model"):
+        finetune.load_recipe(recipe)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(finetune.load_recipe(copy.deepcopy(MLP_RECIPE)).to_yaml())
+    result = _cli("validate", path, "--set", f"precision={precision}", "--set", f"export.formats=[{','.join(formats)}]")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    recipe["export"] = {"formats": ["keras", "saved_model", "onnx"] if precision == "mixed_float16" else ["keras"]}
+    assert finetune.load_recipe(recipe).precision == precision  # what a runtime reads stays allowed
+
+
+def test_export_checks_against_images_kept_with_the_run_so_the_training_data_may_be_gone(tmp_path):
+    """A run folder moved to another machine (or its image folder deleted) still exports and verifies."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    for index, name in enumerate(("circle", "square", "star")):
+        (folder / name).mkdir(parents=True)
+        for number in range(12):
+            pixels = rng.integers(0, 80, (20, 20), dtype=np.uint8) + np.uint8(80 * index)
+            Image.fromarray(pixels).save(folder / name / f"{number}.png")
+    recipe = copy.deepcopy(MLP_RECIPE)
+    recipe["data"] = {"source": "image_folder", "data_dir": str(folder), "image_size": 20, "test_split": 0.25}
+    recipe["phases"][0]["epochs"] = 1
+    recipe["export"] = {"formats": ["keras"]}
+    result = finetune.run(finetune.load_recipe(recipe), out=tmp_path / "run", log=lambda line: None)
+    kept = np.load(result.run_dir / "export_check_images.npy")
+    assert kept.dtype == np.uint8 and kept.shape[1:] == (20, 20, 1) and len(kept) == 9  # the 9 test images
+    shutil.rmtree(folder)
+    exported = _cli("export", result.run_dir, "--format", "saved_model")
+    assert exported.exit_code == 0, exported.output
+    entry = json.loads((result.run_dir / "metrics.json").read_text())["export"]["saved_model"]
+    assert entry["images"] == 9 and entry["top1_agreement"] == 1.0

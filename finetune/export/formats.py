@@ -25,6 +25,9 @@ from finetune.files import write_atomically, write_folder_atomically, write_text
 from finetune.recipe.schema import EXPORT_PACKAGES
 from finetune.registry import Registry
 
+#: The run's export check images (uint8, the model's input shape), kept in its folder by the run.
+VERIFY_IMAGES_FILE = "export_check_images.npy"
+
 
 @dataclass(frozen=True)
 class ExportFormat:
@@ -140,11 +143,12 @@ def export_all(
 
     Returns ``metrics.json``'s ``export`` part: per artifact its file, size,
     runtime, quantization, max absolute probability difference and top-1
-    agreement with the Keras model, and the tolerance it passed. An
+    agreement with the Keras model, and the tolerance it passed. A format
+    that cannot be written or disagrees gets ``{"file", "format",
+    "quantization", "error"}`` instead (nothing is left under its name; see :func:`failures`). An
     existing ``model.keras`` (the run's own) is verified, not rewritten,
     unless ``keep_existing_keras`` is false.
     """
-    check_available(names)
     run_dir = Path(run_dir)
     images = np.asarray(images)
     model = for_serving(model)
@@ -167,17 +171,28 @@ def export_all(
                 entry.write(model, target, kind, class_names)
             measured.update(verify(entry, key, kind, target, images, reference, half_precision))
 
-        if name == "keras" and keep_existing_keras and path.is_file():
-            measured.update(verify(entry, key, kind, path, images, reference, half_precision))
-        elif entry.folder:
-            write_folder_atomically(path, write_and_verify)
-        else:
-            write_atomically(path, write_and_verify)
+        try:
+            check_available([name])
+            if name == "keras" and keep_existing_keras and path.is_file():
+                measured.update(verify(entry, key, kind, path, images, reference, half_precision))
+            elif entry.folder:
+                write_folder_atomically(path, write_and_verify)
+            else:
+                write_atomically(path, write_and_verify)
+        except ExportError as error:
+            # One format that cannot be written or read back costs that format, not the others or the run.
+            results[key] = {"file": path.name, "format": name, "quantization": kind, "error": str(error)}
+            continue
         results[key] = {"file": path.name, "bytes": _size(path), "runtime": entry.runtime(), "quantization": kind}
         results[key].update(measured)
     if any(not get(name).folder for name in names):
         write_text_atomically(run_dir / "labels.txt", "".join(f"{label}\n" for label in class_names))
     return results
+
+
+def failures(results: dict[str, dict]) -> dict[str, str]:
+    """The formats of :func:`export_all`'s ``results`` that failed, with their one-line reasons."""
+    return {key: result["error"] for key, result in results.items() if "error" in result}
 
 
 def for_serving(model):

@@ -70,9 +70,15 @@ def _keras_model(path: Path) -> Predictor:
     folder = path if path.is_dir() else path.parent
     shape = tuple(int(size) for size in model.input_shape[1:])
     spec, notes = _spec(folder, shape, int(model.output_shape[-1]))
+    # An MC dropout model answers with the mean of the passes its run was evaluated with, as
+    # `finetune evaluate` does: one stochastic pass would answer the same image differently each call.
+    passes = max(_recipe_evaluation(folder).get("mc_samples") or 0, 1)
+    if passes > 1:
+        notes.append(f"each answer is the mean of {passes} MC dropout passes (the run's evaluation.mc_samples)")
 
     def probabilities(images: np.ndarray) -> np.ndarray:
-        return keras.ops.convert_to_numpy(model(images, training=False))
+        total = sum(keras.ops.convert_to_numpy(model(images, training=False)) for _ in range(passes))
+        return np.asarray(total) / passes
 
     return Predictor(spec, "keras", path, probabilities, notes)
 
@@ -138,13 +144,22 @@ def _class_names(folder: Path | None, classes: int) -> tuple[str, ...] | None:
 
 def _recipe_resize(folder: Path | None) -> str | None:
     """``data.resize`` of the run's ``recipe.yaml`` (an older run folder's only record of it)."""
+    resize = _recipe_section(folder, "data").get("resize")
+    return resize if resize in ("crop", "pad", "stretch") else None
+
+
+def _recipe_evaluation(folder: Path) -> dict:
+    """``evaluation`` of the run's ``recipe.yaml``; empty for a bare ``.keras`` file's folder."""
+    return _recipe_section(folder, "evaluation")
+
+
+def _recipe_section(folder: Path | None, section: str) -> dict:
     if folder is None or not (folder / "recipe.yaml").is_file():
-        return None
+        return {}
     import yaml
 
     try:
-        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
-        resize = recipe["data"].get("resize")
+        part = yaml.safe_load((folder / "recipe.yaml").read_text())[section]
     except Exception:  # noqa: BLE001 - an unreadable recipe only loses the hint
-        return None
-    return resize if resize in ("crop", "pad", "stretch") else None
+        return {}
+    return part if isinstance(part, dict) else {}

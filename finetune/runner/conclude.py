@@ -16,7 +16,8 @@ from finetune import model as model_stage
 from finetune.data import Dataset
 from finetune.data.input_spec import describe_input, write_input_spec
 from finetune.evaluation import metrics as metrics_stage
-from finetune.export.formats import export_all
+from finetune.export.formats import VERIFY_IMAGES_FILE, export_all, failures
+from finetune.files import write_atomically
 from finetune.plan import RunPlan
 from finetune.progress import live
 from finetune.recipe import Recipe
@@ -116,9 +117,19 @@ def save(
     write_input_spec(folder.path, input_spec)
     # Written before the exports as well: a run killed while exporting still has its test metrics.
     folder.write_json("metrics.json", metrics)
-    images = dataset.test.images[: plan.export.verify_images]
+    images = np.asarray(dataset.test.images[: plan.export.verify_images])
+    # Kept with the run (a few dozen small images): `finetune export` checks later formats on them
+    # wherever the folder goes, without the training data.
+    write_atomically(folder.path / VERIFY_IMAGES_FILE, lambda path: np.save(path, images))
     formats, quantization = plan.export.formats, plan.export.tflite_quantization
     metrics["export"] = export_all(model, folder.path, formats, quantization, dataset.class_names, images)
+    for key, reason in failures(metrics["export"]).items():
+        # The trained model is never held hostage by a format: the run finishes, the failure is on record.
+        failed = metrics["export"][key]
+        retry = f"finetune export {folder.path} --format {failed['format']}"
+        if failed["quantization"] != "none":
+            retry += f" --quantization {failed['quantization']}"
+        logger.warning(f"{reason}; the run is finished and model.keras saved; retry with: {retry}")
     if "saved_model" in formats:
         write_input_spec(folder.path / "saved_model", input_spec)  # predict reads it beside labels.txt
     folder.write_json("metrics.json", metrics)

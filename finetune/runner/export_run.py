@@ -11,9 +11,9 @@ import numpy as np
 from finetune import model as model_stage
 from finetune.data import load_dataset
 from finetune.data.input_spec import read_input_spec, write_input_spec
-from finetune.errors import RunFolderError
-from finetune.export.formats import check_available, export_all
-from finetune.plan import prepare
+from finetune.errors import ExportError, RunFolderError, first_line
+from finetune.export.formats import VERIFY_IMAGES_FILE, check_available, export_all, failures
+from finetune.plan import RunPlan, prepare
 from finetune.progress import Progress, lines_to
 from finetune.runner.distribution import one_process_note
 from finetune.runner.folder import RunFolder
@@ -61,19 +61,37 @@ def _export(folder: RunFolder, formats: Sequence[str] | None, quantization: str 
         if note := one_process_note(plan.distribution, "export"):
             logger.info(note)
         metrics = folder.read_json("metrics.json")
-        dataset = load_dataset(plan.data, plan.seed)
+        images, class_names = _check_images(folder, plan)
         model = model_stage.load_model(folder.path / "model.keras", compile=False)
-        images = np.asarray(dataset.test.images[: plan.export.verify_images])
-        results = export_all(model, folder.path, formats, quantization, dataset.class_names, images)
+        results = export_all(model, folder.path, formats, quantization, class_names, images)
         spec = read_input_spec(folder.path)
         if "saved_model" in formats and spec is not None:
             write_input_spec(folder.path / "saved_model", spec)  # as a run writes it, for finetune predict
         metrics["export"] = {**metrics.get("export", {}), **results}
         folder.write_json("metrics.json", metrics)
+    failed = failures(results)
     for key, result in results.items():
+        if key in failed:
+            continue
         logger.info(
             f"{key}: {result['file']} ({result['bytes'] / 1e6:.2f} MB), {result['runtime']}: "
             f"max |probability difference| {result['max_abs_diff']:.2g}, top-1 agreement "
             f"{result['top1_agreement']:.3f} on {result['images']} test images"
         )
+    if failed:
+        # The formats that worked are written and recorded; the command still fails, naming what did not.
+        raise ExportError("; ".join(failed.values()))
     return results
+
+
+def _check_images(folder: RunFolder, plan: RunPlan) -> tuple[np.ndarray, list[str]]:
+    """The images the run kept for export checks, and its class names; an older run's from its data."""
+    kept, spec = folder.path / VERIFY_IMAGES_FILE, read_input_spec(folder.path)
+    if kept.is_file() and spec is not None:
+        try:
+            images = np.load(kept, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise RunFolderError(f"{str(kept)!r} cannot be read ({first_line(error)})") from None
+        return images[: plan.export.verify_images], list(spec.class_names)
+    dataset = load_dataset(plan.data, plan.seed)
+    return np.asarray(dataset.test.images[: plan.export.verify_images]), list(dataset.class_names)
