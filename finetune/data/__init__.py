@@ -5,7 +5,7 @@ registry and its file-free checks are in :mod:`finetune.data.sources`, array
 views of memory-mapped files in :mod:`finetune.data.arrays`.
 """
 
-from finetune.data.loading import load_dataset, model_io
+from finetune.data.loading import load_dataset, model_io, relabel_by_name
 from finetune.data.sources import check_config, datasets, peek_class_names
 from finetune.data.splits import Dataset, DatasetSource, Split
 
@@ -18,4 +18,5 @@ __all__ = [
     "load_dataset",
     "model_io",
     "peek_class_names",
+    "relabel_by_name",
 ]

@@ -1,4 +1,5 @@
-"""A dataset for a run: a source's splits, its classes kept, seeded subsets, a validation hold-out.
+"""A dataset for a run: a source's splits, its classes kept, seeded subsets, a validation hold-out;
+labels renumbered by class name to a trained model's classes.
 
 The stored form is compact pixels (uint8, N x H x W x C); resizing to the
 backbone's input and colour conversion happen inside the model, so memory
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from finetune.data.arrays import pick_rows
-from finetune.data.sampling import per_class_sample, select_classes, stratified_sample
+from finetune.data.sampling import list_names, per_class_sample, select_classes, stratified_sample
 from finetune.data.sources import get
 from finetune.data.splits import Dataset, Split
 from finetune.errors import DataError
@@ -67,6 +68,38 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
         test=_take(test, test_labels, test_positions),
         class_names=tuple(class_names),
         source=where,
+    )
+
+
+def relabel_by_name(dataset: Dataset, class_names: Sequence[str], owner: str = "the model") -> Dataset:
+    """``dataset`` with its labels numbered as ``class_names`` numbers them, matched by name, and those names.
+
+    The data may hold only some of ``class_names`` (the others then have no images); a class of the
+    data that ``class_names`` lacks is a DataError naming it (``owner`` says whose classes they are).
+    """
+    names = tuple(class_names)
+    if tuple(dataset.class_names) == names:
+        return dataset
+    unknown = [name for name in dataset.class_names if name not in names]
+    if unknown:
+        missing = [name for name in names if name not in dataset.class_names]
+        plural = len(unknown) > 1
+        raise DataError(
+            f"the data's class{'es' if plural else ''} {list_names(unknown)} {'are' if plural else 'is'} not among "
+            f"{owner}'s {len(names)} classes ({list_names(names)})"
+            + (f"; {owner}'s classes the data lacks: {list_names(missing)}" if missing else "")
+        )
+    numbers = np.array([names.index(name) for name in dataset.class_names], dtype=np.int32)
+
+    def renumbered(split: Split) -> Split:
+        return Split(split.images, numbers[split.labels], split.indices)  # the images stay as they are (mapped)
+
+    return Dataset(
+        train=renumbered(dataset.train),
+        validation=renumbered(dataset.validation) if dataset.validation is not None else None,
+        test=renumbered(dataset.test),
+        class_names=names,
+        source=dataset.source,
     )
 
 

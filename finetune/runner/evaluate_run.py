@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune import model as model_stage
-from finetune.errors import ModelError, RecipeError, RunFolderError
+from finetune.data import Dataset, relabel_by_name
+from finetune.data.input_spec import read_input_spec
+from finetune.data.sources import get as get_source
+from finetune.errors import DataError, ModelError, RecipeError, RunFolderError
 from finetune.files import write_json_atomically, write_text_atomically
 from finetune.plan import prepare
 from finetune.progress import Progress, lines_to, live
@@ -19,6 +26,11 @@ from finetune.runner.conclude import evaluate_test_split
 from finetune.runner.distribution import one_process_note
 from finetune.runner.folder import RunFolder
 from finetune.runner.session import load_data
+
+if TYPE_CHECKING:
+    import keras
+
+    from finetune.recipe.schema import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +59,8 @@ def evaluate_run(
 
 
 def _evaluate(run_dir: str | Path, overrides: list[str]) -> Evaluation:
-    for key in parse_assignments(overrides, "--set", "data.test_limit=null"):
+    keys = set(parse_assignments(overrides, "--set", "data.test_limit=null"))
+    for key in keys:
         if not key.startswith(CHANGEABLE):
             raise RecipeError(f"--set {key}: evaluate changes only data.* and evaluation.* (the model is trained)")
     folder = RunFolder.existing(run_dir)
@@ -59,13 +72,19 @@ def _evaluate(run_dir: str | Path, overrides: list[str]) -> Evaluation:
     recipe, plan = prepare(read_recipe(folder.path / "recipe.yaml", overrides))
     if note := one_process_note(plan.distribution, "evaluate"):
         logger.info(note)
-    dataset = load_data(plan)
     model = model_stage.load_model(folder.path / "model.keras")
-    classes = model.output_shape[-1]
-    if dataset.num_classes != classes:
-        raise RecipeError(
-            f"the data has {dataset.num_classes} classes and the model {classes}: evaluate on the run's classes"
-        )
+    stored = tuple(int(size) for size in model.input_shape[1:])
+    _check_image_size(model, plan.data)
+    height, width = stored[0], stored[1]
+    if (
+        "data.stored_size" not in keys
+        and plan.data.stored_hw != (height, width)
+        and get_source(plan.data.source).resizes
+    ):
+        # Decoded at the size the model takes, as its training images were (a resizing source's default is image_size).
+        recipe.data.stored_size = height if height == width else (height, width)
+        plan = dataclasses.replace(plan, data=recipe.data)
+    dataset = _matched_to_model(load_data(plan), folder.path, stored, int(model.output_shape[-1]))
     live(f"evaluating {folder.path} on {len(dataset.test):,} test images", force=True)
     metrics, probabilities = evaluate_test_split(model, plan, dataset)
     metrics = {"test": metrics, "run": str(folder.path), "overrides": overrides, "data": dataset.source}
@@ -82,6 +101,61 @@ def _evaluate(run_dir: str | Path, overrides: list[str]) -> Evaluation:
         f"results in {out}"
     )
     return Evaluation(out, metrics)
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(str(size) for size in shape)
+
+
+def _check_image_size(model: keras.Model, data: DataConfig) -> None:
+    """Refuse a ``data.image_size`` other than the one the model resizes to inside itself (it is trained)."""
+    try:
+        layer = model.get_layer("backbone_input")
+    except ValueError:  # a model without finetune's input layer: its input shape alone is checked
+        return
+    trained = (int(layer.height), int(layer.width))
+    if data.image_hw != trained:
+        raise RecipeError(
+            f"data.image_size {_size(data.image_hw)}: the model was trained at {_size(trained)} and resizes "
+            "its input to that itself; leave data.image_size out"
+        )
+
+
+def _matched_to_model(dataset: Dataset, run: Path, stored: tuple[int, ...], classes: int) -> Dataset:
+    """``dataset`` refused unless the model can take its images, its labels numbered as the model's outputs."""
+    if tuple(dataset.input_shape) != stored:
+        channels = stored[-1]
+        hint = (
+            "leave data.stored_size out (evaluate then stores images at the model's size)"
+            if tuple(dataset.input_shape[:2]) != stored[:2]
+            else f"the model takes {channels}-channel ({'greyscale' if channels == 1 else 'colour'}) images"
+        )
+        raise DataError(
+            f"the data's images are {_size(dataset.input_shape)} (height x width x channels) but the model was "
+            f"trained on {_size(stored)} images; {hint}"
+        )
+    names = _run_class_names(run, classes)
+    if names is None:  # a run saved before input.json, without labels.txt or metrics.json: numbers only
+        if dataset.num_classes != classes:
+            raise RecipeError(
+                f"the data has {dataset.num_classes} classes and the model {classes}: evaluate on the run's classes"
+            )
+        logger.warning(f"{run} records no class names: the data's classes are taken in the model's order")
+        return dataset
+    return relabel_by_name(dataset, names, owner="the model")
+
+
+def _run_class_names(run: Path, classes: int) -> tuple[str, ...] | None:
+    """The model's class names in output order: ``input.json``, else ``metrics.json``, else ``labels.txt``."""
+    candidates = []
+    spec = read_input_spec(run)
+    if spec is not None:
+        candidates.append(spec.class_names)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # an unreadable file only loses the names
+        candidates.append(tuple(json.loads((run / "metrics.json").read_text())["test"]["class_names"]))
+    with contextlib.suppress(OSError):
+        candidates.append(tuple((run / "labels.txt").read_text().splitlines()))
+    return next((tuple(map(str, names)) for names in candidates if len(names) == classes), None)
 
 
 def _new_evaluation_folder(root: Path) -> Path:

@@ -40,8 +40,14 @@ def new_run_dir(out: str | Path | None, recipe_name: str, root: Path = Path("run
     if out is not None:
         check_run_dir(out)
         path = Path(out)
-        path.mkdir(parents=True, exist_ok=True)
-        if not _claim(path):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            claimed = _claim(path)
+        except OSError as error:  # no such parent, no permission, a read-only or pseudo file system (/proc)
+            raise RunFolderError(
+                f"cannot create the run folder {str(path)!r}: {error.strerror or first_line(error)}"
+            ) from None
+        if not claimed:
             raise RunFolderError(f"run folder {str(path)!r} was just claimed by another run; choose another --out")
         return path
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -50,9 +56,14 @@ def new_run_dir(out: str | Path | None, recipe_name: str, root: Path = Path("run
         path = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
         try:
             path.mkdir(parents=True, exist_ok=False)
+            claimed = _claim(path)
         except FileExistsError:
             continue
-        if _claim(path):
+        except OSError as error:
+            raise RunFolderError(
+                f"cannot create the run folder {str(path)!r}: {error.strerror or first_line(error)}"
+            ) from None
+        if claimed:
             return path
     raise RunFolderError(f"cannot create a new run folder next to {base}")
 
@@ -90,7 +101,37 @@ class RunFolder:
             folder.status = json.loads((folder.path / "run.json").read_text())
         except (OSError, ValueError) as error:
             raise RunFolderError(f"{str(folder.path / 'run.json')!r} cannot be read ({first_line(error)})") from None
+        # A run whose process is gone is read (compare, export, evaluate, resume) as what it is; run.json stays.
+        if (status := folder.effective_status()) != folder.status.get("status"):
+            folder.status["status"] = status
         return folder
+
+    def effective_status(self) -> str | None:
+        """``run.json``'s status, except that a run recorded ``running`` that no process holds any more
+        (killed, out of memory, its machine stopped: nothing wrote how it ended) is ``interrupted``."""
+        status = self.status.get("status")
+        if status == "running" and not self.in_use():
+            return "interrupted"
+        return status
+
+    def in_use(self) -> bool:
+        """Whether a process holds the folder (:meth:`locked`): asked without waiting, and without keeping it."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks, so no way to tell; what run.json says stands
+            return True
+        try:
+            handle = (self.path / ".lock").open("r")
+        except FileNotFoundError:
+            return False  # never locked
+        except OSError:  # not ours to read: no way to tell
+            return True
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False  # closing the file lets the shared lock go at once
 
     def recipe_changed(self) -> bool:
         """Whether ``recipe.yaml`` differs from the one the run started with."""
