@@ -13,13 +13,14 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
-from finetune.backbones import mlp
+from finetune.backbones import block_names, mlp
 from finetune.backbones.registry import backbones, get
 from finetune.backbones.reuse import EarlierRun, earlier_run
 from finetune.backbones.spec import BackboneSpec
+from finetune.backbones.truncate import cut_block_index
 from finetune.catalog import augment, callbacks, layers, mixing, optimizers, regularizers, schedules
 from finetune.data import check_config, datasets
-from finetune.errors import RecipeError, first_line
+from finetune.errors import RecipeError, WeightsError, first_line
 from finetune.files import is_file
 from finetune.recipe import Recipe, read_recipe, schema, source_label
 from finetune.recipe.load import Overrides, RecipeSource
@@ -95,6 +96,7 @@ def resolve(recipe: Recipe, label: str = "recipe") -> RunPlan:
     try:
         model = _model_plan(recipe)
         _check_phases(recipe.phases)
+        _check_validation_watchers(recipe)
         _check_mix(recipe.training.mix)
         _check_mc_dropout(recipe)
         _check_export_packages(recipe.export)
@@ -144,6 +146,10 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
             spec.imagenet_file((height, width), config.options)  # a width with no ImageNet file fails here
         except (TypeError, ValueError) as error:
             raise RecipeError(f"model.backbone.options: {first_line(error)}") from None
+    if reused is None:
+        names = block_names.tabled(spec, config.options)
+        if names is not None:  # a table lookup: every run and validate check the blocks before building
+            check_blocks(recipe, spec, names)
     if config.name == "mlp":
         layers.check_stack(_mlp_options(recipe), "model.backbone.options")
     layers.check_stack(recipe.model.head, "model.head")
@@ -165,6 +171,60 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
         augment=tuple(recipe.model.augment),
         seed=recipe.seed,
     )
+
+
+def check_blocks(recipe: Recipe, spec: BackboneSpec, names: list[str]) -> None:
+    """``cut_at``, ``top_blocks_removed`` and each phase's ``top_blocks`` against the backbone's block ``names``."""
+    config = recipe.model.backbone
+    last = cut_block_index(names, config.cut_at, config.top_blocks_removed)
+    kept = names if last is None else names[: last + 1]
+    for phase in recipe.phases:
+        count = getattr(phase.trainable, "top_blocks", None)
+        if count is not None and count > len(kept):
+            raise RecipeError(
+                f"phases.{phase.name}.trainable.top_blocks: {spec.name} has {len(kept)} blocks "
+                f"({kept[0]} .. {kept[-1]}), got {count}"
+            )
+
+
+def preflight(recipe: Recipe) -> list[str]:
+    """What ``finetune validate`` checks beyond :func:`resolve`, as a run would find it before training.
+
+    The blocks of a backbone the name table does not hold (built once, without weights), and where
+    ImageNet weights will come from (a weights folder, a package, or a download that must be reachable).
+    Returns notes for the user; a problem is a one-line RecipeError or WeightsError.
+    """
+    config = recipe.model.backbone
+    if config.name == "run":
+        return []
+    spec = get(config.name)
+    notes = []
+    asks_for_blocks = (
+        config.cut_at
+        or config.top_blocks_removed
+        or any(getattr(phase.trainable, "top_blocks", None) for phase in recipe.phases)
+    )
+    if asks_for_blocks and block_names.tabled(spec, config.options) is None:
+        check_blocks(recipe, spec, block_names.built(spec, config.options))
+    if config.weights == "imagenet":
+        # Imported here: only validate asks where the weights are before building.
+        from finetune.backbones.build import missing_imagenet_message
+        from finetune.backbones.weight_files import download_reachable, find_imagenet_weights
+
+        options = {**spec.default_options, **config.options}
+        found = find_imagenet_weights(spec, recipe.data.image_hw, options)
+        if found is None and spec.locate_weights is not None:
+            spec.locate_weights()  # its one-line WeightsError: which package to install
+        if found is not None:
+            notes.append(f"ImageNet weights for {spec.name}: {found}")
+        else:
+            problem = download_reachable()
+            if problem is not None:
+                raise WeightsError(missing_imagenet_message(spec, recipe.data.image_hw, options, problem))
+            notes.append(
+                f"ImageNet weights for {spec.name} are not on this machine; Keras downloads them on the first run"
+            )
+    return notes
 
 
 def _mlp_options(recipe: Recipe) -> schema.MLPOptions:
@@ -204,6 +264,33 @@ def _check_phases(phases) -> None:
                 f"{where}: the {spec.name} schedule and reduce_lr_on_plateau would both own the learning rate "
                 "(Keras fails mid-run); use schedule: performance, or drop the callback"
             )
+
+
+# What watches a metric, and which one by default: Keras's callbacks and the performance schedule.
+_WATCHERS = {"early_stopping": "val_loss", "model_checkpoint": "val_loss", "reduce_lr_on_plateau": "val_loss"}
+
+
+def _check_validation_watchers(recipe: Recipe) -> None:
+    """A callback or schedule that watches validation numbers needs validation images (else it never acts)."""
+    if recipe.data.validation_split > 0:
+        return
+    for phase in recipe.phases:
+        watched = [
+            (f"callbacks: {name}", settings.get("monitor", _WATCHERS[name]), name)
+            for name, settings in map(callbacks.callbacks.split, phase.callbacks)
+            if name in _WATCHERS
+        ]
+        if phase.schedule is not None:
+            name, settings = schedules.schedules.split(phase.schedule)
+            if name == "performance":
+                watched.append(("schedule: performance", settings.get("monitor", "val_loss"), name))
+        for where, monitor, name in watched:
+            if str(monitor).startswith("val_"):
+                raise RecipeError(
+                    f"phases.{phase.name}.{where} watches {monitor}, but data.validation_split is 0 (no "
+                    f"validation images), so it would never act; hold some out (--set data.validation_split=0.1) "
+                    f"or watch the training loss ({{name: {name}, monitor: loss}})"
+                )
 
 
 def _dense_stacks(recipe: Recipe) -> list[tuple[str, schema.DenseStackConfig]]:

@@ -237,7 +237,10 @@ def test_default_run_folder_is_new_each_time(tmp_path):
     assert first.name.startswith("my_recipe-")
 
 
-def test_cli_validate_accepts_the_flagship_recipe():
+def test_cli_validate_accepts_the_flagship_recipe(tmp_path, monkeypatch):
+    # Where its ImageNet file is (validate checks that the file is there, as a run would find it).
+    (tmp_path / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"")
+    monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path))
     result = cli_in_process("validate", "recipes/xception_fmnist.yaml")
     assert result.returncode == 0, result.stderr
     assert "phase head" in result.stdout and "phase finetune" in result.stdout
@@ -457,7 +460,7 @@ def test_throttled_checkpoints_still_save_an_interrupted_run(tmp_path, tiny_reci
     monkeypatch.setattr(
         checkpoints,
         "save_checkpoint",
-        lambda model, path, state: (saves.append(path.name), original_save(model, path, state)),
+        lambda model, path, state, **kwargs: (saves.append(path.name), original_save(model, path, state, **kwargs)),
     )
     original = training.fit_phase
 

@@ -61,19 +61,22 @@ def _download_imagenet(spec: BackboneSpec, input_shape, options):
         raise
     except Exception as error:
         if failures:
-            raise WeightsError(_missing_imagenet_message(spec, input_shape[:2], options, failures[-1])) from None
+            raise WeightsError(
+                missing_imagenet_message(spec, input_shape[:2], options, first_line(failures[-1]))
+            ) from None
         if isinstance(error, (TypeError, ValueError)):
             raise _refused(spec, error) from None
         raise
 
 
-def _missing_imagenet_message(spec, image_size, options, error) -> str:
+def missing_imagenet_message(spec: BackboneSpec, image_size, options, problem: str) -> str:
+    """One line: where to put the ImageNet file, or how to do without it; ``problem`` says why the download failed."""
     file_name = spec.imagenet_file(tuple(image_size), options)
     where = os.environ.get("FINETUNE_WEIGHTS_DIR") or "unset"
     return (
         f"ImageNet weights for {spec.name!r} are not available offline: put {file_name} in "
         f"$FINETUNE_WEIGHTS_DIR (now {where}) or ~/.keras/models, or set model.backbone.weights: null "
-        f"to start from random weights (download failed: {first_line(error)})"
+        f"to start from random weights (download failed: {problem})"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from finetune.backbones.spec import BackboneSpec
@@ -54,3 +55,16 @@ def find_imagenet_weights(spec: BackboneSpec, image_size, options=None) -> Path 
         except WeightsError:
             return None
     return found
+
+
+#: Where ``keras.applications`` downloads its ImageNet files from.
+DOWNLOAD_HOST = "storage.googleapis.com"
+
+
+def download_reachable(timeout: float = 3.0) -> str | None:
+    """None when Keras's download host accepts a connection, else why not (offline, no DNS, a firewall)."""
+    try:
+        socket.create_connection((DOWNLOAD_HOST, 443), timeout=timeout).close()
+    except OSError as error:
+        return f"{DOWNLOAD_HOST} cannot be reached: {error.strerror or type(error).__name__}"
+    return None

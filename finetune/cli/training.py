@@ -61,9 +61,11 @@ def validate(recipe, overrides):
     load_backend_quietly()
     # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.data import peek_class_names
-    from finetune.plan import load_recipe
+    from finetune.plan import load_recipe, preflight
 
     loaded = load_recipe(recipe, list(overrides))
+    # What a run would find in its first seconds: the backbone's blocks, where its weights come from.
+    checked = preflight(loaded)
     # Class names when they are cheap to find (no image is decoded); data errors surface here.
     class_names = peek_class_names(loaded.data)
     height, width = loaded.data.image_hw
@@ -86,7 +88,7 @@ def validate(recipe, overrides):
     for phase in loaded.phases:
         trainable = phase.trainable if isinstance(phase.trainable, str) else f"top {phase.trainable.top_blocks} blocks"
         click.echo(f"  phase {phase.name}: {phase.epochs} epochs, backbone trainable: {trainable}, {phase.describe()}")
-    for notice in loaded.notices:
+    for notice in [*checked, *loaded.notices]:
         click.echo(f"note: {notice}")
 
 
