@@ -49,6 +49,11 @@ _LAZY = {
 }
 
 
+def __dir__() -> list[str]:
+    # The lazy names too: what `dir(finetune)` and an editor's completion list, without importing them.
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib

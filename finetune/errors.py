@@ -42,12 +42,20 @@ class DistributionError(FinetuneError):
     """The recipe's ``distribution`` cannot run here (no ``TF_CONFIG``, a backend without that strategy)."""
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a run; ``run_dir`` holds what ``finetune resume`` needs."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, Slurm, systemd stopping the job) stopped the work; handled as Ctrl-C is."""
 
-    def __init__(self, run_dir):
+    def __init__(self, message: str = "SIGTERM"):
+        super().__init__(message)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM: ``terminated``) stopped a run; ``run_dir`` holds what ``finetune resume`` needs."""
+
+    def __init__(self, run_dir, terminated: bool = False):
         super().__init__(str(run_dir))
         self.run_dir = run_dir
+        self.terminated = terminated
 
 
 def first_line(error: BaseException) -> str:

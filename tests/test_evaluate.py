@@ -181,3 +181,18 @@ def test_a_run_folder_that_cannot_be_created_is_refused_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "cannot create the run folder" in lines[0] and "/proc/finetune-run" in lines[0]
+
+
+def test_metrics_record_the_test_time_augmentation_they_were_computed_with(mlp_run):
+    from finetune.runner.evaluate_run import evaluate_run
+
+    plain = evaluate_run(mlp_run.run_dir, [], log=None)
+    flipped = evaluate_run(mlp_run.run_dir, ["evaluation.tta=[flip]"], log=None)
+    assert "tta" not in json.loads((plain.folder / "metrics.json").read_text())["test"]
+    written = json.loads((flipped.folder / "metrics.json").read_text())["test"]
+    assert written["tta"] == ["flip"]
+    # The numbers are those of the mean of each image's and its mirror image's probabilities, recomputed here.
+    dataset = data.load_dataset(mlp_run.recipe.data, mlp_run.recipe.seed)
+    images = np.asarray(dataset.test.images)
+    mean = (mlp_run.model.predict(images, verbose=0) + mlp_run.model.predict(images[:, :, ::-1], verbose=0)) / 2
+    assert written["accuracy"] == pytest.approx(float(np.mean(mean.argmax(axis=1) == dataset.test.labels)))

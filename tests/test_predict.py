@@ -250,3 +250,21 @@ def test_the_saved_model_gives_the_run_folders_probabilities(fmnist, tmp_path):
     np.testing.assert_allclose(
         [row["top"][0]["probability"] for row in from_folder], reference(result.model, images).max(axis=1), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".tflite", ".ONNX"])
+def test_an_onnx_or_tflite_file_is_refused_in_one_line_naming_what_to_give_instead(tmp_path, suffix):
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8), "L").save(image)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(b"")  # the run folder the file came from
+    model = run / f"model{suffix}"
+    model.write_bytes(b"\x08\x07")  # any bytes: the name alone says what the file is
+    result = CliRunner().invoke(main, ["predict", str(model), str(image)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: {model} is a {suffix.lower()} file: use the run folder ({run}) or its saved_model folder"
+    ]
+    with pytest.raises(finetune.errors.ModelError, match="use the run folder"):
+        finetune.predict(model, [image])

@@ -43,3 +43,25 @@ def test_the_schema_refuses_what_the_loader_refuses():
         jsonschema.validate(recipe, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"phases": [{"name": "head", "epochs": -1}]}, schema)
+
+
+def test_every_default_the_reference_states_is_the_one_a_recipe_gets():
+    import finetune
+
+    # What a recipe that leaves every key out gets, as the loader reads it (the dumped models' values).
+    recipe = finetune.load_recipe({"phases": [{"name": "a", "epochs": 1}]}).model_dump(mode="json")
+    for key, _, stated, _ in reference_rows():
+        if stated == "required":
+            continue
+        value = recipe
+        for part in key.split("."):
+            value = value[part.removesuffix("[]")]
+            if part.endswith("[]"):
+                value = value[0]
+        if value is None:
+            real = "null"
+        else:
+            real = value if isinstance(value, str) else json.dumps(value)
+        assert stated == real, key
+    assert recipe["export"]["formats"] == ["keras", "saved_model"]  # what a recipe without `export` has exported
+    assert json_schema()["$defs"]["ExportConfig"]["properties"]["formats"]["default"] == ["keras", "saved_model"]

@@ -1,6 +1,7 @@
 """Data sources beyond Fashion-MNIST: image folders, tensorflow-datasets, class selection, few-shot."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -112,6 +113,31 @@ def test_train_and_test_subfolders_are_used_as_given(tmp_path):
     train, test, names, where = image_folder.load_image_folder(folder_config(tmp_path / "split"))
     assert names == CLASSES and "train/ and test/" in where
     assert np.bincount(train.labels).tolist() == [5, 5, 5] and np.bincount(test.labels).tolist() == [2, 2, 2]
+
+
+def test_a_class_with_one_training_image_or_no_test_images_is_named_in_a_warning(tmp_path, caplog):
+    root = tmp_path / "split"
+    make_image_folder(root / "train", per_class=3)
+    for extra in sorted((root / "train" / "dark").iterdir())[1:]:
+        extra.unlink()  # dark: one training image
+    make_image_folder(root / "test", per_class=2, seed=1, classes=("bright", "dark"))  # striped: no test images
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        train, test, names, _ = image_folder.load_image_folder(folder_config(root))
+    assert names == CLASSES
+    assert np.bincount(train.labels, minlength=3).tolist() == [3, 1, 3]
+    assert np.bincount(test.labels, minlength=3).tolist() == [2, 2, 0]
+    warned = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warned) == 2, warned
+    (single,) = [message for message in warned if "one training image" in message]
+    (untested,) = [message for message in warned if "no test images" in message]
+    assert "'dark'" in single and "'bright'" not in single and "'striped'" not in single
+    assert "'striped'" in untested and "'bright'" not in untested and "'dark'" not in untested
+
+    caplog.clear()
+    make_image_folder(tmp_path / "enough", per_class=5)  # every class in both splits, several images each
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        image_folder.load_image_folder(folder_config(tmp_path / "enough", test_split=0.4))
+    assert [record for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 def test_a_grayscale_folder_keeps_one_channel_and_16_bit_images_are_scaled(tmp_path):
@@ -589,7 +615,11 @@ def test_cli_missing_image_folder_is_one_line_with_exit_code_2(tmp_path, command
 
 def test_cli_validate_prints_the_class_count(tmp_path):
     root = make_image_folder(tmp_path / "images", per_class=2)
-    result = cli_in_process("validate", "recipes/image_folder_example.yaml", "--set", f"data.data_dir={root}")
+    result = cli_in_process(
+        "validate",
+        "recipes/image_folder_example.yaml",
+        *("--set", f"data.data_dir={root}", "--set", "model.backbone.weights=null"),  # offline: no ImageNet file
+    )
     assert result.returncode == 0, result.stderr
     assert "3 classes (bright, dark, striped)" in result.stdout
 

@@ -1,14 +1,18 @@
 """The command line's shared part: the ``finetune`` group, one-line errors, quiet start-up, progress.
 
 Every command reports a problem the user can fix as one line on stderr with
-exit code 2, an unexpected error as one line with exit code 1, and Ctrl-C
-with exit code 130; ``--debug`` shows the traceback behind the line.
+exit code 2, an unexpected error as one line with exit code 1, Ctrl-C with
+exit code 130, and SIGTERM stopping a run (Kubernetes, Slurm, systemd) as
+Ctrl-C with exit code 143 (128 + 15, what a shell reports for a process
+SIGTERM ended); ``--debug`` shows the traceback behind the line. A command
+given ``--json`` writes that line as one JSON object, ``{"error": "..."}``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shlex
 import sys
@@ -19,7 +23,7 @@ from collections.abc import Iterator
 import click
 
 from finetune import __version__
-from finetune.errors import FinetuneError, describe
+from finetune.errors import FinetuneError, Terminated, describe
 
 SET_HELP = (
     "Override a recipe value: a dotted path, phases addressed by name "
@@ -100,31 +104,36 @@ def reported(command):
     @click.option("--debug", is_flag=True, help="Show the full traceback behind an error.")
     @functools.wraps(command)
     def wrapper(*args, debug: bool = False, **kwargs):
+        as_json = bool(kwargs.get("as_json"))  # a command's --json: its error is JSON too
         try:
             return command(*args, **kwargs)
         except FinetuneError as error:
-            _fail(error, f"error: {error}", 2, debug)
+            _fail(error, f"error: {error}", 2, debug, as_json)
         except KeyboardInterrupt as error:
             where = getattr(error, "run_dir", None)
-            line = "interrupted"
+            terminated = isinstance(error, Terminated) or getattr(error, "terminated", False)
+            line = "terminated (SIGTERM)" if terminated else "interrupted"
             if where is not None:
                 line += f"; the last finished epoch is saved. Continue with: finetune resume {shlex.quote(str(where))}"
-            _fail(error, line, 130, debug)
+            _fail(error, line, 143 if terminated else 130, debug, as_json)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except BrokenPipeError:  # `finetune plugins | head`: the reader has gone; say nothing more
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         except Exception as error:  # noqa: BLE001 - a bug, not the user's input: still one line, and a way to see more
-            _fail(error, f"error: unexpected {describe(error)} (run again with --debug for the traceback)", 1, debug)
+            line = f"error: unexpected {describe(error)} (run again with --debug for the traceback)"
+            _fail(error, line, 1, debug, as_json)
 
     return wrapper
 
 
-def _fail(error: BaseException, line: str, code: int, debug: bool) -> None:
+def _fail(error: BaseException, line: str, code: int, debug: bool, as_json: bool = False) -> None:
     if debug:
         traceback.print_exception(error, file=sys.stderr)
-    click.echo(one_line(line), err=True)
+    # With --json the program reading the output gets the line as one JSON object, still on stderr
+    # (stdout holds only results) and with the same exit code.
+    click.echo(json.dumps({"error": line.removeprefix("error: ")}) if as_json else one_line(line), err=True)
     sys.exit(code)
 
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from finetune.cli.base import QUIET, lines_on_stderr, load_backend_quietly, main, one_line, reported
+from finetune.errors import FinetuneError
 
 
 @main.command()
@@ -42,7 +43,8 @@ def evaluate(run_dir, overrides, quiet):
 @reported
 def compare(run_dirs, as_json, as_csv):
     """Runs side by side: recipe, backbone, image size, phases, trainable weights, time, test accuracy and loss."""
-
+    if as_json and as_csv:
+        raise FinetuneError("--json and --csv exclude each other: give one of them")
     # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
     from finetune.runner import compare as comparison
 

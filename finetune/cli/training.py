@@ -64,10 +64,10 @@ def validate(recipe, overrides):
     from finetune.plan import load_recipe, preflight
 
     loaded = load_recipe(recipe, list(overrides))
-    # What a run would find in its first seconds: the backbone's blocks, where its weights come from.
-    checked = preflight(loaded)
     # Class names when they are cheap to find (no image is decoded); data errors surface here.
     class_names = peek_class_names(loaded.data)
+    # What a run finds next, before training: the backbone's blocks, where its weights come from.
+    checked = preflight(loaded)
     height, width = loaded.data.image_hw
     backbone = loaded.model.backbone
     cut = f" cut after {backbone.cut_at}" if backbone.cut_at else ""

@@ -26,7 +26,8 @@ def evaluate_with_probabilities(
     Metrics from one prediction pass over ``split``, or the mean of ``mc_samples`` passes.
 
     With test-time augmentation (``tta: [flip]``) each pass averages the
-    probabilities of the images and of their mirror images.
+    probabilities of the images and of their mirror images, and ``tta``
+    lists the views.
 
     With MC dropout (``mc_samples`` > 0) the dropout layers stay active, the
     metrics are those of the averaged probabilities, and ``mc_dropout``
@@ -41,20 +42,23 @@ def evaluate_with_probabilities(
 
     if not mc_samples:
         probabilities = predict()
-        return metrics_from_probabilities(probabilities, split.labels, class_names), probabilities
-    passes = np.stack([predict() for _ in range(mc_samples)])
-    mean = passes.mean(axis=0)
-    metrics = metrics_from_probabilities(mean, split.labels, class_names)
-    predicted = mean.argmax(axis=1)
-    entropy = -np.sum(mean * np.log(np.clip(mean, _EPSILON, 1.0)), axis=1)
-    spread = passes[:, np.arange(len(predicted)), predicted].std(axis=0)
-    metrics["mc_dropout"] = {
-        "samples": int(mc_samples),
-        "accuracy_single_pass": float(np.mean(passes[0].argmax(axis=1) == np.asarray(split.labels))),
-        "mean_predictive_entropy": float(entropy.mean()),
-        "mean_std_of_predicted_class": float(spread.mean()),
-    }
-    return metrics, mean
+        metrics = metrics_from_probabilities(probabilities, split.labels, class_names)
+    else:
+        passes = np.stack([predict() for _ in range(mc_samples)])
+        probabilities = passes.mean(axis=0)
+        metrics = metrics_from_probabilities(probabilities, split.labels, class_names)
+        predicted = probabilities.argmax(axis=1)
+        entropy = -np.sum(probabilities * np.log(np.clip(probabilities, _EPSILON, 1.0)), axis=1)
+        spread = passes[:, np.arange(len(predicted)), predicted].std(axis=0)
+        metrics["mc_dropout"] = {
+            "samples": int(mc_samples),
+            "accuracy_single_pass": float(np.mean(passes[0].argmax(axis=1) == np.asarray(split.labels))),
+            "mean_predictive_entropy": float(entropy.mean()),
+            "mean_std_of_predicted_class": float(spread.mean()),
+        }
+    if tta:
+        metrics["tta"] = list(tta)  # the views averaged with each image: metrics.json says what its numbers came from
+    return metrics, probabilities
 
 
 def predict_view(model, images, batch_size: int, view: str = "none") -> np.ndarray:

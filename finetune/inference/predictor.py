@@ -15,6 +15,7 @@ from finetune.errors import ModelError, first_line
 
 _BATCH = 256
 _FASHION_MNIST_SHAPE = (28, 28, 1)
+_EXPORTS_NOT_READ = (".onnx", ".tflite")  # predicted by their own runtimes, not here
 
 
 @dataclass
@@ -44,12 +45,19 @@ class Predictor:
 
 
 def load_predictor(path: str | Path) -> Predictor:
-    """The model at ``path``: a run folder, a ``.keras`` file, or a SavedModel folder (``saved_model.pb``)."""
+    """The model at ``path``: a run folder, a ``.keras`` file, or a SavedModel folder (``saved_model.pb``).
+
+    An exported ``.onnx`` or ``.tflite`` file is a one-line ModelError naming the folder to give instead.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model {path} does not exist")
     if path.is_dir() and (path / "saved_model.pb").is_file():
         return _saved_model(path)
+    if path.is_file() and path.suffix.lower() in _EXPORTS_NOT_READ:
+        # What `finetune export` writes for other runtimes: the folder it was written into is what predict reads.
+        run = f" ({path.parent})" if (path.parent / "model.keras").is_file() else ""
+        raise ModelError(f"{path} is a {path.suffix.lower()} file: use the run folder{run} or its saved_model folder")
     if path.is_file() or (path / "model.keras").is_file():
         return _keras_model(path)
     if (path / "saved_model" / "saved_model.pb").is_file():  # a run folder whose model.keras was removed

@@ -327,6 +327,8 @@ EXPORT_PACKAGES: dict[str, tuple[str, ...]] = {
 class ExportConfig(_Strict):
     formats: list[ExportFormat] = Field(
         default_factory=lambda: list(DEFAULT_EXPORT_FORMATS),
+        # Stated in the schema and the README's table: pydantic states no default for a default_factory.
+        json_schema_extra={"default": list(DEFAULT_EXPORT_FORMATS)},
         description=(
             "what the run writes and verifies: keras (model.keras, always written; listed: reloaded and checked), "
             "saved_model (saved_model/), tflite (model.tflite), onnx (model.onnx; pip install 'finetune[onnx]')"

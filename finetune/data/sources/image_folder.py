@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import numpy as np
 
 from finetune.data.arrays import pick_rows
 from finetune.data.images import IMAGE_EXTENSIONS, is_gray_mode, to_stored
-from finetune.data.sampling import carve_test_split
+from finetune.data.sampling import carve_test_split, list_names
 from finetune.data.splits import DatasetSource, Split, split_source
 from finetune.errors import DataError, RecipeError, first_line
 from finetune.files import is_dir, is_file
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from finetune.recipe.schema import DataConfig
 
     _T = TypeVar("_T")
+
+logger = logging.getLogger(__name__)
 
 
 def check_folder_setting(config: DataConfig) -> None:
@@ -178,7 +181,30 @@ def load_image_folder(config: DataConfig) -> tuple[Split, Split, tuple[str, ...]
     else:
         train = Split(images[:count], labels[:count])
         test = Split(images[count:], labels[count:])
+    _warn_about_thin_classes(train, test, class_names, root)
     return train, test, class_names, f"{root} ({layout}; {how}, {len(files)} images at {entry})"
+
+
+def _warn_about_thin_classes(train: Split, test: Split, class_names: Sequence[str], root: Path) -> None:
+    """A warning naming the classes with a single training image, and one naming those without test images."""
+    trained = np.bincount(train.labels, minlength=len(class_names))
+    tested = np.bincount(test.labels, minlength=len(class_names))
+    single = [name for name, count in zip(class_names, trained, strict=True) if count == 1]
+    if single:
+        logger.warning(
+            f"image folder {str(root)!r}: {_classes(single)} one training image only; "
+            "what the model learns of such a class rests on that one image"
+        )
+    untested = [name for name, count in zip(class_names, tested, strict=True) if count == 0]
+    if untested:
+        logger.warning(
+            f"image folder {str(root)!r}: {_classes(untested)} no test images; "
+            "the test metrics say nothing about such a class (its accuracy is null)"
+        )
+
+
+def _classes(names: Sequence[str]) -> str:
+    return f"class {names[0]!r} has" if len(names) == 1 else f"classes {list_names(names)} have"
 
 
 def _without(
