@@ -369,3 +369,226 @@ def test_a_kill_during_export_leaves_no_half_saved_model_and_resume_writes_it(tm
     finetune.resume(tmp_path / "run", log=lambda line: None)
     assert (tmp_path / "run" / "saved_model" / "labels.txt").read_text().splitlines()[0] == "T-shirt/top"
     assert not [path.name for path in (tmp_path / "run").iterdir() if "partial" in path.name]
+
+
+# Two dense phases, each two epochs, with dropout: the head's, or the backbone's between BatchNorm layers
+# that both phases train (BatchNorm statistics recomputed at each phase's end, through the dropout).
+MLP_DROPOUT = {
+    "name": "resume_mlp",
+    "seed": 0,
+    "precision": "float32",
+    "data": {
+        "source": "fashion_mnist",
+        "image_size": 28,
+        "validation_split": 0.2,
+        "train_limit": 200,
+        "test_limit": 64,
+    },
+    "model": {
+        "backbone": {"name": "mlp", "weights": None, "options": {"dense": [16]}},
+        "head": {"dense": [8], "dropout": 0.2},
+    },
+    "training": {
+        "batch_size": 32,
+        "verbose": 0,
+        "tensorboard": False,
+        "gradient_health_every": 0,
+        "checkpoint_seconds": 0,
+        "shuffle": True,
+    },
+    "phases": [
+        {"name": "head", "epochs": 2, "trainable": "none", "optimizer": {"name": "adam", "learning_rate": 1e-2}},
+        {"name": "finetune", "epochs": 2, "trainable": "all", "optimizer": {"name": "sgd", "learning_rate": 0.05}},
+    ],
+    "export": {"formats": ["keras"]},
+}
+
+
+class InterruptAtEpochBegin(keras.callbacks.Callback):
+    """Ctrl-C as epoch ``epoch`` (1-based, counted across phases) begins, before its first step."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt
+
+
+class InterruptInValidation(InterruptAtStep):
+    """Ctrl-C while epoch ``epoch`` (1-based, across phases) is validated: every step done, the epoch not ended."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+    def on_test_batch_end(self, batch, logs=None):
+        if self.current == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _mlp_dropout(variant: str) -> dict:
+    """``head``: dropout in the head; ``batch_norm``: in the backbone too, between BatchNorm layers both phases
+    train; ``views``: augmentation with cached augmented copies, drawn again as the second phase begins."""
+    import copy
+
+    raw = copy.deepcopy(MLP_DROPOUT)
+    if variant == "batch_norm":
+        raw["model"]["backbone"]["options"] = {"dense": [16, 16], "batch_norm": "after", "dropout": 0.2}
+        for phase in raw["phases"]:
+            phase.update(trainable="all", train_bn=True)
+    if variant == "views":
+        raw["model"]["backbone"]["options"] = {"dense": [16, 16]}
+        raw["model"]["augment"] = ["random_translation"]
+        raw["training"].update(augmented_views=2, cache="memory")
+        raw["phases"][1].update(trainable={"top_blocks": 1}, epochs=3)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "variant, interrupt, saved",
+    [
+        ("head", InterruptAtEpochBegin(3), 2),  # the first phase ended and saved, the second not begun
+        ("head", InterruptAtStep(3, step=2), 2),  # during the second phase's first epoch
+        ("batch_norm", InterruptAtStep(3, step=2), 2),
+        # Every step of the first phase done, its end (BatchNorm recomputed) not reached: its last epoch runs again.
+        ("batch_norm", InterruptInValidation(2), 1),
+        # Inside the second phase, whose augmented copies were drawn as it began, from the first phase's end.
+        ("views", InterruptAtStep(4, step=2), 3),
+    ],
+    ids=[
+        "head-dropout-after-phase-1",
+        "head-dropout-in-phase-2-epoch-1",
+        "batch-norm-dropout-in-phase-2-epoch-1",
+        "batch-norm-dropout-validating-phase-1-end",
+        "augmented-views-in-phase-2-epoch-2",
+    ],
+)
+def test_a_run_interrupted_at_or_after_a_phase_boundary_resumes_to_the_same_weights(
+    tmp_path, monkeypatch, variant, interrupt, saved
+):
+    """Issue #27 case 4: with dropout, the dropout layers' random state must go on from the end of the
+    first phase, as in the uninterrupted run (not start again from the model's first state); a phase's
+    end is saved only once it is complete (its BatchNorm statistics recomputed); augmented copies drawn as
+    a later phase began are drawn again from the same random state."""
+    _deterministic()
+    recipe = finetune.load_recipe(_mlp_dropout(variant))
+    alone = finetune.run(recipe, out=tmp_path / "alone", log=lambda line: None)
+
+    original = _with_callback(monkeypatch, interrupt)
+    with pytest.raises(RunInterrupted):
+        finetune.run(recipe, out=tmp_path / "killed", log=lambda line: None)
+    run_dir = tmp_path / "killed"
+    assert json.loads((run_dir / "state.json").read_text())["epochs_done"] == saved
+    from finetune.training import train as training
+
+    monkeypatch.setattr(training, "fit_phase", original)
+    lines = []
+    resumed = finetune.resume(run_dir, log=lines.append)
+    phase = "head" if saved <= 2 else "finetune"
+    assert any(f"resuming after epoch {saved} (phase {phase})" in line for line in lines), lines
+    ours, theirs = _rows(run_dir), _rows(alone.run_dir)
+    assert (
+        [row["epoch"] for row in ours]
+        == [row["epoch"] for row in theirs]
+        == [str(n) for n in range(1, 5 + (variant == "views"))]
+    )
+    for mine, other in zip(ours, theirs, strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert float(mine[key]) == pytest.approx(float(other[key]), rel=1e-5), (key, mine, other)
+    for mine, other in zip(resumed.model.weights, alone.model.weights, strict=True):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(other), rtol=1e-5, atol=1e-6, err_msg=mine.path
+        )
+    assert resumed.test_accuracy == alone.test_accuracy
+
+
+def _stale_running_folder(path):
+    """A run folder as a killed process leaves it: run.json says running, and no process holds its lock."""
+    import copy
+    import hashlib
+
+    raw = copy.deepcopy(MLP_DROPOUT)
+    raw["phases"] = raw["phases"][:1]
+    path.mkdir()
+    (path / "recipe.yaml").write_text(finetune.load_recipe(raw).to_yaml())
+    digest = hashlib.sha256((path / "recipe.yaml").read_bytes()).hexdigest()
+    run = {"status": "running", "started": "2025-01-01T00:00:00", "phases_done": [], "recipe_sha256": digest}
+    (path / "run.json").write_text(json.dumps(run))
+    (path / ".lock").touch()  # what the run locked; the lock went with its process
+    return path
+
+
+def test_a_run_whose_process_is_gone_reads_as_interrupted_and_resumes(tmp_path):
+    """Issue #27 case 6: run.json says running for ever after a kill; the free lock says the process is gone."""
+    from conftest import cli_in_process
+
+    from finetune.runner.folder import RunFolder
+
+    run_dir = _stale_running_folder(tmp_path / "run")
+    with RunFolder(run_dir).locked():  # a process holds it: it is running
+        (row,) = json.loads(cli_in_process("compare", str(run_dir), "--json").stdout)
+        assert row["status"] == "running"
+    (row,) = json.loads(cli_in_process("compare", str(run_dir), "--json").stdout)
+    assert row["status"] == "interrupted"
+    export = cli_in_process("export", str(run_dir))
+    assert export.returncode == 2 and f"is interrupted, not finished; finish it first (finetune resume {run_dir})" in (
+        export.stderr
+    )
+    evaluate = cli_in_process("evaluate", str(run_dir))
+    assert evaluate.returncode == 2 and "(status 'interrupted')" in evaluate.stderr
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # reading changes nothing
+    result = finetune.resume(run_dir, log=lambda line: None)
+    assert result.test_accuracy > 0
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_resume_finishes_it(tmp_path):
+    """Issue #27 case 6: SIGTERM (Kubernetes, Slurm, systemd) exits 143 with the resume command, the folder
+    marked interrupted and its last finished epoch saved."""
+    import copy
+
+    import yaml
+
+    raw = copy.deepcopy(MLP_DROPOUT)
+    raw["data"]["train_limit"] = 1000
+    raw["phases"] = [{**raw["phases"][0], "epochs": 30}]
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "finetune"]
+    process = subprocess.Popen(
+        [*command, "run", str(path), "--out", str(out)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "state.json").exists():  # an epoch is saved: the run is well inside fit
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"terminated (SIGTERM); the last finished epoch is saved. Continue with: finetune resume {out}"
+    )
+    assert "Traceback" not in stderr
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "interrupted" and status["error"] == "SIGTERM"
+    epochs_saved = json.loads((out / "state.json").read_text())["epochs_done"]
+    assert 1 <= epochs_saved < 30
+    result = subprocess.run(
+        [*command, "resume", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming after epoch {epochs_saved}" in result.stderr
+    assert [int(row["epoch"]) for row in _rows(out)] == list(range(1, 31))
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

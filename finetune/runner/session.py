@@ -22,13 +22,14 @@ from finetune import model as model_stage
 from finetune.allocator import keep_freed_memory
 from finetune.backbones.spec import BackboneLayout
 from finetune.data import Dataset, load_dataset, peek_class_names
-from finetune.errors import RunInterrupted
+from finetune.errors import RunInterrupted, Terminated
 from finetune.plan import RunPlan, resolve_read
 from finetune.recipe import Recipe, read_recipe
 from finetune.recipe.load import Overrides, RecipeSource
 from finetune.runner import distribution as distribute
 from finetune.runner.folder import RunFolder, check_run_dir
 from finetune.training.context import RunContext
+from finetune.training.interrupts import sigterm_as_interrupt
 from finetune.training.phases import check_phases, setup_warnings, sized_phases
 from finetune.training.state import Checkpoint
 from finetune.training.train import train
@@ -101,7 +102,8 @@ def open_run(
 
     Everything that can fail on bad input (the recipe, ``out``, the data, the weights, the phases) fails
     before a new folder exists. Inside the block the folder says running, and how the block ended; Ctrl-C
-    leaves as :class:`~finetune.errors.RunInterrupted`, naming the folder that ``finetune resume`` continues.
+    and SIGTERM leave as :class:`~finetune.errors.RunInterrupted`, naming the folder that ``finetune resume``
+    continues.
     """
     keep_freed_memory()
     recipe = source if isinstance(source, Recipe) else read_recipe(source, overrides)
@@ -133,7 +135,12 @@ def open_run(
                 logger.info(f"note: {notice}")
             yield session
             return
-        with _held(folder, resume is None), interrupts_named(folder), folder.recording(resumed=resume is not None):
+        with (
+            sigterm_as_interrupt(),
+            _held(folder, resume is None),
+            interrupts_named(folder),
+            folder.recording(resumed=resume is not None),
+        ):
             announce(session)
             if resume is None:
                 folder.note(**facts)
@@ -154,13 +161,13 @@ def _held(folder: RunFolder, lock: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def interrupts_named(folder: RunFolder) -> Iterator[None]:
-    """Ctrl-C leaves as :class:`RunInterrupted`, which names the folder to resume."""
+    """Ctrl-C (and SIGTERM: :class:`Terminated`) leaves as :class:`RunInterrupted`, which names the folder to resume."""
     try:
         yield
     except RunInterrupted:
         raise
-    except KeyboardInterrupt:
-        raise RunInterrupted(folder.path) from None
+    except KeyboardInterrupt as error:
+        raise RunInterrupted(folder.path, terminated=isinstance(error, Terminated)) from None
 
 
 def load_data(plan: RunPlan) -> Dataset:

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 STATE_MEMBER = "finetune/state.json"
 OPTIMIZER_MEMBER = "finetune/optimizer.npz"
 SEEDS_MEMBER = "finetune/seed_generators.npz"
+# Optional (a file of an older finetune lacks it): the RNG states as the phase began. Augmented copies of
+# cached features are drawn then, so a resume inside a later phase draws them again from the same states.
+PHASE_START_SEEDS_MEMBER = "finetune/phase_start_seed_generators.npz"
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -58,6 +61,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self._epoch: int | None = None
         self._steps = 0
         self._run_seconds: float | None = None  # the run clock at the end of the epoch the weights hold
+        # Made before the phase is set up, so these are the RNG states the phase begins with.
+        self.phase_start_seeds = [keras.ops.convert_to_numpy(v) for v in seed_generator_states(run.model)]
 
     @property
     def saved_model(self) -> keras.Model | None:
@@ -83,7 +88,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if model is None:
             return
         try:
-            save_checkpoint(model, self.run_dir / "checkpoint.keras", self._state(interrupted))
+            save_checkpoint(
+                model,
+                self.run_dir / "checkpoint.keras",
+                self._state(interrupted),
+                phase_start_seeds=self.phase_start_seeds,
+            )
             write_json_atomically(self.run_dir / "state.json", self._state(interrupted).to_json())  # for people
         except OSError as error:  # a full disk: the previous checkpoint is intact, and training can go on
             kept = f"the one after epoch {self._saved_through} is kept" if self._saved_through else "none is kept"
@@ -96,17 +106,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def save_interrupted(self) -> None:
         """After Ctrl-C: save the last finished epoch if it was not saved, and mark the state interrupted.
 
-        The live weights are saved only when they are an epoch's end (every
-        step of the epoch done, or none of the next one); otherwise the
-        snapshot of the last finished epoch is.
+        The live weights are saved only when they are an epoch's end (no step
+        of the next epoch done); otherwise the snapshot of the last finished
+        epoch is. An epoch whose steps are all done but whose end was not
+        reached (Ctrl-C while it is validated) is not finished: its
+        ``history.csv`` row, and at a phase's end the recomputed BatchNorm
+        statistics, are missing, so it runs again after a resume.
         """
         model = self.saved_model
         if model is None:
             return
         boundary = self._live_boundary()
         if boundary is not None and boundary > self._saved_through:
-            if boundary > self.epochs_done and self.run_clock is not None:  # every step done, the epoch not ended
-                self._run_seconds = self.run_clock()
             self.epochs_done = boundary
             self.save_now(interrupted=True)
         elif self._unsaved is not None and self._unsaved[0] > self._saved_through:
@@ -118,13 +129,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
             write_json_atomically(self.run_dir / "state.json", self._state(interrupted=True).to_json())
 
     def _live_boundary(self) -> int | None:
-        """The number of epochs whose end the live weights hold, or None in the middle of an epoch."""
-        if self._epoch is None:
+        """The number of epochs whose end the live weights hold, or None once a step of an epoch has run."""
+        if self._epoch is None or self._steps:
             return None
-        if self._steps == 0:
-            return self._epoch
-        steps = (self.params or {}).get("steps")
-        return self._epoch + 1 if steps and self._steps >= steps else None
+        return self._epoch
 
     def _state(self, interrupted: bool) -> CheckpointState:
         return CheckpointState(
@@ -170,8 +178,11 @@ def optimizer_key(variable: Any) -> str:
     return variable.path.split("/", 1)[-1]
 
 
-def save_checkpoint(model: keras.Model, path: Path, state: CheckpointState) -> None:
-    """``model.save`` plus the run's state, the optimizer's variables by name and the RNG states, atomically."""
+def save_checkpoint(
+    model: keras.Model, path: Path, state: CheckpointState, phase_start_seeds: list[np.ndarray] | None = None
+) -> None:
+    """``model.save`` plus the run's state, the optimizer's variables by name and the RNG states (now and,
+    when given, as the phase began), atomically."""
     optimizer = getattr(model, "optimizer", None)
     variables = list(optimizer.variables) if optimizer is not None else []
     names = [optimizer_key(variable) for variable in variables]
@@ -183,6 +194,8 @@ def save_checkpoint(model: keras.Model, path: Path, state: CheckpointState) -> N
             archive.writestr(STATE_MEMBER, json.dumps(member))
             archive.writestr(OPTIMIZER_MEMBER, _npz([keras.ops.convert_to_numpy(v) for v in variables]))
             archive.writestr(SEEDS_MEMBER, _npz([keras.ops.convert_to_numpy(v) for v in seed_generator_states(model)]))
+            if phase_start_seeds is not None:
+                archive.writestr(PHASE_START_SEEDS_MEMBER, _npz(phase_start_seeds))
 
     write_atomically(path, write)
 
@@ -197,10 +210,16 @@ def read_checkpoint(path: Path) -> Checkpoint | None:
             state = json.loads(archive.read(STATE_MEMBER))
             optimizer = _arrays(archive.read(OPTIMIZER_MEMBER))
             seeds = _arrays(archive.read(SEEDS_MEMBER))
+            members = set(archive.namelist())
+            phase_start = (
+                _arrays(archive.read(PHASE_START_SEEDS_MEMBER)) if PHASE_START_SEEDS_MEMBER in members else None
+            )
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
         raise RunFolderError(f"checkpoint {str(path)!r} cannot be read ({first_line(error)})") from None
     names = state.pop("optimizer_variables", [])
-    return Checkpoint(path, CheckpointState.from_json(state, path), dict(zip(names, optimizer, strict=True)), seeds)
+    return Checkpoint(
+        path, CheckpointState.from_json(state, path), dict(zip(names, optimizer, strict=True)), seeds, phase_start
+    )
 
 
 def _npz(arrays: list) -> bytes:
@@ -212,6 +231,25 @@ def _npz(arrays: list) -> bytes:
 def _arrays(data: bytes) -> list[np.ndarray]:
     with np.load(io.BytesIO(data)) as loaded:
         return [loaded[f"arr_{index}"] for index in range(len(loaded.files))]
+
+
+def restore_phase_start(checkpoint: Checkpoint, model: keras.Model, phase_begun: bool) -> None:
+    """Put back the RNG states that the first phase a resume trains began with in the run that wrote
+    ``checkpoint``, before that phase is set up again (its augmented copies drawn, its fit started).
+
+    ``phase_begun``: the checkpoint lies inside that phase, and holds the states of its start (a checkpoint
+    of an older finetune has none: the states stay as the model was built). Otherwise the checkpoint holds
+    an earlier phase's end, and the uninterrupted run's dropout and augmentation layers went on from its
+    states, not from those a freshly built model has.
+    """
+    _assign_seeds(model, checkpoint.phase_start_seed_generators if phase_begun else checkpoint.seed_generators)
+
+
+def _assign_seeds(model: keras.Model, values: list[np.ndarray] | None) -> None:
+    states = seed_generator_states(model)
+    if values is not None and len(states) == len(values):
+        for variable, value in zip(states, values, strict=True):
+            variable.assign(value)
 
 
 class RestoreTrainingState(keras.callbacks.Callback):
@@ -241,7 +279,4 @@ class RestoreTrainingState(keras.callbacks.Callback):
             )
         for name, value in saved.items():
             variables[name].assign(value)
-        states = seed_generator_states(self.full_model)
-        if len(states) == len(self.checkpoint.seed_generators):
-            for variable, value in zip(states, self.checkpoint.seed_generators, strict=True):
-                variable.assign(value)
+        _assign_seeds(self.full_model, self.checkpoint.seed_generators)

@@ -69,3 +69,5 @@ class Checkpoint:
     state: CheckpointState
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     seed_generators: list[np.ndarray] = field(default_factory=list)
+    phase_start_seed_generators: list[np.ndarray] | None = None
+    """The RNG states as the checkpoint's phase began (None: a checkpoint written before finetune kept them)."""

@@ -12,7 +12,7 @@ import keras
 
 from finetune.errors import TrainingDiverged
 from finetune.training.batch_norm import RecalibrateBatchNorm
-from finetune.training.checkpoints import EpochCheckpoint, RestoreTrainingState
+from finetune.training.checkpoints import EpochCheckpoint, RestoreTrainingState, restore_phase_start
 from finetune.training.context import PhaseRun, RunContext
 from finetune.training.divergence import DivergenceWatch
 from finetune.training.features import FeatureStore
@@ -46,6 +46,7 @@ def train(run: RunContext) -> None:
     start = run.resume_from.state if run.resume_from is not None else CheckpointState("", 0, 0, 0)
     checkpoint: EpochCheckpoint | None = None
     epochs_done = 0
+    resuming = run.resume_from  # until the first phase this process trains has its RNG states back
     try:
         with ctrl_c_remembered():
             for index, phase in enumerate(run.phases):
@@ -59,6 +60,9 @@ def train(run: RunContext) -> None:
                     continue
                 steps = steps_per_epoch(phase, run.settings, len(run.dataset.train))
                 stage = PhaseRun(phase, index, first_epoch=epochs_done, steps=steps, epochs_done=done_here)
+                if resuming is not None:  # the RNG states this phase began with (at a boundary: the checkpoint's)
+                    restore_phase_start(resuming, run.model, phase_begun=done_here > 0)
+                resuming = None
                 checkpoint = EpochCheckpoint(run, stage)
                 train_phase(run, stage, checkpoint, features, board)
                 checkpoint = None  # the phase's last epoch is saved; a later Ctrl-C has no epoch to save
