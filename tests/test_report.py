@@ -117,6 +117,14 @@ def test_confusion_matrix_picture_changes_with_the_counts(tmp_path):
     assert size[0] > 400 and size[1] > 400 and not np.array_equal(a, b)
 
 
+def test_confusion_matrix_rows_are_normalised_to_sum_to_one():
+    matrix = np.array([[5, 1, 0, 0], [0, 0, 0, 0], [2, 0, 3, 1], [0, 0, 0, 700]])
+    shares = confusion.row_shares(matrix)
+    np.testing.assert_allclose(shares.sum(axis=1), [1, 0, 1, 1])  # the class without images stays 0
+    np.testing.assert_allclose(shares[2], [2 / 6, 0, 3 / 6, 1 / 6])
+    assert confusion.cell_text(3, 0.5) == "50%\n3" and confusion.cell_text(1, 1 / 701) == "<1%\n1"
+
+
 class Page(HTMLParser):
     """What a browser would fetch or run, the images' sources, and the per-class table's cells."""
 
@@ -164,7 +172,6 @@ def run_folder(tmp_path, recipe_text):
         "train_images": 480,
         "seconds": 12.5,
     }
-    metrics["test"]["per_class_accuracy"]["Dress & co"] = None  # as for a class with no test image
     (tmp_path / "recipe.yaml").write_text(recipe_text)
     return test, probabilities, metrics
 
@@ -185,10 +192,12 @@ def test_report_is_one_self_contained_page_with_the_metrics(tmp_path):
             assert image.format == "PNG" and image.width > 100
     assert page.pre == recipe_text  # escaped in the file, the same text once parsed
     header, *rows = page.per_class
-    assert header[:2] == ["class", "accuracy"] and [row[0] for row in rows] == CLASSES
-    for name, accuracy, count in rows:
-        expected = metrics["test"]["per_class_accuracy"][name]
-        assert (accuracy == "–") if expected is None else float(accuracy) == pytest.approx(expected, abs=5e-5)
+    assert header == ["class", "precision", "recall (accuracy)", "F1", "test images"]
+    per_class = metrics["test"]["per_class"]
+    assert [row[0] for row in rows] == sorted(CLASSES, key=lambda name: per_class[name]["f1"])
+    for name, *cells, count in rows:
+        expected = [per_class[name][key] for key in ("precision", "recall", "f1")]
+        assert [float(cell) for cell in cells] == pytest.approx(expected, abs=5e-5)
         assert int(count) == int(np.sum(test.labels == CLASSES.index(name)))
     for name in ("learning_curves.png", "learning_rate.png", "confusion_matrix.png", "mistakes.png"):
         png(tmp_path / name)
@@ -232,3 +241,34 @@ def test_a_run_s_warnings_are_on_the_page(tmp_path):
     del metrics["warnings"]
     write_pictures_and_report(tmp_path, "tiny", history_rows(), metrics, test, probabilities)
     assert "Warnings" not in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+def test_per_class_table_puts_the_worst_f1_first_and_classes_without_images_last():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from finetune.report import page
+
+    names = ["cat <&>", "dog", "never predicted", "no images", "eel"]
+    matrix = np.array([[9, 1, 0, 0, 0], [1, 2, 0, 1, 1], [1, 1, 0, 1, 1], [0, 0, 0, 0, 0], [0, 1, 0, 0, 3]])
+    true, predicted = np.nonzero(matrix)
+    labels = np.repeat(true, matrix[true, predicted])
+    guesses = np.repeat(predicted, matrix[true, predicted])
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, guesses, labels=range(len(names)), zero_division=0
+    )
+    per_class = {
+        name: {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": int(support[i])}
+        for i, name in enumerate(names)
+    }
+    test = {"accuracy": 0.6, "loss": 1.0, "examples": 23, "class_names": names, "confusion_matrix": matrix.tolist()}
+    test |= {"per_class": per_class, "macro_f1": 0.385, "balanced_accuracy": 0.44, "top_k": 5, "top_k_accuracy": 1.0}
+    text = page.render("tiny", {"test": test}, [], [], "name: tiny\n")
+    parsed = Page()
+    parsed.feed(text)
+    _header, *rows = parsed.per_class
+    # F1: cat 18/21, dog 4/10, never predicted 0, eel 6/9; "no images" has none to rank by.
+    assert [row[0] for row in rows] == ["never predicted", "dog", "eel", "cat <&>", "no images"]
+    assert rows[0] == ["never predicted", "–", "0.0000", "0.0000", "4"]  # no prediction to be right: no precision
+    assert rows[1] == ["dog", "0.4000", "0.4000", "0.4000", "5"]
+    assert rows[-1] == ["no images", "0.0000", "–", "–", "0"]  # predicted twice, both wrong
+    assert "<td>macro-F1</td><td>0.3850</td>" in text and "<td>top-5 accuracy</td><td>1.0000</td>" in text

@@ -42,7 +42,8 @@ def evaluate(run_dir, overrides, quiet):
 @click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row instead of the table.")
 @reported
 def compare(run_dirs, as_json, as_csv):
-    """Runs side by side: recipe, backbone, image size, phases, trainable weights, time, test accuracy and loss."""
+    """Runs side by side: recipe, backbone, image size, phases, trainable weights, time, test accuracy,
+    macro-F1 (- for a run from before it was recorded) and loss."""
     if as_json and as_csv:
         raise FinetuneError("--json and --csv exclude each other: give one of them")
     # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.

@@ -1,4 +1,5 @@
-"""Evaluation on the test split: loss, accuracy, per-class accuracy, confusion matrix."""
+"""Evaluation on the test split: loss, accuracy, per-class precision/recall/F1, macro-F1, balanced and top-k
+accuracy, confusion matrix."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from finetune.data.arrays import chunks, on_disk
 
 # Keras clips probabilities by this epsilon in its cross-entropy.
 _EPSILON = 1e-7
+
+# top_k_accuracy's k; with this many classes or fewer it is omitted (top-5 of 5 classes is always 1).
+TOP_K = 5
 
 
 def evaluate(model, split, class_names, batch_size: int = 256, mc_samples: int = 0, tta=()) -> dict:
@@ -77,6 +81,26 @@ def predict_view(model, images, batch_size: int, view: str = "none") -> np.ndarr
 
 
 def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, class_names) -> dict:
+    """Single-label metrics of ``probabilities`` (one row per image) against ``labels`` (class indices).
+
+    ``per_class`` gives each class's precision, recall, F1 and support (its
+    number of images in ``labels``); ``per_class_accuracy`` is the recall,
+    kept for older readers, and None for a class without images. The other
+    scores follow scikit-learn with ``zero_division=0``:
+
+    * a class with no images has recall 0, a class never predicted precision
+      0, and F1 is 0 where precision and recall are both 0;
+    * ``macro_f1`` is the mean F1 over the classes that occur in the labels or
+      the predictions (``f1_score(average="macro")``): a class predicted but
+      absent from the labels counts with its F1 of 0 (its false alarms), one
+      absent from both is left out, as nothing was measured about it;
+    * ``balanced_accuracy`` is the mean recall over the classes present in the
+      labels (``balanced_accuracy_score``);
+    * ``top_k_accuracy`` (with ``top_k``, only with more than ``TOP_K``
+      classes) is the share of images whose true class is among the ``top_k``
+      most probable; of tied probabilities the lower class index ranks first,
+      as in ``argmax``, so a top-1 accuracy would equal ``accuracy``.
+    """
     labels = np.asarray(labels, dtype=np.int64)
     predictions = probabilities.argmax(axis=1)
     picked = np.clip(probabilities[np.arange(len(labels)), labels], _EPSILON, 1.0 - _EPSILON)
@@ -84,15 +108,60 @@ def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, cl
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
     support = confusion.sum(axis=1)
-    per_class = {
+    per_class_accuracy = {
         name: (float(confusion[index, index] / support[index]) if support[index] else None)
         for index, name in enumerate(class_names)
     }
-    return {
+    precision, recall, f1 = _precision_recall_f1(confusion)
+    present = support > 0
+    occurring = present | (confusion.sum(axis=0) > 0)
+    metrics = {
         "loss": float(-np.mean(np.log(picked))),
         "accuracy": float(np.mean(predictions == labels)),
         "examples": len(labels),
-        "per_class_accuracy": per_class,
+        "per_class_accuracy": per_class_accuracy,
         "class_names": list(class_names),
         "confusion_matrix": confusion.tolist(),
+        "per_class": {
+            name: {
+                "precision": float(precision[index]),
+                "recall": float(recall[index]),
+                "f1": float(f1[index]),
+                "support": int(support[index]),
+            }
+            for index, name in enumerate(class_names)
+        },
+        # None without any image: no mean to take, and json writes null rather than NaN.
+        "macro_f1": float(f1[occurring].mean()) if occurring.any() else None,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else None,
     }
+    if num_classes > TOP_K:
+        metrics["top_k"] = TOP_K
+        metrics["top_k_accuracy"] = top_k_accuracy(probabilities, labels, TOP_K)
+    return metrics
+
+
+def _precision_recall_f1(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class (rows true, columns predicted), a ratio with a zero denominator being 0 (``zero_division=0``)."""
+    true_positives = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0)
+    actual = confusion.sum(axis=1)
+
+    def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+        return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+    precision = ratio(true_positives, predicted)
+    recall = ratio(true_positives, actual)
+    # 2TP / (2TP + FP + FN): the harmonic mean of precision and recall, without dividing by a zero of either.
+    f1 = ratio(2 * true_positives, predicted + actual)
+    return precision, recall, f1
+
+
+def top_k_accuracy(probabilities: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """The share of rows whose true class ranks among the ``k`` most probable (ties: lower index first)."""
+    rows = np.arange(len(labels))
+    true = probabilities[rows, labels][:, None]
+    columns = np.arange(probabilities.shape[1])[None, :]
+    # A class ranks before the true one if more probable, or as probable and of a lower index (argmax's choice).
+    ahead = (probabilities > true) | ((probabilities == true) & (columns < labels[:, None]))
+    return float(np.mean(ahead.sum(axis=1) < k))

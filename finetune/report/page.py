@@ -28,7 +28,10 @@ pre { background: #f6f8fa; border: 1px solid #ddd; padding: 0.8em; overflow-x: a
 CAPTIONS = {
     "learning_curves.png": "Loss and accuracy per epoch; dashed lines mark where a new phase starts.",
     "learning_rate.png": "The learning rate at the end of each epoch.",
-    "confusion_matrix.png": "The test split's confusion matrix: counts, coloured by the share of the true class.",
+    "confusion_matrix.png": (
+        "The test split's confusion matrix, each row normalised to sum to 1: the share of the true class, "
+        "with the count beneath."
+    ),
     "mistakes.png": "Misclassified test images as stored, most confident mistakes first.",
     "gradient_norms.png": "Sampled gradient norms per layer (training's gradient health check).",
 }
@@ -92,12 +95,38 @@ def metrics_table(metrics: dict) -> str:
 
 
 def per_class_table(test: dict) -> str:
-    support = [sum(row) for row in test["confusion_matrix"]]
-    rows = [
-        [str(name), _number(test["per_class_accuracy"][name]), str(count)]
-        for name, count in zip(test["class_names"], support, strict=True)
+    """Precision, recall, F1 and support per class, the worst F1 first (ties in class order).
+
+    A class without test images has no recall or F1 to show ("–", where
+    ``metrics.json`` holds scikit-learn's 0) and comes last, so that it does
+    not pass for the worst class. Likewise a class never predicted shows no
+    precision (there was no prediction to be right); its F1 of 0 stands.
+    """
+    predicted = [sum(column) for column in zip(*test["confusion_matrix"], strict=True)]
+    scores = [
+        (name, test["per_class"][name], count) for name, count in zip(test["class_names"], predicted, strict=True)
     ]
-    return _table(["class", "accuracy", "test images"], rows, "per-class")
+    scores.sort(key=lambda item: (item[1]["support"] == 0, item[1]["f1"]))  # stable: ties keep the class order
+    rows = []
+    for name, score, count in scores:
+        measured = score["support"] > 0
+        rows.append(
+            [
+                str(name),
+                _number(score["precision"] if count else None),
+                _number(score["recall"] if measured else None),
+                _number(score["f1"] if measured else None),
+                str(score["support"]),
+            ]
+        )
+    table = _table(["class", "precision", "recall (accuracy)", "F1", "test images"], rows, "per-class")
+    summary = [
+        ["macro-F1", _number(test.get("macro_f1"))],
+        ["balanced accuracy", _number(test.get("balanced_accuracy"))],
+    ]
+    if "top_k_accuracy" in test:
+        summary.append([f"top-{test['top_k']} accuracy", _number(test["top_k_accuracy"])])
+    return table + _table(["over the classes", "value"], summary, "class-averages")
 
 
 def render(
@@ -147,7 +176,7 @@ def render(
             f'<figure><img src="{png_data_uri(picture)}" alt="{escape(picture.name)}">'
             f"<figcaption>{escape(picture.name)}: {escape(caption)}</figcaption></figure>"
         )
-    parts += ["<h2>Per-class accuracy (test)</h2>", per_class_table(metrics["test"])]
+    parts += ["<h2>Per class (test), worst F1 first</h2>", per_class_table(metrics["test"])]
     parts += ["<h2>Recipe (resolved)</h2>", f"<pre>{escape(recipe_text)}</pre>", "</body></html>", ""]
     return "\n".join(parts)
 

@@ -22,6 +22,7 @@ COLUMNS = (
     "trainable_weights",
     "seconds",
     "test_accuracy",
+    "test_macro_f1",
     "test_loss",
     "status",
 )
@@ -50,6 +51,7 @@ def compare_row(run_dir: str | Path) -> dict:
         "trainable_weights": metrics.get("weights", {}).get("trainable"),
         "seconds": metrics.get("seconds"),
         "test_accuracy": test.get("accuracy"),
+        "test_macro_f1": test.get("macro_f1"),  # None in a metrics.json written before it was computed
         "test_loss": test.get("loss"),
         "status": folder.status.get("status"),
     }
@@ -76,7 +78,7 @@ def as_csv(rows: list[dict]) -> str:
 def _cell(column: str, value: Any) -> str:
     if value is None:
         return "-"
-    if column in ("test_accuracy", "test_loss"):
+    if column in ("test_accuracy", "test_macro_f1", "test_loss"):
         return f"{value:.4f}"
     if column == "seconds":
         return f"{value:,.0f}"
