@@ -51,6 +51,11 @@ def tiny(name: str, tmp_path: Path) -> dict:
     data, backbone = recipe["data"], recipe["model"]["backbone"]
     if data["source"] == "image_folder":
         data["data_dir"] = str(_image_folder(tmp_path / "images"))
+    elif data["source"] == "csv":
+        root = _image_folder(tmp_path / "images")
+        rows = [f"{path.relative_to(root)},{path.parent.name}," for path in sorted(root.glob("*/*.png"))]
+        (root / "labels.csv").write_text("\n".join(["image,label,split", *rows]) + "\n")
+        data["data_dir"] = str(root / "labels.csv")
     elif data.get("train_per_class") is None:
         data["train_limit"] = 64
         data["test_limit"] = 32

@@ -85,6 +85,8 @@ def validate(recipe, overrides):
         shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
         folder = f" {loaded.data.data_dir}" if loaded.data.data_dir else ""
         click.echo(f"  data {loaded.data.source}{folder}: {len(class_names)} classes ({shown})")
+    for line in _split_lines(loaded.data):
+        click.echo(f"    {line}")
     for phase in loaded.phases:
         trainable = phase.trainable if isinstance(phase.trainable, str) else f"top {phase.trainable.top_blocks} blocks"
         click.echo(f"  phase {phase.name}: {phase.epochs} epochs, backbone trainable: {trainable}, {phase.describe()}")
@@ -139,3 +141,21 @@ def lr_find(recipe, phase, overrides, steps, start, end, from_run, out):
 
 def _names(identifiers) -> str:
     return ", ".join(item if isinstance(item, str) else str(item.get("name")) for item in identifiers)
+
+
+def _split_lines(config) -> list[str]:
+    """Each split's images per class, when the source counts them without decoding (image_folder, csv)."""
+    # Imported here: a command pays for what it uses.
+    from finetune.data import peek_split_counts
+
+    counts = peek_split_counts(config)
+    if counts is None:
+        return []
+    lines = []
+    for split, per_class in counts.items():
+        shown = ", ".join(f"{name} {count}" for name, count in list(per_class.items())[:10])
+        line = f"{split}: {sum(per_class.values())} images ({shown}{', ...' if len(per_class) > 10 else ''})"
+        if split == "train" and "validation" not in counts and config.validation_split > 0:
+            line += f"; data.validation_split {config.validation_split:g} is held out of these"
+        lines.append(line)
+    return lines

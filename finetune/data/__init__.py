@@ -6,7 +6,7 @@ views of memory-mapped files in :mod:`finetune.data.arrays`.
 """
 
 from finetune.data.loading import load_dataset, model_io, relabel_by_name
-from finetune.data.sources import check_config, datasets, peek_class_names
+from finetune.data.sources import check_config, datasets, peek_class_names, peek_split_counts
 from finetune.data.splits import Dataset, DatasetSource, Split
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "load_dataset",
     "model_io",
     "peek_class_names",
+    "peek_split_counts",
     "relabel_by_name",
 ]

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from finetune.data.arrays import MappedImages, read_rows
+from finetune.data.balance import balanced_order
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -34,7 +35,10 @@ class FileBatches(keras.utils.PyDataset):
     With ``shuffle``, epoch ``e`` reads the rows in an order drawn from
     ``(seed, e)`` alone, so a run resumed at epoch ``e`` (``epoch=e``) sees
     the batches an uninterrupted run would; without it, rows come in order
-    (validation, prediction).
+    (validation, prediction). ``balanced``: each epoch draws as many rows
+    as there are, with equal class frequency (with replacement), also from
+    ``(seed, e)`` alone. ``class_weights`` (one per class) makes each batch
+    ``(x, y, sample_weight)``, each example weighted by its label's class.
     """
 
     def __init__(
@@ -45,6 +49,9 @@ class FileBatches(keras.utils.PyDataset):
         shuffle: bool = False,
         seed: int = 0,
         epoch: int = 0,
+        *,
+        balanced: bool = False,
+        class_weights: ArrayLike | None = None,
     ) -> None:
         super().__init__()
         self.inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
@@ -55,9 +62,16 @@ class FileBatches(keras.utils.PyDataset):
         self.seed = seed
         self.rows = len(self.inputs[0])
         self.epoch = epoch
+        if balanced and self.labels is None:
+            raise ValueError("balanced batches need labels")
+        self.balanced = balanced
+        self.class_weights = None if class_weights is None else np.asarray(class_weights, dtype=np.float32)
         self._order = self._order_for(epoch)
 
     def _order_for(self, epoch: int) -> np.ndarray:
+        if self.balanced:
+            assert self.labels is not None
+            return balanced_order(self.labels, self.rows, np.random.default_rng([self.seed, epoch]))
         if not self.shuffle:
             return np.arange(self.rows)
         return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
@@ -65,11 +79,22 @@ class FileBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return math.ceil(self.rows / self.batch_size)
 
-    def __getitem__(self, index: int) -> Batch | tuple[Batch, np.ndarray]:
-        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+    def _rows(self, index: int) -> np.ndarray:
+        return self._order[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def _read(self, rows: np.ndarray) -> Batch:
         arrays = [read_rows(array, rows) for array in self.inputs]
-        x = arrays[0] if self.single else tuple(arrays)
-        return x if self.labels is None else (x, self.labels[rows])
+        return arrays[0] if self.single else tuple(arrays)
+
+    def __getitem__(self, index: int) -> Batch | tuple[Batch, np.ndarray] | tuple[Batch, np.ndarray, np.ndarray]:
+        rows = self._rows(index)
+        x = self._read(rows)
+        if self.labels is None:
+            return x
+        labels = self.labels[rows]
+        if self.class_weights is None:
+            return x, labels
+        return x, labels, self.class_weights[labels]
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
@@ -100,8 +125,13 @@ class ViewBatches(FileBatches):
         shuffle: bool = True,
         seed: int = 0,
         epoch: int = 0,
+        *,
+        balanced: bool = False,
+        class_weights: ArrayLike | None = None,
     ) -> None:
-        super().__init__(views[0], labels, batch_size, shuffle, seed, epoch)
+        super().__init__(
+            views[0], labels, batch_size, shuffle, seed, epoch, balanced=balanced, class_weights=class_weights
+        )
         self.views = [list(view) if isinstance(view, (list, tuple)) else [view] for view in views]
         self.inputs = self.views[epoch % len(self.views)]
 
@@ -121,6 +151,8 @@ class MixedBatches(FileBatches):
     ``mix(images, targets, rng)`` returns the mixed batch (see
     :mod:`finetune.catalog.mixing`). Each batch's generator is seeded from
     the seed, the epoch and the batch's position, so a run repeats exactly.
+    With ``class_weights``, a mixed example weighs as its target row mixes
+    the classes' weights.
     """
 
     def __init__(
@@ -133,13 +165,25 @@ class MixedBatches(FileBatches):
         shuffle: bool = True,
         seed: int = 0,
         epoch: int = 0,
+        *,
+        balanced: bool = False,
+        class_weights: ArrayLike | None = None,
     ) -> None:
-        super().__init__(images, one_hot(labels, classes), batch_size, shuffle, seed, epoch)
+        super().__init__(
+            images, labels, batch_size, shuffle, seed, epoch, balanced=balanced, class_weights=class_weights
+        )
+        self.classes = classes
         self.mix = mix
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        images, targets = super().__getitem__(index)
-        return self.mix(images, targets, np.random.default_rng([self.seed, self.epoch, index]))
+    def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
+        assert self.labels is not None
+        rows = self._rows(index)
+        targets = one_hot(self.labels[rows], self.classes)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        images, mixed = self.mix(self._read(rows), targets, rng)
+        if self.class_weights is None:
+            return images, mixed
+        return images, mixed, np.asarray(mixed, dtype=np.float32) @ self.class_weights
 
 
 def one_hot(labels: ArrayLike, classes: int) -> np.ndarray:

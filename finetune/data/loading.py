@@ -29,17 +29,21 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
     Order: classes (relabelled 0..k-1 in the given order), train_per_class,
     train_limit, test_limit, then the validation hold-out from what is left
     of the training images. Subsets are chosen on labels; images are copied
-    once, at the end.
+    once, at the end. A source that names its own validation images (a CSV's
+    split column) gives the validation split: nothing is held out then.
     """
     source = get(config.source)
-    train, test, class_names, where = source.load(config)
+    loaded = source.load(config)
+    train, test, class_names, where = loaded[:4]
+    given = loaded[4] if len(loaded) == 5 else None
     train_positions, test_positions = np.arange(len(train)), np.arange(len(test))
     train_labels, test_labels = train.labels, test.labels
+    given_labels = given.labels if given is not None else np.zeros(0, dtype=np.int32)
     if config.classes is not None:
         chosen = select_classes(class_names, config.classes)
         relabel = np.full(len(class_names), -1, dtype=np.int32)
         relabel[chosen] = np.arange(len(chosen), dtype=np.int32)
-        train_labels, test_labels = relabel[train.labels], relabel[test.labels]
+        train_labels, test_labels, given_labels = relabel[train.labels], relabel[test.labels], relabel[given_labels]
         train_positions, test_positions = np.flatnonzero(train_labels >= 0), np.flatnonzero(test_labels >= 0)
         class_names = tuple(class_names[index] for index in chosen)
     rng = np.random.default_rng(seed)
@@ -51,7 +55,10 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
     if config.test_limit is not None and config.test_limit < len(test_positions):
         test_positions = test_positions[np.sort(stratified_sample(test_labels[test_positions], config.test_limit, rng))]
     validation = None
-    if config.validation_split > 0:
+    if given is not None:
+        kept = np.flatnonzero(given_labels >= 0)
+        validation = _take(given, given_labels, kept) if len(kept) else None
+    elif config.validation_split > 0:
         size = int(round(len(train_positions) * config.validation_split))
         if size == 0 or size >= len(train_positions):
             raise DataError(

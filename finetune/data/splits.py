@@ -48,6 +48,10 @@ class Dataset:
         return len(self.class_names)
 
 
+Loaded = tuple[Split, Split, tuple[str, ...], str] | tuple[Split, Split, tuple[str, ...], str, Split]
+"""What a source's ``load`` gives: train, test, class names, where, and optionally its own validation split."""
+
+
 @dataclass(frozen=True)
 class DatasetSource:
     """A registered dataset: how to load it, and what its images look like.
@@ -55,12 +59,14 @@ class DatasetSource:
     ``input_shape``/``num_classes``/``class_names`` are None when they depend
     on the data (``tfds:NAME``, ``image_folder``). ``argument`` names what may
     follow a colon in ``data.source`` (``tfds:NAME``); ``peek(config)`` gives
-    the class names without loading images, or None when that is not cheap.
+    the class names without loading images, or None when that is not cheap;
+    ``split_counts(config)`` gives them with each split's images per class.
     """
 
     name: str
-    load: Callable[..., tuple[Split, Split, tuple[str, ...], str]]
-    """``load(config) -> (train, test, class_names, where it was found)``"""
+    load: Callable[..., Loaded]
+    """``load(config) -> (train, test, class_names, where it was found[, validation])``: a source whose data
+    names its validation images (a CSV's split column) gives them fifth; the run then holds none out."""
     input_shape: tuple[int, int, int] | None = None
     num_classes: int | None = None
     class_names: tuple[str, ...] | None = None
@@ -70,6 +76,8 @@ class DatasetSource:
     peek: Callable[..., tuple[str, ...] | None] | None = None
     check: Callable[..., None] | None = None
     """``check(config)`` raises RecipeError for settings the source cannot use, without reading files."""
+    split_counts: Callable[..., tuple[tuple[str, ...], dict[str, list[int]]]] | None = None
+    """``split_counts(config) -> (class_names, {split: images per class})``, no image decoded (``validate``)."""
 
 
 def split_source(source: str) -> tuple[str, str | None]:

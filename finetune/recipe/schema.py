@@ -20,12 +20,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class CsvColumns(_Strict):
+    """The columns of a ``csv`` source's file, by their header names."""
+
+    image: str = Field("image", description="csv: the column of image paths (relative to the CSV's folder or absolute)")
+    label: str = Field("label", description="csv: the column of class names")
+    split: str = Field(
+        "split", description="csv: the column of train | validation | test (optional; an empty cell: seeded splits)"
+    )
+
+
 class DataConfig(_Strict):
-    source: str = Field("fashion_mnist", description="fashion_mnist | tfds:NAME | image_folder (or image_folder:PATH)")
+    source: str = Field(
+        "fashion_mnist", description="fashion_mnist | tfds:NAME | image_folder (or image_folder:PATH) | csv"
+    )
     data_dir: str | None = Field(
         None,
         description=(
-            "fashion_mnist: folder of the IDX files; tfds: the TFDS data dir; image_folder: the folder of class folders"
+            "fashion_mnist: folder of the IDX files; tfds: the TFDS data dir; image_folder: the folder of class "
+            "folders; csv: the CSV (or .tsv) file of image paths and labels"
         ),
     )
     image_size: int | tuple[int, int] = Field(96, description="backbone input size: N or [height, width]")
@@ -54,7 +67,18 @@ class DataConfig(_Strict):
         0.1, ge=0.0, lt=1.0, description="fraction of the training images held out for validation (stratified, seeded)"
     )
     skip_bad_images: bool = Field(
-        False, description="image_folder: skip images that cannot be read (counted in the log) instead of stopping"
+        False, description="image_folder, csv: skip images that cannot be read (counted in the log) instead of stopping"
+    )
+    columns: CsvColumns = Field(default_factory=CsvColumns)
+    allow_outside_paths: bool = Field(
+        False, description="csv: allow image paths that leave the CSV's folder (through '..' or a symbolic link)"
+    )
+    sampling: Literal["natural", "balanced"] = Field(
+        "natural",
+        description=(
+            "natural: each epoch reads every training image once; balanced: each epoch draws as many images "
+            "with every class equally often (with replacement), from (seed, epoch)"
+        ),
     )
     train_limit: int | None = Field(None, gt=0, description="stratified subset of the training images")
     test_limit: int | None = Field(None, gt=0, description="stratified subset of the test images")
@@ -249,6 +273,13 @@ class TrainingConfig(_Strict):
         True, description="TensorBoard logs in RUN_DIR/tensorboard (every phase on one epoch axis)"
     )
     shuffle: bool = Field(True, description="a new order of the training images each epoch, from (seed, epoch)")
+    class_weight: Literal["none", "balanced"] | dict[str, float] = Field(
+        "none",
+        description=(
+            "weigh each training example's loss by its class, in every phase: none, balanced "
+            "(n_images / (n_classes * n_class), from the training split) or {CLASS: weight} (others 1)"
+        ),
+    )
     cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="compute the frozen part once per phase (auto: memory or disk by size)"
     )
@@ -294,6 +325,21 @@ class TrainingConfig(_Strict):
         ),
     )
     jit_compile: Literal["auto", True, False] = Field("auto", description="XLA compilation (Keras's jit_compile)")
+
+    @field_validator("class_weight", mode="before")
+    @classmethod
+    def _class_weight_names(cls, value):
+        # YAML reads `class_weight: null` as None, and a class folder named 3 as the key 3.
+        if value is None:
+            return "none"
+        return {str(name): weight for name, weight in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("class_weight")
+    @classmethod
+    def _positive_weights(cls, value):
+        if isinstance(value, dict) and any(not weight > 0 for weight in value.values()):
+            raise ValueError("class weights must be positive")
+        return value
 
     @field_validator("cache", mode="before")
     @classmethod

@@ -93,6 +93,10 @@ def evaluate(session: RunSession, history: list[dict[str, Any]]) -> tuple[dict[s
         "validation_images": len(dataset.validation) if dataset.validation is not None else 0,
         "seconds": round(session.seconds, 2),
     }
+    if session.class_weights is not None:
+        metrics["class_weight"] = session.class_weights
+    if plan.data.sampling != "natural":
+        metrics["sampling"] = plan.data.sampling
     if dataset.validation is not None and history and history[-1].get("val_accuracy"):
         # The last epoch already measured the final model on the validation split.
         metrics["validation"] = {

@@ -22,6 +22,7 @@ from finetune import model as model_stage
 from finetune.allocator import keep_freed_memory
 from finetune.backbones.spec import BackboneLayout
 from finetune.data import Dataset, load_dataset, peek_class_names
+from finetune.data.balance import class_weights, imbalance_warning, named_weights
 from finetune.errors import RunInterrupted, Terminated
 from finetune.plan import RunPlan, resolve_read
 from finetune.recipe import Recipe, read_recipe
@@ -53,6 +54,8 @@ class RunSession:
     """The clock's zero: ``time.perf_counter()`` at the start, less the seconds earlier processes kept."""
     facts: dict[str, Any] = field(default_factory=dict)
     """What joins metrics.json (how the run was distributed)."""
+    class_weights: dict[str, float] | None = None
+    """``training.class_weight`` per class name, as the training split gives it (None: unweighted)."""
 
     @property
     def seconds(self) -> float:
@@ -72,6 +75,7 @@ class RunSession:
             run_dir=run_dir if run_dir is not None else (folder.path if folder is not None else None),
             clock=lambda: self.seconds,
             resume_from=resume_from,
+            sampling=self.plan.data.sampling,
         )
         if folder is not None:
             context.phase_done = folder.phase_done
@@ -125,11 +129,13 @@ def open_run(
         if new_run:
             check_run_dir(out)
         dataset = load_data(plan)
+        weights = class_weights(plan.training.class_weight, dataset.train.labels, dataset.class_names)
         unsized, plan = plan, sized_to_data(plan, dataset)
         with distribute.scope(distribution):
             model, layout = build(plan, dataset)
         folder = RunFolder.claim(out, recipe) if new_run else resume
         session = RunSession(recipe, plan, distribution, dataset, model, layout, folder, started, facts)
+        session.class_weights = None if weights is None else named_weights(weights, dataset.class_names)
         if folder is None:
             for notice in plan.notices[len(unsized.notices) :]:  # what sizing the phases to the data says
                 logger.info(f"note: {notice}")
@@ -206,4 +212,17 @@ def announce(session: RunSession) -> None:
     for notice in plan.notices:
         logger.info(f"note: {notice}")
     for warning in setup_warnings(session.layout, plan.model.weights, plan.phases):
+        logger.warning(warning)
+    announce_balance(session)
+
+
+def announce_balance(session: RunSession) -> None:
+    """The class weights a run trains with, or a warning when its training classes are far apart and
+    nothing balances them."""
+    plan, dataset = session.plan, session.dataset
+    if session.class_weights is not None:
+        setting = plan.training.class_weight
+        named = ", ".join(f"{name!r} {weight:.4g}" for name, weight in session.class_weights.items())
+        logger.info(f"class weights ({setting if isinstance(setting, str) else 'as given'}): {named}")
+    elif plan.data.sampling == "natural" and (warning := imbalance_warning(dataset.train.labels, dataset.class_names)):
         logger.warning(warning)

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.callbacks import RunCallback
+from finetune.data.balance import class_weights
 from finetune.recipe import PhaseConfig, TrainingConfig
 from finetune.training.state import Checkpoint
 
@@ -26,7 +28,8 @@ class RunContext:
 
     ``clock`` gives the run's seconds so far (earlier processes' included: a checkpoint keeps it);
     ``resume_from`` is a checkpoint whose weights the model already holds; ``phase_done`` is told
-    each finished phase's name (the run folder records it).
+    each finished phase's name (the run folder records it); ``sampling`` is ``data.sampling``
+    (``balanced``: each epoch draws every class equally often).
     """
 
     model: keras.Model
@@ -39,6 +42,11 @@ class RunContext:
     clock: Callable[[], float] | None = None
     resume_from: Checkpoint | None = None
     phase_done: Callable[[str], None] = field(default=_nothing)
+    sampling: str = "natural"
+
+    def class_weights(self) -> np.ndarray | None:
+        """``training.class_weight`` as one weight per class of the training split; None for ``none``."""
+        return class_weights(self.settings.class_weight, self.dataset.train.labels, self.dataset.class_names)
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,7 @@ def find_phase_learning_rate(run: RunContext, phase: PhaseConfig, settings: Swee
                 f"lr-find: {len(dataset.train)} training images are fewer than one batch of "
                 f"{training.batch_size_for(phase)}; the sweep's batches hold all {batch_size}"
             )
-        batches = training_batches(inputs, dataset, training, batch_size, run.seed, 0)
+        batches = training_batches(inputs, run, batch_size, 0)
         passes = math.ceil(settings.steps / max(1, len(dataset.train) // batch_size))
         if passes > 1:
             logger.info(

@@ -273,11 +273,11 @@ def _fit(
 ) -> keras.callbacks.History:
     validation, settings = run.dataset.validation, run.settings
     batch_size = settings.batch_size_for(stage.phase)
-    train = training_batches(inputs, run.dataset, settings, batch_size, run.seed, stage.initial_epoch)
+    train = training_batches(inputs, run, batch_size, stage.initial_epoch)
     validation_labels = None if validation is None else validation.labels
     if settings.mix and validation is not None:
         validation_labels = one_hot(validation.labels, inputs.fit_model.output_shape[-1])
-    fit = PhaseFit(run, stage, inputs.fit_model, sample=lambda: train[0])
+    fit = PhaseFit(run, stage, inputs.fit_model, sample=lambda: train[0][:2])  # (x, y), without weights
     for callback in callbacks:
         if isinstance(callback, RunCallback):
             callback.set_run(fit)
@@ -292,15 +292,22 @@ def _fit(
     )
 
 
-def training_batches(
-    inputs: FitInputs, dataset: Any, settings: TrainingConfig, batch_size: int, seed: int, epoch: int
-) -> Any:
+def training_batches(inputs: FitInputs, run: RunContext, batch_size: int, epoch: int) -> Any:
     """The phase's training batches from ``epoch`` on (a ``FileBatches``; mixed or augmented views where set).
 
     Their order depends only on (seed, epoch): a resumed run sees what an uninterrupted one would,
-    and a memory-mapped array is read a batch at a time, never copied whole.
+    and a memory-mapped array is read a batch at a time, never copied whole. ``data.sampling:
+    balanced`` draws each epoch with equal class frequency; ``training.class_weight`` weighs each
+    example by its class (a per-example weight in every batch, so a cached top is weighed too).
     """
-    order: dict[str, Any] = dict(shuffle=settings.shuffle, seed=seed, epoch=epoch)
+    dataset, settings = run.dataset, run.settings
+    order: dict[str, Any] = dict(
+        shuffle=settings.shuffle,
+        seed=run.seed,
+        epoch=epoch,
+        balanced=run.sampling == "balanced",
+        class_weights=run.class_weights(),
+    )
     if settings.mix:  # the images of the whole model, never cached features (FeatureStore.plan)
         classes = inputs.fit_model.output_shape[-1]
         mixer = BatchMixer(settings.mix)

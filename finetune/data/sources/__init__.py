@@ -1,9 +1,10 @@
 """Where images come from: the registry of dataset sources, and the checks that need no files.
 
 Built in: ``fashion_mnist`` (IDX files), ``tfds:NAME`` (a prepared
-tensorflow-datasets image classification dataset) and ``image_folder`` (one
-sub-folder per class). Other packages add sources through the entry-point
-group ``finetune.datasets``.
+tensorflow-datasets image classification dataset), ``image_folder`` (one
+sub-folder per class) and ``csv`` (a CSV or TSV file of image paths and
+labels). Other packages add sources through the entry-point group
+``finetune.datasets``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ if TYPE_CHECKING:
 
 def _builtin_sources() -> dict[str, DatasetSource]:
     # Imported when the registry first looks a name up: each source module imports this one (DatasetSource).
-    from finetune.data.sources import fashion_mnist, image_folder, tfds
+    from finetune.data.sources import csv_file, fashion_mnist, image_folder, tfds
 
-    return {source.name: source for source in (fashion_mnist.SOURCE, image_folder.SOURCE, tfds.SOURCE)}
+    return {source.name: source for source in (fashion_mnist.SOURCE, image_folder.SOURCE, csv_file.SOURCE, tfds.SOURCE)}
 
 
 datasets: Registry[DatasetSource] = Registry("datasets", instance_type=DatasetSource, builtins=_builtin_sources)
@@ -36,7 +37,8 @@ def get(source: str) -> DatasetSource:
     if entry is None:
         raise RecipeError(
             datasets.unknown_message(name or source)
-            + " (tfds:NAME for a tensorflow-datasets dataset, image_folder with data.data_dir for your own images)"
+            + " (tfds:NAME for a tensorflow-datasets dataset; image_folder or csv, with data.data_dir, for your own"
+            " images)"
         )
     if argument is not None and entry.argument is None:
         raise RecipeError(f"dataset {entry.name!r} takes no ':' argument, got {source!r}")
@@ -78,3 +80,14 @@ def peek_class_names(config: DataConfig) -> tuple[str, ...] | None:
     if config.classes is None:
         return tuple(names)
     return tuple(names[index] for index in select_classes(names, config.classes))
+
+
+def peek_split_counts(config: DataConfig) -> dict[str, dict[str, int]] | None:
+    """Each of the source's splits' images per kept class (before subsets and the validation hold-out),
+    when the source can count them without decoding an image; else None."""
+    source = get(config.source)
+    if source.split_counts is None:
+        return None
+    names, counts = source.split_counts(config)
+    kept = select_classes(names, config.classes) if config.classes is not None else range(len(names))
+    return {split: {names[index]: per_class[index] for index in kept} for split, per_class in counts.items()}

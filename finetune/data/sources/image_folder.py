@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from finetune.recipe.schema import DataConfig
 
     _T = TypeVar("_T")
+
+_Files = list[tuple[Path, int]]  # image files and their labels
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +134,21 @@ def cache_root() -> Path:
 _CACHE_FORMAT = 1
 
 
+def _image_folder_splits(config: DataConfig) -> tuple[Path, tuple[str, ...], list[_Files], str]:
+    """``(folder, class names, [train files, test files], layout)``: the test split carved when not given."""
+    root = image_folder_path(config).resolve()
+    class_names, train_files, test_files = scan_image_folder(root)
+    if test_files is not None:
+        return root, class_names, [train_files, test_files], "train/ and test/ folders"
+    labels = np.array([label for _, label in train_files], dtype=np.int32)
+    test_positions = carve_test_split(labels, config.test_split, str(root))
+    in_test = np.zeros(len(labels), dtype=bool)
+    in_test[test_positions] = True
+    test_files = [item for item, chosen in zip(train_files, in_test, strict=True) if chosen]
+    train_files = [item for item, chosen in zip(train_files, in_test, strict=True) if not chosen]
+    return root, class_names, [train_files, test_files], f"test_split {config.test_split}"
+
+
 def load_image_folder(config: DataConfig) -> tuple[Split, Split, tuple[str, ...], str]:
     """A folder of images, decoded once into a uint8 ``.npy`` that later runs memory-map.
 
@@ -138,67 +156,92 @@ def load_image_folder(config: DataConfig) -> tuple[Split, Split, tuple[str, ...]
     list, the stored size, the resize mode and the test split, so editing the
     folder or the recipe's data settings decodes afresh.
     """
-    root = image_folder_path(config).resolve()
-    class_names, train_files, test_files = scan_image_folder(root)
-    if test_files is None:
-        labels = np.array([label for _, label in train_files], dtype=np.int32)
-        test_positions = carve_test_split(labels, config.test_split, str(root))
-        in_test = np.zeros(len(labels), dtype=bool)
-        in_test[test_positions] = True
-        test_files = [item for item, chosen in zip(train_files, in_test, strict=True) if chosen]
-        train_files = [item for item, chosen in zip(train_files, in_test, strict=True) if not chosen]
-        layout = f"test_split {config.test_split}"
-    else:
-        layout = "train/ and test/ folders"
-    files = train_files + test_files
+    root, class_names, parts, layout = _image_folder_splits(config)
+    (train, test), where = load_cached(parts, config, class_names, root, layout)
+    return train, test, class_names, where
+
+
+def image_folder_split_counts(config: DataConfig) -> tuple[tuple[str, ...], dict[str, list[int]]]:
+    """The class names and each split's images per class, without opening an image."""
+    _, class_names, parts, _ = _image_folder_splits(config)
+    return class_names, split_counts(dict(zip(("train", "test"), parts, strict=True)), len(class_names))
+
+
+def split_counts(parts: dict[str, _Files], classes: int) -> dict[str, list[int]]:
+    """Images per class of each split of ``parts`` (split name -> files and labels)."""
+    return {
+        name: np.bincount(np.array([label for _, label in files], dtype=np.int64), minlength=classes).tolist()
+        for name, files in parts.items()
+    }
+
+
+def load_cached(
+    parts: Sequence[_Files],
+    config: DataConfig,
+    class_names: tuple[str, ...],
+    origin: Path,
+    layout: str,
+    kind: str = "image_folder",
+    image_name: Callable[[int], str] | None = None,
+) -> tuple[list[Split], str]:
+    """The splits of ``parts`` (files and labels, the training split first), decoded once into a cache entry.
+
+    ``origin`` is the folder (or the file listing the images: ``kind`` csv) the entry is named and keyed
+    by; ``image_name(position)`` names an image of ``parts`` (in order) in an error, else its path.
+    Returns the splits and where they came from.
+    """
+    root = origin if origin.is_dir() else origin.parent
+    files = [item for part in parts for item in part]
     labels = np.array([label for _, label in files], dtype=np.int32)
+    bounds = np.cumsum([0, *(len(part) for part in parts)])
     size_hw = config.stored_hw
     key_material = {
         "format": _CACHE_FORMAT,
-        "root": str(root),
+        "root": str(origin),
         "classes": class_names,
         "size": size_hw,
         "resize": config.resize,
         "layout": layout,
-        "train": len(train_files),
+        "train": len(parts[0]),
         "files": [[*_file_key(path, root, config.skip_bad_images), label] for path, label in files],
         "skip_bad_images": config.skip_bad_images,
     }
+    if len(parts) != 2:
+        key_material["parts"] = [len(part) for part in parts]
     key = hashlib.sha256(json.dumps(key_material).encode()).hexdigest()[:20]
-    entry = cache_root() / "image_folder" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', root.name)[:40]}-{key}"
+    entry = cache_root() / kind / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', origin.name)[:40]}-{key}"
+    what = f"{kind.replace('_', ' ')} {str(origin)!r}"
     if (entry / "meta.json").is_file():
         images, how = np.load(entry / "images.npy", mmap_mode="r"), "cached"
         skipped = json.loads((entry / "meta.json").read_text()).get("skipped", [])
     else:
         images, skipped = _decode_into_cache(
-            files, size_hw, config.resize, entry, class_names, root, config.skip_bad_images
+            files, size_hw, config.resize, entry, class_names, root, config.skip_bad_images, image_name
         )
         how = "decoded"
-    count = len(train_files)
     if skipped:
-        train, test = _without(images, labels, count, skipped, class_names, root)
+        splits = _without(images, labels, bounds, skipped, class_names, what)
         how += f", {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} skipped"
     else:
-        train = Split(images[:count], labels[:count])
-        test = Split(images[count:], labels[count:])
-    _warn_about_thin_classes(train, test, class_names, root)
-    return train, test, class_names, f"{root} ({layout}; {how}, {len(files)} images at {entry})"
+        splits = [Split(images[start:end], labels[start:end]) for start, end in itertools.pairwise(bounds)]
+    _warn_about_thin_classes(splits[0], splits[-1], class_names, what)
+    return splits, f"{origin} ({layout}; {how}, {len(files)} images at {entry})"
 
 
-def _warn_about_thin_classes(train: Split, test: Split, class_names: Sequence[str], root: Path) -> None:
+def _warn_about_thin_classes(train: Split, test: Split, class_names: Sequence[str], what: str) -> None:
     """A warning naming the classes with a single training image, and one naming those without test images."""
     trained = np.bincount(train.labels, minlength=len(class_names))
     tested = np.bincount(test.labels, minlength=len(class_names))
     single = [name for name, count in zip(class_names, trained, strict=True) if count == 1]
     if single:
         logger.warning(
-            f"image folder {str(root)!r}: {_classes(single)} one training image only; "
+            f"{what}: {_classes(single)} one training image only; "
             "what the model learns of such a class rests on that one image"
         )
     untested = [name for name, count in zip(class_names, tested, strict=True) if count == 0]
     if untested:
         logger.warning(
-            f"image folder {str(root)!r}: {_classes(untested)} no test images; "
+            f"{what}: {_classes(untested)} no test images; "
             "the test metrics say nothing about such a class (its accuracy is null)"
         )
 
@@ -208,28 +251,34 @@ def _classes(names: Sequence[str]) -> str:
 
 
 def _without(
-    images: np.ndarray, labels: np.ndarray, count: int, skipped: list[int], class_names: Sequence[str], root: Path
-) -> tuple[Split, Split]:
-    """The train and test splits without the rows of images that could not be read."""
+    images: np.ndarray,
+    labels: np.ndarray,
+    bounds: np.ndarray,
+    skipped: list[int],
+    class_names: Sequence[str],
+    what: str,
+) -> list[Split]:
+    """The splits (rows ``bounds[i]:bounds[i + 1]``) without the rows of images that could not be read."""
     kept = np.setdiff1d(np.arange(len(labels)), np.asarray(skipped, dtype=np.int64))
-    train_rows, test_rows = kept[kept < count], kept[kept >= count]
-    empty = [name for label, name in enumerate(class_names) if not np.any(labels[train_rows] == label)]
+    rows = [kept[(kept >= start) & (kept < end)] for start, end in itertools.pairwise(bounds)]
+    empty = [name for label, name in enumerate(class_names) if not np.any(labels[rows[0]] == label)]
     if empty:
-        raise DataError(f"image folder {str(root)!r}: class {empty[0]!r} has no readable training images left")
-    return (
-        Split(pick_rows(images, train_rows), labels[train_rows]),  # type: ignore[arg-type]  # rows stay mapped
-        Split(pick_rows(images, test_rows), labels[test_rows]),  # type: ignore[arg-type]
-    )
+        raise DataError(f"{what}: class {empty[0]!r} has no readable training images left")
+    return [
+        Split(pick_rows(images, part), labels[part])  # type: ignore[arg-type]  # rows stay mapped
+        for part in rows
+    ]
 
 
 def _file_key(path: Path, root: Path, skip_bad: bool = False) -> list[str | int | None]:
+    name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
     try:
         stat = path.stat()
     except OSError as error:  # a dangling link, a file removed meanwhile
         if skip_bad:
-            return [str(path.relative_to(root)), None, None]  # decoding will skip it
+            return [name, None, None]  # decoding will skip it
         raise DataError(f"cannot read image {path}: {first_line(error)}") from None
-    return [str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns]
+    return [name, stat.st_size, stat.st_mtime_ns]
 
 
 def _image_mode(path: Path) -> str:
@@ -266,11 +315,13 @@ def _decode_into_cache(
     class_names: Sequence[str],
     root: Path,
     skip_bad: bool = False,
+    image_name: Callable[[int], str] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Decode ``files`` into ``entry/images.npy`` (written aside, then renamed) and map it.
 
     Returns the array and the positions of images that could not be read
-    (only with ``skip_bad``; otherwise the first one is a DataError).
+    (only with ``skip_bad``; otherwise the first one is a DataError, its
+    message led by ``image_name(position)`` when given).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -280,8 +331,10 @@ def _decode_into_cache(
     def attempt(position: int, read: Callable[[Path], _T]) -> _T | None:
         try:
             return read(paths[position])
-        except DataError:
+        except DataError as error:
             if not skip_bad:
+                if image_name is not None:
+                    raise DataError(f"{image_name(position)}: {error}") from None
                 raise
             skipped.add(position)
             return None
@@ -347,4 +400,5 @@ SOURCE = DatasetSource(
     resizes=True,
     peek=peek_image_folder,
     check=check_folder_setting,
+    split_counts=image_folder_split_counts,
 )
