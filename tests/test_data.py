@@ -119,7 +119,7 @@ def test_unknown_source_lists_the_known_ones(tiny_recipe_dict):
     import finetune
 
     tiny_recipe_dict["data"]["source"] = "mnits"
-    with pytest.raises(finetune.RecipeError, match="known: fashion_mnist"):
+    with pytest.raises(finetune.RecipeError, match=r"known: csv, fashion_mnist, image_folder"):
         finetune.load_recipe(tiny_recipe_dict)
 
 
