@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -167,7 +167,7 @@ def image_folder_split_counts(config: DataConfig) -> tuple[tuple[str, ...], dict
     return class_names, split_counts(dict(zip(("train", "test"), parts, strict=True)), len(class_names))
 
 
-def split_counts(parts: dict[str, _Files], classes: int) -> dict[str, list[int]]:
+def split_counts(parts: Mapping[str, _Files], classes: int) -> dict[str, list[int]]:
     """Images per class of each split of ``parts`` (split name -> files and labels)."""
     return {name: class_counts(label_array(files, classes), classes).tolist() for name, files in parts.items()}
 
