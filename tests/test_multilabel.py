@@ -68,3 +68,118 @@ def test_tag_lists_become_a_multi_hot_matrix_in_every_split(tmp_path):
     # data.classes keeps the chosen tags' columns, in the given order.
     kept = data.load_dataset(config.model_copy(update={"classes": ["striped", "bright"]}), 0)
     np.testing.assert_array_equal(kept.test.labels, dataset.test.labels[:, ::-1])
+
+
+def noisy_tag_probabilities(rng, rows=300, tags=4):
+    """Multi-hot labels and probabilities that rank them imperfectly, with ties (rounded to 0.05)."""
+    labels = (rng.random((rows, tags)) < np.array([0.5, 0.3, 0.1, 0.7])[:tags]).astype(np.uint8)
+    scores = 1 / (1 + np.exp(-(2.0 * labels - 1.0) * rng.uniform(0.2, 1.5, tags) + rng.normal(0, 1, (rows, tags))))
+    return labels, np.round(scores, 2)
+
+
+def test_mean_average_precision_and_f1s_equal_scikit_learns():
+    from sklearn.metrics import average_precision_score, f1_score
+
+    from finetune.evaluation.multilabel import choose_thresholds, multi_label_metrics
+
+    rng = np.random.default_rng(0)
+    labels, probabilities = noisy_tag_probabilities(rng)
+    thresholds = np.array([0.3, 0.5, 0.72, 0.55])
+    metrics = multi_label_metrics(probabilities, labels, list("abcd"), thresholds)
+    predicted = (probabilities >= thresholds).astype(int)
+    assert metrics["mean_average_precision"] == pytest.approx(average_precision_score(labels, probabilities))
+    for tag in range(4):
+        expected = average_precision_score(labels[:, tag], probabilities[:, tag])
+        assert metrics["per_class"]["abcd"[tag]]["average_precision"] == pytest.approx(expected)
+    for average in ("micro", "macro"):
+        expected = f1_score(labels, predicted, average=average, zero_division=0)
+        assert metrics[f"{average}_f1"] == pytest.approx(expected)
+    assert metrics["exact_match"] == pytest.approx(np.mean((predicted == labels).all(axis=1)))
+    assert metrics["per_class"]["c"]["support"] == int(labels[:, 2].sum())
+    # At thresholds chosen on validation scores, the same agreement.
+    valid_labels, valid_probabilities = noisy_tag_probabilities(np.random.default_rng(1))
+    chosen = choose_thresholds(valid_probabilities, valid_labels)
+    metrics = multi_label_metrics(probabilities, labels, list("abcd"), chosen)
+    predicted = (probabilities >= chosen).astype(int)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro", zero_division=0))
+    assert metrics["micro_f1"] == pytest.approx(f1_score(labels, predicted, average="micro", zero_division=0))
+
+
+def test_thresholds_maximise_each_tags_validation_f1():
+    from sklearn.metrics import f1_score
+
+    from finetune.evaluation.multilabel import DEFAULT_THRESHOLD, choose_thresholds
+
+    rng = np.random.default_rng(2)
+    labels, probabilities = noisy_tag_probabilities(rng)
+    chosen = choose_thresholds(probabilities, labels)
+    for tag in range(4):
+        scores, truth = probabilities[:, tag], labels[:, tag]
+        best = max(f1_score(truth, scores >= cut, zero_division=0) for cut in np.unique(scores))
+        assert f1_score(truth, scores >= chosen[tag], zero_division=0) == pytest.approx(best)
+    # A constructed case: positives score 0.6-0.8, negatives 0.1-0.65; 0.5 would flag the 0.55 and 0.65 negatives.
+    scores = np.array([[0.8], [0.7], [0.6], [0.65], [0.55], [0.3], [0.1]])
+    truth = np.array([[1], [1], [1], [0], [0], [0], [0]])
+    (threshold,) = choose_thresholds(scores, truth)
+    assert 0.55 < threshold <= 0.6  # every positive, no negative but the 0.65 one: F1 6/7, the best there is
+    # Without validation labels, or a tag without a positive: 0.5.
+    assert choose_thresholds(scores, None).tolist() == [DEFAULT_THRESHOLD]
+    assert choose_thresholds(scores, np.zeros_like(truth)).tolist() == [DEFAULT_THRESHOLD]
+
+
+def multi_label_recipe(csv_path, epochs=12, formats=("keras",), **data):
+    import finetune
+
+    return finetune.load_recipe(
+        {
+            "name": "tags",
+            "seed": 0,
+            "precision": "float32",
+            "data": {"source": "csv", "data_dir": str(csv_path), "image_size": 12, "label_delimiter": " ", **data},
+            "model": {"backbone": {"name": "mlp", "weights": None, "options": {"dense": [32]}}, "head": {}},
+            "training": {"batch_size": 16, "verbose": 0, "tensorboard": False, "gradient_health_every": 0},
+            "export": {"formats": list(formats)},
+            "phases": [
+                {
+                    "name": "all",
+                    "epochs": epochs,
+                    "trainable": "all",
+                    "optimizer": {"name": "adam", "learning_rate": 3e-3},
+                }
+            ],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tagged_run(tmp_path_factory):
+    """A finished multi-label run: brightness and stripes, two independent tags of 12x12 images."""
+    import os
+
+    import finetune
+
+    root = tmp_path_factory.mktemp("tags")
+    os.environ["FINETUNE_CACHE_DIR"] = str(root / "cache")
+    csv_path, truth = make_tagged_csv(root / "images", count=200)
+    recipe = multi_label_recipe(csv_path, formats=("keras", "saved_model"))
+    result = finetune.run(recipe, out=root / "run", log=lambda line: None)
+    return result, csv_path, truth
+
+
+def test_a_multi_label_run_learns_both_tags_and_keeps_its_thresholds(tagged_run):
+    import json
+
+    result, _, _ = tagged_run
+    test = result.metrics["test"]
+    assert test["class_names"] == list(TAGS) and test["examples"] == 40
+    # Chance is an F1 of about 0.67 (every image tagged) and an exact match of 0.25 (two coin tosses).
+    for tag in TAGS:
+        assert test["per_class"][tag]["f1"] > 0.85, test["per_class"]
+    assert test["exact_match"] > 0.7 and test["mean_average_precision"] > 0.9
+    assert test["thresholds_chosen_on"] == "validation"
+    # The thresholds were written beside labels and model, and into the SavedModel folder.
+    for folder in (result.run_dir, result.run_dir / "saved_model"):
+        saved = json.loads((folder / "thresholds.json").read_text())
+        assert saved["thresholds"] == test["thresholds"]
+    history = (result.run_dir / "history.csv").read_text()
+    assert "val_accuracy" in history.splitlines()[0]
