@@ -183,3 +183,39 @@ def test_a_multi_label_run_learns_both_tags_and_keeps_its_thresholds(tagged_run)
         assert saved["thresholds"] == test["thresholds"]
     history = (result.run_dir / "history.csv").read_text()
     assert "val_accuracy" in history.splitlines()[0]
+
+
+def test_predict_prints_every_tag_above_its_threshold(tagged_run, tmp_path):
+    import json
+
+    from conftest import cli_in_process
+
+    result, _, _ = tagged_run
+    rng = np.random.default_rng(7)
+    files = {}
+    for bright, striped in ((True, True), (False, False), (True, False), (False, True)):
+        path = tmp_path / f"b{int(bright)}s{int(striped)}.png"
+        Image.fromarray(tagged_image(bright, striped, rng)).save(path)
+        files[path] = {tag for tag, on in zip(TAGS, (bright, striped), strict=True) if on}
+    thresholds = json.loads((result.run_dir / "thresholds.json").read_text())["thresholds"]
+    for model in (result.run_dir, result.run_dir / "saved_model"):
+        answer = cli_in_process("predict", str(model), *map(str, files), "--json", "--invert", "no")
+        assert answer.returncode == 0, answer.stderr
+        right = 0
+        for line in answer.stdout.splitlines():
+            row = json.loads(line)
+            tags = {item["tag"]: item["probability"] for item in row["tags"]}
+            # Every tag printed reaches its threshold, and every tag that reaches its threshold is printed.
+            assert tags == {
+                item["class"]: item["probability"]
+                for item in row["top"]
+                if item["probability"] >= thresholds[item["class"]]
+            }
+            right += set(tags) == files[next(path for path in files if str(path) == row["path"])]
+        assert right >= 3
+        text = cli_in_process("predict", str(model), *map(str, files), "--invert", "no")
+        dark_plain = next(line for line in text.stdout.splitlines() if "b0s0.png" in line)
+        assert dark_plain.endswith("no tag above its threshold") or "bright" not in dark_plain
+        # --top still limits what is shown.
+        one = cli_in_process("predict", str(model), *map(str, files), "--invert", "no", "--top", "1", "--json")
+        assert all(len(json.loads(line)["tags"]) <= 1 for line in one.stdout.splitlines())

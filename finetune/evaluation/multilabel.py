@@ -14,9 +14,6 @@ import numpy as np
 
 from finetune.evaluation.metrics import predict_view
 
-THRESHOLDS_FILE = "thresholds.json"
-"""The per-tag thresholds a multi-label model was saved with: ``{"thresholds": {tag: threshold}}``."""
-
 DEFAULT_THRESHOLD = 0.5
 """Every tag's threshold when there is no validation split to choose them on."""
 
@@ -123,20 +120,6 @@ def multi_label_metrics(
             for index, name in enumerate(class_names)
         },
     }
-
-
-def thresholds_document(class_names: Sequence[str], thresholds: np.ndarray, chosen_on: str) -> dict[str, Any]:
-    """What ``thresholds.json`` holds: each tag's threshold, in output order, and what chose them."""
-    return {
-        "thresholds": {name: float(thresholds[index]) for index, name in enumerate(class_names)},
-        "chosen_on": chosen_on,
-    }
-
-
-def thresholds_from(document: dict[str, Any], class_names: Sequence[str]) -> np.ndarray:
-    """The thresholds of a ``thresholds.json`` document in ``class_names``' order (0.5 for a tag it lacks)."""
-    given = document.get("thresholds", {})
-    return np.array([float(given.get(name, DEFAULT_THRESHOLD)) for name in class_names])
 
 
 def evaluate_multi_label(

@@ -14,11 +14,11 @@ import numpy as np
 
 from finetune import model as model_stage
 from finetune.data import Dataset
-from finetune.data.input_spec import describe_input, write_input_spec
+from finetune.data.input_spec import describe_input, write_input_spec, write_thresholds
 from finetune.evaluation import metrics as metrics_stage
 from finetune.evaluation import multilabel as multi_label
 from finetune.export.formats import VERIFY_IMAGES_FILE, export_all, failures
-from finetune.files import write_atomically, write_json_atomically
+from finetune.files import write_atomically
 from finetune.plan import RunPlan
 from finetune.progress import live
 from finetune.recipe import Recipe
@@ -116,12 +116,6 @@ def evaluate(session: RunSession, history: list[dict[str, Any]]) -> tuple[dict[s
     return metrics, probabilities
 
 
-def write_thresholds(folder: Path, test: dict[str, Any]) -> None:
-    """``thresholds.json``: a multi-label model's tag thresholds (and what chose them), for predict and evaluate."""
-    document = {"thresholds": test["thresholds"], "chosen_on": test.get("thresholds_chosen_on", "validation")}
-    write_json_atomically(folder / multi_label.THRESHOLDS_FILE, document)
-
-
 def save(
     session: RunSession, metrics: dict[str, Any], probabilities: np.ndarray, history: list[dict[str, Any]]
 ) -> None:
@@ -132,7 +126,7 @@ def save(
     assert folder is not None
     folder.save_model(model)
     if "thresholds" in metrics["test"]:  # multi-label: the tags' thresholds go wherever the model goes
-        write_thresholds(folder.path, metrics["test"])
+        write_thresholds(folder.path, metrics["test"]["thresholds"], metrics["test"]["thresholds_chosen_on"])
     # What `finetune predict` needs to turn any picture into this model's input (shape, resize, background).
     input_spec = describe_input(dataset.train.images, dataset.class_names, plan.data.resize)
     write_input_spec(folder.path, input_spec)
@@ -154,7 +148,9 @@ def save(
     if "saved_model" in formats:
         write_input_spec(folder.path / "saved_model", input_spec)  # predict reads it beside labels.txt
         if "thresholds" in metrics["test"]:
-            write_thresholds(folder.path / "saved_model", metrics["test"])
+            write_thresholds(
+                folder.path / "saved_model", metrics["test"]["thresholds"], metrics["test"]["thresholds_chosen_on"]
+            )
     folder.write_json("metrics.json", metrics)
     for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
         logger.warning(f"picture not drawn: {problem}")
