@@ -219,3 +219,34 @@ def test_predict_prints_every_tag_above_its_threshold(tagged_run, tmp_path):
         # --top still limits what is shown.
         one = cli_in_process("predict", str(model), *map(str, files), "--invert", "no", "--top", "1", "--json")
         assert all(len(json.loads(line)["tags"]) <= 1 for line in one.stdout.splitlines())
+
+
+def test_the_saved_model_serves_one_probability_per_tag_and_keeps_the_thresholds(tagged_run):
+    import json
+    import shutil
+
+    import tensorflow as tf
+    from conftest import cli_in_process
+
+    from finetune.data.input_spec import read_thresholds
+    from finetune.model import load_model
+
+    result, _, _ = tagged_run
+    images = np.load(result.run_dir / "export_check_images.npy")
+    expected = np.asarray(load_model(result.run_dir / "model.keras", compile=False).predict(images, verbose=0))
+    exported = result.metrics["export"]["saved_model"]
+    assert exported["max_abs_diff"] <= 1e-4 and exported["images"] == len(images)
+    # `finetune export` writes it again: the thresholds go with it.
+    shutil.rmtree(result.run_dir / "saved_model")
+    answer = cli_in_process("export", str(result.run_dir), "--format", "saved_model")
+    assert answer.returncode == 0, answer.stderr
+    loaded = tf.saved_model.load(str(result.run_dir / "saved_model"))  # kept: its variables live as long as it
+    served = loaded.serve(tf.constant(images)).numpy()
+    assert served.shape == (len(images), len(TAGS))
+    np.testing.assert_allclose(served, expected, atol=1e-5)  # sigmoid per tag: rows need not sum to 1
+    assert not np.allclose(served.sum(axis=1), 1.0)
+    saved = json.loads((result.run_dir / "saved_model" / "thresholds.json").read_text())
+    assert saved["thresholds"] == result.metrics["test"]["thresholds"]
+    np.testing.assert_array_equal(
+        read_thresholds(result.run_dir / "saved_model", TAGS), [result.metrics["test"]["thresholds"][t] for t in TAGS]
+    )
