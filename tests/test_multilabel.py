@@ -250,3 +250,21 @@ def test_the_saved_model_serves_one_probability_per_tag_and_keeps_the_thresholds
     np.testing.assert_array_equal(
         read_thresholds(result.run_dir / "saved_model", TAGS), [result.metrics["test"]["thresholds"][t] for t in TAGS]
     )
+
+
+def test_evaluate_uses_the_saved_thresholds_and_gives_the_runs_test_metrics(tagged_run):
+    import json
+
+    from conftest import cli_in_process
+
+    result, _, _ = tagged_run
+    answer = cli_in_process("evaluate", str(result.run_dir))
+    assert answer.returncode == 0, answer.stderr
+    evaluation = sorted((result.run_dir / "evaluations").iterdir())[-1]
+    test = json.loads((evaluation / "metrics.json").read_text())["test"]
+    assert test["thresholds_chosen_on"] == "given" and test["thresholds"] == result.metrics["test"]["thresholds"]
+    for key in ("micro_f1", "macro_f1", "mean_average_precision", "exact_match"):
+        assert test[key] == pytest.approx(result.metrics["test"][key]), key
+    for tag in TAGS:
+        assert test["per_class"][tag] == pytest.approx(result.metrics["test"]["per_class"][tag])
+    assert (evaluation / "report.html").is_file()
