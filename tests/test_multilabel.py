@@ -268,3 +268,38 @@ def test_evaluate_uses_the_saved_thresholds_and_gives_the_runs_test_metrics(tagg
     for tag in TAGS:
         assert test["per_class"][tag] == pytest.approx(result.metrics["test"]["per_class"][tag])
     assert (evaluation / "report.html").is_file()
+
+
+@pytest.mark.parametrize("cache", ["disk", "off"])
+def test_a_multi_label_run_with_cached_features_resumes_to_the_same_weights(tmp_path, monkeypatch, cache):
+    """Tolerance: rtol 1e-5, atol 1e-6 on every weight, with TensorFlow's op determinism on."""
+    import keras
+    import tensorflow as tf
+    from test_resume import _interrupt_at
+
+    import finetune
+    from finetune.errors import RunInterrupted
+    from finetune.training import train as training
+
+    tf.config.experimental.enable_op_determinism()
+    csv_path, _ = make_tagged_csv(tmp_path / "images", count=100)
+    raw = multi_label_recipe(csv_path).model_dump(mode="json")
+    raw["training"]["cache"] = cache
+    raw["phases"] = [
+        {"name": "head", "epochs": 2, "trainable": "none", "optimizer": {"name": "adam", "learning_rate": 3e-3}},
+        {"name": "all", "epochs": 2, "trainable": "all", "optimizer": {"name": "adam", "learning_rate": 1e-3}},
+    ]
+    recipe = finetune.load_recipe(raw)
+    alone = finetune.run(recipe, out=tmp_path / "alone", log=lambda line: None)
+    original = _interrupt_at(monkeypatch, epoch=4)
+    with pytest.raises(RunInterrupted):
+        finetune.run(recipe, out=tmp_path / "killed", log=lambda line: None)
+    monkeypatch.setattr(training, "fit_phase", original)
+    resumed = finetune.resume(tmp_path / "killed", log=lambda line: None)
+    for mine, other in zip(resumed.model.weights, alone.model.weights, strict=True):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(other), rtol=1e-5, atol=1e-6, err_msg=mine.path
+        )
+    assert resumed.metrics["test"]["thresholds"] == pytest.approx(alone.metrics["test"]["thresholds"])
+    assert resumed.metrics["test"]["micro_f1"] == pytest.approx(alone.metrics["test"]["micro_f1"])
+    assert (tmp_path / "killed" / "thresholds.json").is_file()
