@@ -303,3 +303,74 @@ def test_a_multi_label_run_with_cached_features_resumes_to_the_same_weights(tmp_
     assert resumed.metrics["test"]["thresholds"] == pytest.approx(alone.metrics["test"]["thresholds"])
     assert resumed.metrics["test"]["micro_f1"] == pytest.approx(alone.metrics["test"]["micro_f1"])
     assert (tmp_path / "killed" / "thresholds.json").is_file()
+
+
+def test_the_head_is_a_float32_sigmoid_under_mixed_precision_and_the_loss_is_smoothed_binary_cross_entropy(tmp_path):
+    import keras
+
+    from finetune.catalog.losses import training_loss
+    from finetune.model import build_model
+
+    csv_path, _ = make_tagged_csv(tmp_path / "images", count=20)
+    recipe = multi_label_recipe(csv_path).model_copy(update={"precision": "mixed_float16"})
+    model = build_model(recipe)
+    images = np.random.default_rng(0).integers(0, 256, (8, 12, 12, 1), dtype=np.uint8)
+    output = model(images, training=False)
+    assert keras.backend.standardize_dtype(output.dtype) == "float32" and tuple(output.shape) == (8, 2)
+    probabilities = keras.ops.convert_to_numpy(output)
+    # Independent tags: each a probability in (0, 1); the two are not a distribution over classes.
+    logits = np.log(probabilities / (1 - probabilities))
+    assert not np.allclose(probabilities.sum(axis=1), 1.0) and np.all(np.isfinite(logits))
+    # The loss: binary cross-entropy against targets pulled toward 0.5 by the label smoothing (numpy reference).
+    truth = np.array([[1, 0], [0, 0], [1, 1]], dtype=np.float32)
+    predicted = np.array([[0.9, 0.2], [0.3, 0.1], [0.6, 0.7]], dtype=np.float32)
+    targets = truth * 0.8 + 0.1
+    expected = -np.mean(targets * np.log(predicted) + (1 - targets) * np.log(1 - predicted))
+    loss = training_loss(0.2, multi_label=True)(truth, predicted)
+    assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ({"training": {"mix": ["mixup"]}}, "training.mix"),
+        ({"training": {"class_weight": "balanced"}}, "training.class_weight"),
+        ({"data": {"sampling": "balanced"}}, "data.sampling"),
+        ({"evaluation": {"tta": ["flip"]}}, "evaluation.tta"),
+        ({"data": {"source": "fashion_mnist", "data_dir": None}}, "data.label_delimiter"),
+    ],
+)
+def test_what_multi_label_runs_do_not_do_is_refused_in_one_line(tmp_path, setting, key):
+    from conftest import cli_in_process
+
+    csv_path, _ = make_tagged_csv(tmp_path / "images", count=20)
+    recipe = multi_label_recipe(csv_path).model_dump(mode="json")
+    for section, values in setting.items():
+        recipe[section].update(values)
+    path = tmp_path / "recipe.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe))
+    answer = cli_in_process("run", str(path), "--out", str(tmp_path / "run"))
+    assert answer.returncode == 2 and key in answer.stderr and len(answer.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_prints_each_splits_images_per_tag(tmp_path):
+    from conftest import cli_in_process
+
+    csv_path, truth = make_tagged_csv(tmp_path / "images", count=40)
+    answer = cli_in_process(
+        "validate",
+        "recipes/csv_example.yaml",
+        "--set",
+        f"data.data_dir={csv_path}",
+        "--set",
+        'data.label_delimiter=" "',
+        "--set",
+        "model.backbone.weights=null",
+    )
+    assert answer.returncode == 0, answer.stderr
+    for split, rows in (("test", 0), ("validation", 1)):
+        bright, striped = truth[np.arange(40) % 5 == rows].sum(axis=0)
+        assert f"{split}: images per tag (bright {bright}, striped {striped})" in answer.stdout, answer.stdout
