@@ -107,7 +107,7 @@ def assemble(plan: ModelPlan, input_shape, num_classes: int) -> keras.Model:
             pooling = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
             x = pooling(name="head_pool")(x)
         x = dense_stack(x, head, prefix="head_")
-        outputs = output_layer(x, head, num_classes)
+        outputs = output_layer(x, head, num_classes, multi_label=plan.multi_label)
         return keras.Model(images, outputs, name="finetune")
 
 

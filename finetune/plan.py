@@ -45,6 +45,8 @@ class ModelPlan:
     augment: tuple = ()
     """Augmentation identifiers, in order (:mod:`finetune.catalog.augment`)."""
     seed: int = 0
+    multi_label: bool = False
+    """A set of tags per image (``data.label_delimiter``): a sigmoid head, one probability per tag."""
 
     @property
     def preprocessing(self) -> str:
@@ -99,6 +101,7 @@ def resolve(recipe: Recipe, label: str = "recipe") -> RunPlan:
         _check_validation_watchers(recipe)
         _check_mix(recipe.training.mix)
         _check_mc_dropout(recipe)
+        _check_multi_label(recipe)
         _check_export_packages(recipe.export)
         _check_export_precision(recipe.export, recipe.precision)
     except RecipeError as error:
@@ -170,6 +173,7 @@ def _model_plan(recipe: Recipe) -> ModelPlan:
         top_blocks_removed=config.top_blocks_removed,
         augment=tuple(recipe.model.augment),
         seed=recipe.seed,
+        multi_label=recipe.data.multi_label,
     )
 
 
@@ -298,6 +302,24 @@ def _dense_stacks(recipe: Recipe) -> list[tuple[str, schema.DenseStackConfig]]:
     if recipe.model.backbone.name == "mlp":
         stacks.append(("model.backbone.options", _mlp_options(recipe)))
     return stacks
+
+
+def _check_multi_label(recipe: Recipe) -> None:
+    """What a multi-label run (``data.label_delimiter``) does not do yet, refused before any work."""
+    if not recipe.data.multi_label:
+        return
+    if recipe.data.source != "csv":
+        raise RecipeError(f"data.label_delimiter: only data.source csv has tag lists, not {recipe.data.source!r}")
+    refused = {
+        "training.mix": bool(recipe.training.mix),
+        "training.class_weight": recipe.training.class_weight != "none",
+        "data.sampling": recipe.data.sampling != "natural",
+        "evaluation.tta": bool(recipe.evaluation.tta),
+        "evaluation.mc_samples": bool(recipe.evaluation.mc_samples),
+    }
+    for key, given in refused.items():
+        if given:
+            raise RecipeError(f"{key}: not available for multi-label runs (data.label_delimiter) yet; remove it")
 
 
 def _check_mc_dropout(recipe: Recipe) -> None:

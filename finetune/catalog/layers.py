@@ -98,11 +98,24 @@ def dense_stack(x, config, prefix: str):
     return x
 
 
-def output_layer(x, config, num_classes: int, name: str = "predictions"):
-    """[dropout] -> Dense softmax in float32 (mixed-precision safe), regularized like the stack."""
+def output_layer(x, config, num_classes: int, name: str = "predictions", multi_label: bool = False):
+    """[dropout] -> Dense softmax in float32 (mixed-precision safe), regularized like the stack.
+
+    ``multi_label``: a sigmoid instead, one independent probability per tag."""
     regularization = regularizers.resolve(config.dropout, config.regularizers)
     x = _dropout(x, regularization, f"{name}_dropout")
-    return _dense(num_classes, config, regularization, name, activation="softmax", dtype="float32")(x)
+    activation = "sigmoid" if multi_label else "softmax"
+    return _dense(num_classes, config, regularization, name, activation=activation, dtype="float32")(x)
+
+
+def is_multi_label(model, name: str = "predictions") -> bool:
+    """Whether ``model``'s output layer (or a cached top holding it) gives one sigmoid probability per tag."""
+    for layer in model.layers:
+        if layer.name == name:
+            return getattr(getattr(layer, "activation", None), "__name__", "") == "sigmoid"
+        if isinstance(layer, keras.Model) and is_multi_label(layer, name):
+            return True
+    return False
 
 
 def _dense(units: int, config, regularization, name: str, **settings):

@@ -1,4 +1,4 @@
-"""The training loss: sparse categorical cross-entropy, with label smoothing when asked.
+"""The training loss: sparse categorical cross-entropy (binary for tags), with label smoothing when asked.
 
 Keras 3's ``SparseCategoricalCrossentropy`` has no ``label_smoothing``; this
 one turns the integer labels into smoothed one-hot targets with ``keras.ops``
@@ -31,8 +31,12 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
-def training_loss(label_smoothing: float = 0.0, soft_labels: bool = False):
-    """What ``compile`` gets: Keras's own sparse cross-entropy unless labels are smoothed or soft (mixed)."""
+def training_loss(label_smoothing: float = 0.0, soft_labels: bool = False, multi_label: bool = False):
+    """What ``compile`` gets: Keras's own sparse cross-entropy unless labels are smoothed or soft (mixed).
+
+    ``multi_label``: binary cross-entropy of each tag's sigmoid, smoothed toward 0.5 by ``label_smoothing``."""
+    if multi_label:
+        return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
     if soft_labels:
         return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     if not label_smoothing:

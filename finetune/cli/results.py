@@ -67,7 +67,12 @@ _INVERT_HELP = (
 @main.command()
 @click.argument("model", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Classes shown per image (default 5); multi-label: at most this many of the tags above their thresholds.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line.")
 @click.option(
     "--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True, help=_INVERT_HELP
@@ -94,6 +99,10 @@ def predict(model, images, top, as_json, invert):
     finetune predict runs/fmnist shirt.jpg photos/ --top 3
     finetune predict runs/fmnist/saved_model photos/ --json
 
+    \b
+    A multi-label model (data.label_delimiter) prints every tag whose
+    probability reaches its threshold (thresholds.json), most probable first.
+
     An image that cannot be read is one line on stderr; the others are still
     predicted, and the exit code is 2.
     """
@@ -114,7 +123,10 @@ def predict(model, images, top, as_json, invert):
         elif as_json:
             click.echo(json.dumps(prediction.to_json()))
         else:
-            shown = ", ".join(f"{name} {probability:.3f}" for _, name, probability in prediction.top)
+            listed = prediction.top if prediction.tags is None else prediction.tags
+            shown = ", ".join(f"{name} {probability:.3f}" for _, name, probability in listed)
+            if prediction.tags is not None and not listed:
+                shown = "no tag above its threshold"
             click.echo(one_line(f"{prediction.path}: {shown}{' (inverted)' if prediction.inverted else ''}"))
     if failed:
         click.echo(f"{failed} of {total} images could not be read", err=True)

@@ -154,7 +154,10 @@ def _split_lines(config) -> list[str]:
     lines = []
     for split, per_class in counts.items():
         shown = ", ".join(f"{name} {count}" for name, count in list(per_class.items())[:10])
-        line = f"{split}: {sum(per_class.values())} images ({shown}{', ...' if len(per_class) > 10 else ''})"
+        more = ", ..." if len(per_class) > 10 else ""
+        # Multi-label: an image counts under each of its tags, so the counts do not add up to images.
+        total = "images per tag" if config.multi_label else f"{sum(per_class.values())} images"
+        line = f"{split}: {total} ({shown}{more})"
         if split == "train" and "validation" not in counts and config.validation_split > 0:
             line += f"; data.validation_split {config.validation_split:g} is held out of these"
         lines.append(line)

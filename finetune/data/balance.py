@@ -15,7 +15,9 @@ IMBALANCE_RATIO = 10
 
 
 def class_counts(labels: np.ndarray, classes: int) -> np.ndarray:
-    """Images per class (0..classes-1) among ``labels``."""
+    """Images per class (0..classes-1) among ``labels`` (multi-hot rows: images per tag)."""
+    if np.ndim(labels) == 2:
+        return np.asarray(labels).sum(axis=0, dtype=np.int64)[:classes]
     return np.bincount(np.asarray(labels, dtype=np.int64).reshape(-1), minlength=classes)[:classes]
 
 

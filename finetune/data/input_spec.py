@@ -116,3 +116,27 @@ def read_input_spec(folder: str | Path) -> InputSpec | None:
         return InputSpec.from_json(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as error:
         raise DataError(f"{path} is not a valid {INPUT_FILE}: {error}") from None
+
+
+THRESHOLDS_FILE = "thresholds.json"
+"""A multi-label model's per-tag thresholds: ``{"thresholds": {tag: threshold}, "chosen_on": ...}``."""
+
+
+def write_thresholds(folder: str | Path, thresholds: dict[str, float], chosen_on: str) -> Path:
+    """``thresholds.json`` in ``folder``: each tag's threshold (in output order) and what chose them."""
+    document = {"thresholds": {name: float(value) for name, value in thresholds.items()}, "chosen_on": chosen_on}
+    return write_json_atomically(Path(folder) / THRESHOLDS_FILE, document)
+
+
+def read_thresholds(folder: str | Path, class_names: Iterable[str]) -> np.ndarray | None:
+    """The thresholds of ``folder``'s ``thresholds.json`` in ``class_names``' order; None without the file.
+
+    A file that is not JSON, or lacks a tag, is a DataError naming it."""
+    path = Path(folder) / THRESHOLDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        given = json.loads(path.read_text(encoding="utf-8"))["thresholds"]
+        return np.array([float(given[name]) for name in class_names])
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path} is not a thresholds file of this model's tags ({error!r})") from None

@@ -16,7 +16,7 @@ import numpy as np
 from finetune.data.arrays import pick_rows
 from finetune.data.sampling import list_names, per_class_sample, select_classes, stratified_sample
 from finetune.data.sources import get
-from finetune.data.splits import Dataset, Split
+from finetune.data.splits import Dataset, Split, as_labels, strata
 from finetune.errors import DataError
 
 if TYPE_CHECKING:
@@ -39,7 +39,13 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
     train_positions, test_positions = np.arange(len(train)), np.arange(len(test))
     train_labels, test_labels = train.labels, test.labels
     given_labels = given.labels if given is not None else np.zeros(0, dtype=np.int32)
-    if config.classes is not None:
+    multi_label = train.labels.ndim == 2
+    if config.classes is not None and multi_label:  # the chosen tags' columns; every image stays
+        chosen = select_classes(class_names, config.classes)
+        train_labels, test_labels = train.labels[:, chosen], test.labels[:, chosen]
+        given_labels = given.labels[:, chosen] if given is not None else given_labels
+        class_names = tuple(class_names[index] for index in chosen)
+    elif config.classes is not None:
         chosen = select_classes(class_names, config.classes)
         relabel = np.full(len(class_names), -1, dtype=np.int32)
         relabel[chosen] = np.arange(len(chosen), dtype=np.int32)
@@ -47,16 +53,22 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
         train_positions, test_positions = np.flatnonzero(train_labels >= 0), np.flatnonzero(test_labels >= 0)
         class_names = tuple(class_names[index] for index in chosen)
     rng = np.random.default_rng(seed)
+    if config.train_per_class is not None and multi_label:
+        raise DataError("data.train_per_class: not for multi-label data (data.label_delimiter); use train_limit")
     if config.train_per_class is not None:
         picked = per_class_sample(train_labels[train_positions], config.train_per_class, class_names, rng)
         train_positions = train_positions[picked]
     if config.train_limit is not None and config.train_limit < len(train_positions):
-        train_positions = train_positions[stratified_sample(train_labels[train_positions], config.train_limit, rng)]
+        train_positions = train_positions[
+            stratified_sample(strata(train_labels[train_positions]), config.train_limit, rng)
+        ]
     if config.test_limit is not None and config.test_limit < len(test_positions):
-        test_positions = test_positions[np.sort(stratified_sample(test_labels[test_positions], config.test_limit, rng))]
+        test_positions = test_positions[
+            np.sort(stratified_sample(strata(test_labels[test_positions]), config.test_limit, rng))
+        ]
     validation = None
     if given is not None:
-        kept = np.flatnonzero(given_labels >= 0)
+        kept = np.arange(len(given)) if multi_label else np.flatnonzero(given_labels >= 0)
         validation = _take(given, given_labels, kept) if len(kept) else None
     elif config.validation_split > 0:
         size = int(round(len(train_positions) * config.validation_split))
@@ -65,7 +77,7 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
                 f"data.validation_split {config.validation_split} of {len(train_positions)} training images "
                 f"leaves {size} for validation; raise train_limit or change the split"
             )
-        held_out = stratified_sample(train_labels[train_positions], size, rng)
+        held_out = stratified_sample(strata(train_labels[train_positions]), size, rng)
         keep = np.setdiff1d(np.arange(len(train_positions)), held_out)
         validation = _take(train, train_labels, train_positions[held_out])
         train_positions = train_positions[rng.permutation(keep)]
@@ -99,6 +111,10 @@ def relabel_by_name(dataset: Dataset, class_names: Sequence[str], owner: str = "
     numbers = np.array([names.index(name) for name in dataset.class_names], dtype=np.int32)
 
     def renumbered(split: Split) -> Split:
+        if split.labels.ndim == 2:  # multi-hot: the data's tag columns moved to the model's
+            labels = np.zeros((len(split), len(names)), dtype=np.uint8)
+            labels[:, numbers] = split.labels
+            return Split(split.images, labels, split.indices)
         return Split(split.images, numbers[split.labels], split.indices)  # the images stay as they are (mapped)
 
     return Dataset(
@@ -112,10 +128,10 @@ def relabel_by_name(dataset: Dataset, class_names: Sequence[str], owner: str = "
 
 def _take(split: Split, labels: np.ndarray, positions: np.ndarray) -> Split:
     if len(positions) == len(split) and np.array_equal(positions, np.arange(len(split))):
-        return Split(split.images, labels.astype(np.int32, copy=False), split.indices)  # no copy of a memmap
+        return Split(split.images, as_labels(labels), split.indices)  # no copy of a memmap
     return Split(
         pick_rows(split.images, positions),  # type: ignore[arg-type]  # rows of a memmap stay mapped
-        labels[positions].astype(np.int32, copy=False),
+        as_labels(labels[positions]),
         split.indices[positions],
     )
 

@@ -13,7 +13,7 @@ from finetune.data.arrays import pick_rows
 @dataclass(frozen=True)
 class Split:
     images: np.ndarray  # uint8, (N, H, W, C)
-    labels: np.ndarray  # int32, (N,)
+    labels: np.ndarray  # int32, (N,); multi-label: uint8 multi-hot, (N, tags)
     indices: np.ndarray = None  # type: ignore[assignment]  # positions in the source's split; set when None
 
     def __post_init__(self) -> None:
@@ -31,6 +31,25 @@ class Split:
         )
 
 
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class: a count of integer labels, or the column sums of a multi-hot matrix (images per tag)."""
+    if labels.ndim == 2:
+        return labels.sum(axis=0, dtype=np.int64)
+    return np.bincount(labels, minlength=num_classes)
+
+
+def strata(labels: np.ndarray) -> np.ndarray:
+    """What a stratified choice keeps in proportion: the labels, or each multi-hot row's combination of tags."""
+    if labels.ndim == 2:
+        return np.unique(labels, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int32)
+    return labels
+
+
+def as_labels(labels: np.ndarray) -> np.ndarray:
+    """Integer labels as int32; a multi-hot matrix as uint8."""
+    return labels.astype(np.uint8 if labels.ndim == 2 else np.int32, copy=False)
+
+
 @dataclass(frozen=True)
 class Dataset:
     train: Split
@@ -46,6 +65,11 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def multi_label(self) -> bool:
+        """Each image has a set of tags (a multi-hot label row)."""
+        return self.train.labels.ndim == 2
 
 
 Loaded = tuple[Split, Split, tuple[str, ...], str] | tuple[Split, Split, tuple[str, ...], str, Split]

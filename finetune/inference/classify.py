@@ -17,22 +17,29 @@ _CHUNK = 256  # files decoded before one prediction call: memory stays flat over
 
 @dataclass(frozen=True)
 class Prediction:
-    """One file's result: ``top`` as ``(class index, class name, probability)``, best first; or ``error``."""
+    """One file's result: ``top`` as ``(class index, class name, probability)``, best first; or ``error``.
+
+    A multi-label model's ``tags`` are those at or above their thresholds, most probable first (at most
+    ``top`` of them when a top was asked for); None for a single-label model."""
 
     path: Path
     top: list[tuple[int, str, float]] = field(default_factory=list)
     inverted: bool = False
     error: str | None = None
+    tags: list[tuple[int, str, float]] | None = None
 
     def to_json(self) -> dict:
-        return {
+        result = {
             "path": str(self.path),
             "top": [{"class": name, "index": index, "probability": chance} for index, name, chance in self.top],
             "inverted": self.inverted,
         }
+        if self.tags is not None:
+            result["tags"] = [{"tag": name, "index": index, "probability": chance} for index, name, chance in self.tags]
+        return result
 
 
-def predict(model, images, top: int = 5, invert: str = "auto") -> list[Prediction]:
+def predict(model, images, top: int | None = 5, invert: str = "auto") -> list[Prediction]:
     """The ``top`` classes of each image file (a folder stands for its image files, sorted).
 
     ``model`` is a run folder, a ``.keras`` file, a SavedModel folder, or a
@@ -45,9 +52,11 @@ def predict(model, images, top: int = 5, invert: str = "auto") -> list[Predictio
     return list(predict_files(predictor, [images] if isinstance(images, (str, Path)) else images, top, invert))
 
 
-def predict_files(predictor: Predictor, paths, top: int = 5, invert: str = "auto") -> Iterator[Prediction]:
-    """:func:`predict`'s results one by one, in the order of ``paths`` (folders expanded)."""
-    if top < 1:
+def predict_files(predictor: Predictor, paths, top: int | None = 5, invert: str = "auto") -> Iterator[Prediction]:
+    """:func:`predict`'s results one by one, in the order of ``paths`` (folders expanded).
+
+    ``top`` None: the 5 most probable classes, and (multi-label) every tag above its threshold."""
+    if top is not None and top < 1:
         raise ValueError(f"top must be at least 1, not {top}")
     files = image_files(paths)
     for start in range(0, len(files), _CHUNK):
@@ -68,8 +77,14 @@ def predict_files(predictor: Predictor, paths, top: int = 5, invert: str = "auto
             yield from (Prediction(path, error=problems[position]) for position, (path, _) in enumerate(chunk))
             continue
         probabilities = predictor.predict(np.stack([picture for _, picture, _ in decoded]))
+        names, thresholds = predictor.spec.class_names, predictor.thresholds
         results = {
-            position: Prediction(chunk[position][0], _top(probabilities[row], predictor.spec.class_names, top), flag)
+            position: Prediction(
+                chunk[position][0],
+                _top(probabilities[row], names, top or 5),
+                flag,
+                tags=None if thresholds is None else _tags(probabilities[row], names, thresholds, top),
+            )
             for row, (position, _, flag) in enumerate(decoded)
         }
         for position, (path, _) in enumerate(chunk):
@@ -79,3 +94,9 @@ def predict_files(predictor: Predictor, paths, top: int = 5, invert: str = "auto
 def _top(probabilities: np.ndarray, class_names, count: int) -> list[tuple[int, str, float]]:
     order = np.argsort(-probabilities, kind="stable")[:count]
     return [(int(index), class_names[index], float(probabilities[index])) for index in order]
+
+
+def _tags(probabilities: np.ndarray, class_names, thresholds: np.ndarray, count: int | None) -> list:
+    """The tags at or above their thresholds, most probable first (the first ``count`` when given)."""
+    shown = [entry for entry in _top(probabilities, class_names, len(class_names)) if entry[2] >= thresholds[entry[0]]]
+    return shown if count is None else shown[:count]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.input_spec import INPUT_FILE, InputSpec, read_input_spec
+from finetune.data.input_spec import INPUT_FILE, THRESHOLDS_FILE, InputSpec, read_input_spec, read_thresholds
 from finetune.errors import ModelError, first_line
 
 _BATCH = 256
@@ -22,7 +22,8 @@ _EXPORTS_NOT_READ = (".onnx", ".tflite")  # predicted by their own runtimes, not
 class Predictor:
     """``predict(images)``: uint8 images of ``spec.shape`` to class probabilities.
 
-    ``notes`` says what had to be assumed (a model saved before ``input.json`` existed).
+    ``notes`` says what had to be assumed (a model saved before ``input.json`` existed). ``thresholds``:
+    a multi-label model's per-tag thresholds (its ``thresholds.json``), None for a single-label one.
     """
 
     spec: InputSpec
@@ -30,6 +31,7 @@ class Predictor:
     path: Path
     _probabilities: Callable[[np.ndarray], np.ndarray]
     notes: list[str] = field(default_factory=list)
+    thresholds: np.ndarray | None = None
 
     def predict(self, images) -> np.ndarray:
         """Probabilities ``(N, classes)``, float32, for uint8 ``images`` of shape ``(N, *spec.shape)``."""
@@ -69,6 +71,7 @@ def _keras_model(path: Path) -> Predictor:
     import keras
 
     # Imported here, as Keras is: a SavedModel or TFLite predictor never loads Keras.
+    from finetune.catalog.layers import is_multi_label
     from finetune.model import load_model
 
     try:
@@ -88,7 +91,11 @@ def _keras_model(path: Path) -> Predictor:
         total = sum(keras.ops.convert_to_numpy(model(images, training=False)) for _ in range(passes))
         return np.asarray(total) / passes
 
-    return Predictor(spec, "keras", path, probabilities, notes)
+    thresholds = read_thresholds(folder, spec.class_names)
+    if thresholds is None and is_multi_label(model):
+        thresholds = np.full(len(spec.class_names), 0.5)
+        notes.append(f"{folder} has no {THRESHOLDS_FILE}: every tag's threshold is 0.5")
+    return Predictor(spec, "keras", path, probabilities, notes, thresholds)
 
 
 def _saved_model(path: Path) -> Predictor:
@@ -109,7 +116,10 @@ def _saved_model(path: Path) -> Predictor:
     def probabilities(images: np.ndarray) -> np.ndarray:
         return loaded.serve(tf.constant(images)).numpy()
 
-    return Predictor(spec, "saved_model", path, probabilities, notes)
+    thresholds = read_thresholds(path, spec.class_names)
+    if thresholds is None and (path.parent / "saved_model").resolve() == path.resolve():
+        thresholds = read_thresholds(path.parent, spec.class_names)  # a run's saved_model/ written before them
+    return Predictor(spec, "saved_model", path, probabilities, notes, thresholds)
 
 
 def _spec(folder: Path, shape: tuple, classes: int, also: Path | None = None) -> tuple[InputSpec, list[str]]:

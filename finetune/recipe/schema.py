@@ -70,6 +70,14 @@ class DataConfig(_Strict):
         False, description="image_folder, csv: skip images that cannot be read (counted in the log) instead of stopping"
     )
     columns: CsvColumns = Field(default_factory=CsvColumns)
+    label_delimiter: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "csv: split each label cell at this string into a set of tags (e.g. ' '); the run is then "
+            "multi-label: a sigmoid head, binary cross-entropy, per-tag thresholds chosen on validation"
+        ),
+    )
     allow_outside_paths: bool = Field(
         False, description="csv: allow image paths that leave the CSV's folder (through '..' or a symbolic link)"
     )
@@ -111,6 +119,11 @@ class DataConfig(_Strict):
         if value is not None and len(set(map(repr, value))) != len(value):
             raise ValueError("lists a class twice")
         return value
+
+    @property
+    def multi_label(self) -> bool:
+        """Each image has a set of tags (``label_delimiter``), not one class."""
+        return self.label_delimiter is not None
 
     @property
     def image_hw(self) -> tuple[int, int]:

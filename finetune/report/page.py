@@ -102,7 +102,10 @@ def per_class_table(test: dict) -> str:
     not pass for the worst class. Likewise a class never predicted shows no
     precision (there was no prediction to be right); its F1 of 0 stands.
     """
-    predicted = [sum(column) for column in zip(*test["confusion_matrix"], strict=True)]
+    if "confusion_matrix" in test:
+        predicted = [sum(column) for column in zip(*test["confusion_matrix"], strict=True)]
+    else:  # multi-label: each tag's own count of images it was predicted for
+        predicted = [test["per_class"][name].get("predicted", 1) for name in test["class_names"]]
     scores = [
         (name, test["per_class"][name], count) for name, count in zip(test["class_names"], predicted, strict=True)
     ]
@@ -124,6 +127,13 @@ def per_class_table(test: dict) -> str:
         ["macro-F1", _number(test.get("macro_f1"))],
         ["balanced accuracy", _number(test.get("balanced_accuracy"))],
     ]
+    if test.get("multi_label"):
+        summary = [
+            ["macro-F1", _number(test.get("macro_f1"))],
+            ["micro-F1", _number(test.get("micro_f1"))],
+            ["mean average precision", _number(test.get("mean_average_precision"))],
+            ["exact match", _number(test.get("exact_match"))],
+        ]
     if "top_k_accuracy" in test:
         summary.append([f"top-{test['top_k']} accuracy", _number(test["top_k_accuracy"])])
     return table + _table(["over the classes", "value"], summary, "class-averages")

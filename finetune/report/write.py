@@ -46,14 +46,16 @@ def write_pictures_and_report(
     if history:
         draw("learning_curves.png", lambda path: curves.draw_learning_curves(history, path, title))
         draw("learning_rate.png", lambda path: curves.draw_learning_rate(history, path, title))
-    draw(
-        "confusion_matrix.png",
-        lambda path: confusion.draw_confusion_matrix(
-            metrics["test"]["confusion_matrix"], class_names, path, f"{title}: test split"
-        ),
-    )
+    multi_label = bool(metrics["test"].get("multi_label"))  # tags: no confusion matrix, no single wrong class
+    if not multi_label:
+        draw(
+            "confusion_matrix.png",
+            lambda path: confusion.draw_confusion_matrix(
+                metrics["test"]["confusion_matrix"], class_names, path, f"{title}: test split"
+            ),
+        )
     captions: dict[str, str] = {}
-    if probabilities is not None:
+    if probabilities is not None and not multi_label:
         shown: list[int] = []
 
         def draw_mistakes(path: Path) -> None:

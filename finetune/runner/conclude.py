@@ -14,8 +14,9 @@ import numpy as np
 
 from finetune import model as model_stage
 from finetune.data import Dataset
-from finetune.data.input_spec import describe_input, write_input_spec
+from finetune.data.input_spec import describe_input, write_input_spec, write_thresholds
 from finetune.evaluation import metrics as metrics_stage
+from finetune.evaluation import multilabel as multi_label
 from finetune.export.formats import VERIFY_IMAGES_FILE, export_all, failures
 from finetune.files import write_atomically
 from finetune.plan import RunPlan
@@ -67,9 +68,17 @@ def conclude(session: RunSession) -> RunResult:
     return RunResult(folder.path, metrics, session.model, session.recipe, history)
 
 
-def evaluate_test_split(model: keras.Model, plan: RunPlan, dataset: Dataset) -> tuple[dict[str, Any], np.ndarray]:
-    """The test split's metrics and class probabilities, with the recipe's evaluation settings."""
+def evaluate_test_split(
+    model: keras.Model, plan: RunPlan, dataset: Dataset, thresholds: np.ndarray | None = None
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The test split's metrics and class probabilities, with the recipe's evaluation settings.
+
+    Multi-label: the tags' ``thresholds`` given, else chosen on the validation split (``test["thresholds"]``)."""
     evaluation = plan.evaluation
+    if dataset.multi_label:
+        return multi_label.evaluate_multi_label(
+            model, dataset.test, dataset.validation, dataset.class_names, evaluation.batch_size, thresholds
+        )
     return metrics_stage.evaluate_with_probabilities(
         model, dataset.test, dataset.class_names, evaluation.batch_size, evaluation.mc_samples, evaluation.tta
     )
@@ -116,6 +125,8 @@ def save(
     folder: RunFolder | None = session.folder
     assert folder is not None
     folder.save_model(model)
+    if "thresholds" in metrics["test"]:  # multi-label: the tags' thresholds go wherever the model goes
+        write_thresholds(folder.path, metrics["test"]["thresholds"], metrics["test"]["thresholds_chosen_on"])
     # What `finetune predict` needs to turn any picture into this model's input (shape, resize, background).
     input_spec = describe_input(dataset.train.images, dataset.class_names, plan.data.resize)
     write_input_spec(folder.path, input_spec)
@@ -136,6 +147,10 @@ def save(
         logger.warning(f"{reason}; the run is finished and model.keras saved; retry with: {retry}")
     if "saved_model" in formats:
         write_input_spec(folder.path / "saved_model", input_spec)  # predict reads it beside labels.txt
+        if "thresholds" in metrics["test"]:
+            write_thresholds(
+                folder.path / "saved_model", metrics["test"]["thresholds"], metrics["test"]["thresholds_chosen_on"]
+            )
     folder.write_json("metrics.json", metrics)
     for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
         logger.warning(f"picture not drawn: {problem}")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from finetune import model as model_stage
 from finetune.data import Dataset, relabel_by_name
-from finetune.data.input_spec import read_input_spec
+from finetune.data.input_spec import read_input_spec, read_thresholds
 from finetune.data.sources import get as get_source
 from finetune.errors import DataError, ModelError, RecipeError, RunFolderError
 from finetune.files import write_json_atomically, write_text_atomically
@@ -86,7 +86,9 @@ def _evaluate(run_dir: str | Path, overrides: list[str]) -> Evaluation:
         plan = dataclasses.replace(plan, data=recipe.data)
     dataset = _matched_to_model(load_data(plan), folder.path, stored, int(model.output_shape[-1]))
     live(f"evaluating {folder.path} on {len(dataset.test):,} test images", force=True)
-    metrics, probabilities = evaluate_test_split(model, plan, dataset)
+    # A multi-label model decides with the thresholds it was saved with (chosen on its run's validation split).
+    thresholds = read_thresholds(folder.path, dataset.class_names) if dataset.multi_label else None
+    metrics, probabilities = evaluate_test_split(model, plan, dataset, thresholds)
     metrics = {"test": metrics, "run": str(folder.path), "overrides": overrides, "data": dataset.source}
     with folder.locked():
         out = _new_evaluation_folder(folder.path / "evaluations")
@@ -96,6 +98,12 @@ def _evaluate(run_dir: str | Path, overrides: list[str]) -> Evaluation:
         for problem in write_pictures_and_report(out, title, [], metrics, dataset.test, probabilities):
             logger.warning(f"picture not drawn: {problem}")
     test = metrics["test"]
+    if test.get("multi_label"):
+        logger.info(
+            f"test micro-F1 {test['micro_f1']:.4f}, macro-F1 {test['macro_f1']:.4f}, exact match "
+            f"{test['exact_match']:.4f}, loss {test['loss']:.4f} on {test['examples']:,} images; results in {out}"
+        )
+        return Evaluation(out, metrics)
     logger.info(
         f"test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} on {test['examples']:,} images; "
         f"results in {out}"

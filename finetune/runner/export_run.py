@@ -10,7 +10,7 @@ import numpy as np
 
 from finetune import model as model_stage
 from finetune.data import load_dataset
-from finetune.data.input_spec import read_input_spec, write_input_spec
+from finetune.data.input_spec import read_input_spec, read_thresholds, write_input_spec, write_thresholds
 from finetune.errors import ExportError, RunFolderError, first_line
 from finetune.export.formats import VERIFY_IMAGES_FILE, check_available, export_all, failures
 from finetune.plan import RunPlan, prepare
@@ -67,6 +67,10 @@ def _export(folder: RunFolder, formats: Sequence[str] | None, quantization: str 
         spec = read_input_spec(folder.path)
         if "saved_model" in formats and spec is not None:
             write_input_spec(folder.path / "saved_model", spec)  # as a run writes it, for finetune predict
+        thresholds = read_thresholds(folder.path, class_names)
+        if "saved_model" in formats and thresholds is not None:  # multi-label: the tags' thresholds go with it
+            chosen_on = metrics.get("test", {}).get("thresholds_chosen_on", "validation")
+            write_thresholds(folder.path / "saved_model", dict(zip(class_names, thresholds, strict=True)), chosen_on)
         metrics["export"] = {**metrics.get("export", {}), **results}
         folder.write_json("metrics.json", metrics)
     failed = failures(results)

@@ -17,6 +17,13 @@ def summary_lines(history: list[dict], metrics: dict, run_dir: Path) -> list[str
         best = f"{span.best_val_accuracy:.4f}" if span.best_val_accuracy is not None else "-"
         lines.append(f"{span.name:<{width}}  {span.epochs:>6}  {duration(span.seconds):>8}  {best:>12}")
     test = metrics["test"]
+    if test.get("multi_label"):
+        lines.append(
+            f"test micro-F1 {test['micro_f1']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
+            f"mAP {test['mean_average_precision'] or 0:.4f}, exact match {test['exact_match']:.4f} "
+            f"on {test['examples']:,} images; {duration(metrics['seconds'])} in all; results in {run_dir}"
+        )
+        return lines
     lines.append(
         f"test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} on {test['examples']:,} images; "
         f"{duration(metrics['seconds'])} in all; results in {run_dir}"

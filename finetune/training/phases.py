@@ -19,6 +19,7 @@ from finetune.backbones.spec import BackboneLayout, Block
 from finetune.catalog import callbacks as callback_registry
 from finetune.catalog import losses, optimizers, schedules
 from finetune.catalog.callbacks import RunCallback
+from finetune.catalog.layers import is_multi_label
 from finetune.catalog.mixing import BatchMixer
 from finetune.data.batches import FileBatches, MixedBatches, ViewBatches, one_hot
 from finetune.errors import RecipeError
@@ -204,11 +205,15 @@ def compile_model(
     label_smoothing: float = 0.0,
     soft_labels: bool = False,
 ) -> None:
-    """``soft_labels``: targets are probability rows (mixed batches), validation labels one-hot."""
+    """``soft_labels``: targets are probability rows (mixed batches), validation labels one-hot.
+
+    A multi-label model (sigmoid head) trains on binary cross-entropy; its ``accuracy`` is the share of
+    (image, tag) pairs right at 0.5, so the logs keep their names."""
+    multi_label = is_multi_label(model)
     model.compile(
         optimizer=optimizer,
-        loss=losses.training_loss(label_smoothing, soft_labels),
-        metrics=["accuracy"],
+        loss=losses.training_loss(label_smoothing, soft_labels, multi_label=multi_label),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy") if multi_label else "accuracy"],
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
     )

@@ -103,7 +103,11 @@ def phase_callbacks(run: RunContext, stage: PhaseRun, board: Path | None) -> lis
         InterruptAtStepEnd(),
         StopOnNaN(phase.name, stage.first_epoch),
         DivergenceWatch(
-            phase.name, run.dataset.num_classes, stage.first_epoch, run.run_dir, head_only=phase.trainable == "none"
+            phase.name,
+            2 if run.dataset.multi_label else run.dataset.num_classes,  # a tag at chance: ln 2
+            stage.first_epoch,
+            run.run_dir,
+            head_only=phase.trainable == "none",
         ),
         HistoryCSV(run.run_dir / "history.csv", phase.name, stage.first_epoch),
     ]

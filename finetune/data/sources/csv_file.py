@@ -35,6 +35,7 @@ class _Row:
     path: Path  # the file it names, links resolved
     label: str
     split: str  # train, validation, test, or "" (the seeded splits decide)
+    tags: tuple[str, ...] = ()  # multi-label (data.label_delimiter): the label cell's distinct tags, sorted
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,14 @@ class _Table:
     class_names: tuple[str, ...]
     parts: dict[str, list[_Row]]  # train, validation, test
     layout: str  # how the splits were made
+    multi_label: bool = False
 
-    def files(self, split: str) -> list[tuple[Path, int]]:
-        """The split's image files and their labels."""
-        return [(row.path, self.class_names.index(row.label)) for row in self.parts[split]]
+    def files(self, split: str) -> list[tuple[Path, int | tuple[int, ...]]]:
+        """The split's image files and their labels (multi-label: their tags' numbers)."""
+        number = {name: index for index, name in enumerate(self.class_names)}
+        if self.multi_label:
+            return [(row.path, tuple(number[tag] for tag in row.tags)) for row in self.parts[split]]
+        return [(row.path, number[row.label]) for row in self.parts[split]]
 
 
 def csv_file_path(config: DataConfig) -> Path:
@@ -142,7 +147,8 @@ def _rows(path: Path, config: DataConfig) -> tuple[list[_Row], int]:
         image, label, split = cell(record, image_at), cell(record, label_at), cell(record, split_at)
         if not image:
             raise DataError(f"{_at(path, number, columns.image)}: no image path")
-        if not label:
+        tags = _tags(label, config.label_delimiter)
+        if not label and config.label_delimiter is None:  # multi-label: an empty cell is an image with no tag
             raise DataError(f"{_at(path, number, columns.label)}: empty label for {image!r}")
         if split not in ("", *SPLITS):
             raise DataError(
@@ -150,13 +156,13 @@ def _rows(path: Path, config: DataConfig) -> tuple[list[_Row], int]:
                 "(leave it empty for the seeded splits)"
             )
         row = _Row(
-            number, image, _image_file(image, _at(path, number, columns.image), path.parent, config), label, split
+            number, image, _image_file(image, _at(path, number, columns.image), path.parent, config), label, split, tags
         )
         earlier = first.get(row.path)
         if earlier is None:
             first[row.path] = row
             rows.append(row)
-        elif earlier.label != label:
+        elif earlier.tags != tags if config.label_delimiter is not None else earlier.label != label:
             raise DataError(
                 f"{_at(path, number, columns.label)}: {label!r} for {image!r}, "
                 f"but row {earlier.number} gives the same file the label {earlier.label!r}"
@@ -169,6 +175,13 @@ def _rows(path: Path, config: DataConfig) -> tuple[list[_Row], int]:
     return rows, len(records) - len(rows)
 
 
+def _tags(cell: str, delimiter: str | None) -> tuple[str, ...]:
+    """The distinct, non-empty tags of a label cell split at ``delimiter``, sorted; () without a delimiter."""
+    if delimiter is None:
+        return ()
+    return tuple(sorted({tag.strip() for tag in cell.split(delimiter)} - {""}))
+
+
 def scan_csv(config: DataConfig) -> _Table:
     """The CSV's classes and its rows in each split; no image is opened.
 
@@ -178,8 +191,14 @@ def scan_csv(config: DataConfig) -> _Table:
     """
     path = csv_file_path(config)
     rows, repeats = _rows(path, config)
-    class_names = tuple(sorted({row.label for row in rows}))
-    if len(class_names) < 2:
+    multi_label = config.label_delimiter is not None
+    if multi_label:
+        class_names = tuple(sorted({tag for row in rows for tag in row.tags}))
+        if not class_names:
+            raise DataError(f"{path}: no tag in column {config.columns.label!r} (data.label_delimiter)")
+    else:
+        class_names = tuple(sorted({row.label for row in rows}))
+    if len(class_names) < 2 and not multi_label:
         raise DataError(
             f"{path} needs at least 2 classes in column {config.columns.label!r}, found {len(class_names)}"
             + (f": {class_names[0]}" if class_names else "")
@@ -194,8 +213,12 @@ def scan_csv(config: DataConfig) -> _Table:
                 f"{path}: no row is marked test in column {config.columns.split!r} and none is left without "
                 "a split for data.test_split to choose from"
             )
-        number = {name: label for label, name in enumerate(class_names)}
-        labels = np.array([number[row.label] for row in free], dtype=np.int32)
+        if multi_label:  # stratified by each image's combination of tags
+            combinations = {combination: index for index, combination in enumerate(sorted({r.tags for r in free}))}
+            labels = np.array([combinations[row.tags] for row in free], dtype=np.int32)
+        else:
+            number = {name: label for label, name in enumerate(class_names)}
+            labels = np.array([number[row.label] for row in free], dtype=np.int32)
         tested = {free[position].number for position in carve_test_split(labels, config.test_split, str(path))}
         layout = f"test_split {config.test_split}"
     parts = {
@@ -205,17 +228,18 @@ def scan_csv(config: DataConfig) -> _Table:
     }
     if "validation" in marked:
         layout += ", validation rows"
-    trained = {row.label for row in parts["train"]}
+    trained = {name for row in parts["train"] for name in (row.tags if multi_label else (row.label,))}
     for split in ("test", "validation"):
         for row in parts[split]:
-            if row.label not in trained:
-                raise DataError(
-                    f"{_at(path, row.number, config.columns.label)}: class {row.label!r} has {split} images "
-                    "but no training image"
-                )
+            for name in row.tags if multi_label else (row.label,):
+                if name not in trained:
+                    raise DataError(
+                        f"{_at(path, row.number, config.columns.label)}: {'tag' if multi_label else 'class'} "
+                        f"{name!r} has {split} images but no training image"
+                    )
     if repeats:
         layout += f", {repeats} repeated row{'s' if repeats != 1 else ''} dropped"
-    return _Table(path, class_names, parts, layout)
+    return _Table(path, class_names, parts, layout, multi_label)
 
 
 def load_csv(config: DataConfig) -> Loaded:

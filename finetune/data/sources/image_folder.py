@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ import numpy as np
 from finetune.data.arrays import pick_rows
 from finetune.data.images import IMAGE_EXTENSIONS, is_gray_mode, to_stored
 from finetune.data.sampling import carve_test_split, list_names
-from finetune.data.splits import DatasetSource, Split, split_source
+from finetune.data.splits import DatasetSource, Split, class_counts, split_source
 from finetune.errors import DataError, RecipeError, first_line
 from finetune.files import is_dir, is_file
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     _T = TypeVar("_T")
 
-_Files = list[tuple[Path, int]]  # image files and their labels
+_Files = Sequence[tuple[Path, int | tuple[int, ...]]]  # image files and their labels (or, multi-label, tag numbers)
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +167,19 @@ def image_folder_split_counts(config: DataConfig) -> tuple[tuple[str, ...], dict
     return class_names, split_counts(dict(zip(("train", "test"), parts, strict=True)), len(class_names))
 
 
-def split_counts(parts: dict[str, _Files], classes: int) -> dict[str, list[int]]:
+def split_counts(parts: Mapping[str, _Files], classes: int) -> dict[str, list[int]]:
     """Images per class of each split of ``parts`` (split name -> files and labels)."""
-    return {
-        name: np.bincount(np.array([label for _, label in files], dtype=np.int64), minlength=classes).tolist()
-        for name, files in parts.items()
-    }
+    return {name: class_counts(label_array(files, classes), classes).tolist() for name, files in parts.items()}
+
+
+def label_array(files: _Files, classes: int) -> np.ndarray:
+    """The labels of ``files``: int32, or (tag numbers given) a uint8 multi-hot matrix of ``classes`` columns."""
+    if not any(isinstance(label, tuple) for _, label in files):
+        return np.array([label for _, label in files], dtype=np.int32)
+    hot = np.zeros((len(files), classes), dtype=np.uint8)
+    for row, (_, tags) in enumerate(files):
+        hot[row, list(tags) if isinstance(tags, tuple) else [tags]] = 1
+    return hot
 
 
 def load_cached(
@@ -192,7 +199,7 @@ def load_cached(
     """
     root = origin if origin.is_dir() else origin.parent
     files = [item for part in parts for item in part]
-    labels = np.array([label for _, label in files], dtype=np.int32)
+    labels = label_array(files, len(class_names))
     bounds = np.cumsum([0, *(len(part) for part in parts)])
     size_hw = config.stored_hw
     key_material = {
@@ -230,8 +237,8 @@ def load_cached(
 
 def _warn_about_thin_classes(train: Split, test: Split, class_names: Sequence[str], what: str) -> None:
     """A warning naming the classes with a single training image, and one naming those without test images."""
-    trained = np.bincount(train.labels, minlength=len(class_names))
-    tested = np.bincount(test.labels, minlength=len(class_names))
+    trained = class_counts(train.labels, len(class_names))
+    tested = class_counts(test.labels, len(class_names))
     single = [name for name, count in zip(class_names, trained, strict=True) if count == 1]
     if single:
         logger.warning(
@@ -261,7 +268,8 @@ def _without(
     """The splits (rows ``bounds[i]:bounds[i + 1]``) without the rows of images that could not be read."""
     kept = np.setdiff1d(np.arange(len(labels)), np.asarray(skipped, dtype=np.int64))
     rows = [kept[(kept >= start) & (kept < end)] for start, end in itertools.pairwise(bounds)]
-    empty = [name for label, name in enumerate(class_names) if not np.any(labels[rows[0]] == label)]
+    counts = class_counts(labels[rows[0]], len(class_names))
+    empty = [name for name, count in zip(class_names, counts, strict=True) if count == 0]
     if empty:
         raise DataError(f"{what}: class {empty[0]!r} has no readable training images left")
     return [
@@ -308,7 +316,7 @@ def _decode_image(path: Path, size_hw: tuple[int, int], channels: int, resize: s
 
 
 def _decode_into_cache(
-    files: Sequence[tuple[Path, int]],
+    files: _Files,
     size_hw: tuple[int, int],
     resize: str,
     entry: Path,
