@@ -16,6 +16,7 @@ import numpy as np
 from finetune.errors import RunFolderError, first_line
 from finetune.files import write_atomically, write_json_atomically
 from finetune.training.context import PhaseRun, RunContext
+from finetune.training.history import read_history
 from finetune.training.state import Checkpoint, CheckpointState
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self._run_seconds: float | None = None  # the run clock at the end of the epoch the weights hold
         # Made before the phase is set up, so these are the RNG states the phase begins with.
         self.phase_start_seeds = [keras.ops.convert_to_numpy(v) for v in seed_generator_states(run.model)]
+        # At the phase's last epoch, BatchNorm statistics are recomputed after its history row: an epoch
+        # interrupted in between is not finished.
+        settings = run.settings
+        self.recalibrates = settings.recalibrate_bn == "always" or (
+            settings.recalibrate_bn == "auto" and stage.phase.train_bn
+        )
 
     @property
     def saved_model(self) -> keras.Model | None:
@@ -107,17 +114,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
         """After Ctrl-C: save the last finished epoch if it was not saved, and mark the state interrupted.
 
         The live weights are saved only when they are an epoch's end (no step
-        of the next epoch done); otherwise the snapshot of the last finished
-        epoch is. An epoch whose steps are all done but whose end was not
-        reached (Ctrl-C while it is validated) is not finished: its
-        ``history.csv`` row, and at a phase's end the recomputed BatchNorm
-        statistics, are missing, so it runs again after a resume.
+        of the next epoch done, or every step done and the epoch's
+        ``history.csv`` row written); otherwise the snapshot of the last
+        finished epoch is. An epoch whose steps are all done but whose row is
+        not written (Ctrl-C while it is validated), or whose BatchNorm
+        statistics are still to be recomputed at a phase's end, is not
+        finished: it runs again after a resume.
         """
         model = self.saved_model
         if model is None:
             return
         boundary = self._live_boundary()
         if boundary is not None and boundary > self._saved_through:
+            if boundary > self.epochs_done and self.run_clock is not None:  # its end logged, not yet seen here
+                self._run_seconds = self.run_clock()
             self.epochs_done = boundary
             self.save_now(interrupted=True)
         elif self._unsaved is not None and self._unsaved[0] > self._saved_through:
@@ -129,10 +139,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
             write_json_atomically(self.run_dir / "state.json", self._state(interrupted=True).to_json())
 
     def _live_boundary(self) -> int | None:
-        """The number of epochs whose end the live weights hold, or None once a step of an epoch has run."""
-        if self._epoch is None or self._steps:
+        """The number of epochs whose end the live weights hold, or None in the middle of an epoch."""
+        if self._epoch is None:
             return None
-        return self._epoch
+        if self._steps == 0:
+            return self._epoch
+        steps = (self.params or {}).get("steps")
+        ended = self._epoch + 1
+        if not steps or self._steps < steps or (ended == self.last_epoch and self.recalibrates):
+            return None
+        rows = read_history(self.run_dir / "history.csv")
+        return ended if rows and int(rows[-1]["epoch"]) == ended else None
 
     def _state(self, interrupted: bool) -> CheckpointState:
         return CheckpointState(
