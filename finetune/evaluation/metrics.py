@@ -3,6 +3,9 @@ accuracy, confusion matrix."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from finetune.data.arrays import chunks, on_disk
@@ -122,15 +125,7 @@ def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, cl
         "per_class_accuracy": per_class_accuracy,
         "class_names": list(class_names),
         "confusion_matrix": confusion.tolist(),
-        "per_class": {
-            name: {
-                "precision": float(precision[index]),
-                "recall": float(recall[index]),
-                "f1": float(f1[index]),
-                "support": int(support[index]),
-            }
-            for index, name in enumerate(class_names)
-        },
+        "per_class": per_class_scores(class_names, (precision, recall, f1), support),
         # None without any image: no mean to take, and json writes null rather than NaN.
         "macro_f1": float(f1[occurring].mean()) if occurring.any() else None,
         "balanced_accuracy": float(recall[present].mean()) if present.any() else None,
@@ -143,18 +138,42 @@ def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, cl
 
 def _precision_recall_f1(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per class (rows true, columns predicted), a ratio with a zero denominator being 0 (``zero_division=0``)."""
-    true_positives = np.diag(confusion).astype(np.float64)
-    predicted = confusion.sum(axis=0)
-    actual = confusion.sum(axis=1)
+    return precision_recall_f1(np.diag(confusion), confusion.sum(axis=0), confusion.sum(axis=1))
 
-    def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-        return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
 
+def precision_recall_f1(
+    true_positives: np.ndarray, predicted: np.ndarray, actual: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class from its counts (hits, predictions, true members); a zero denominator gives 0."""
+    true_positives = np.asarray(true_positives, dtype=np.float64)
+    predicted, actual = np.asarray(predicted, dtype=np.float64), np.asarray(actual, dtype=np.float64)
     precision = ratio(true_positives, predicted)
     recall = ratio(true_positives, actual)
     # 2TP / (2TP + FP + FN): the harmonic mean of precision and recall, without dividing by a zero of either.
     f1 = ratio(2 * true_positives, predicted + actual)
     return precision, recall, f1
+
+
+def ratio(numerator: Any, denominator: Any) -> np.ndarray:
+    """``numerator / denominator``, 0 where the denominator is 0 (scikit-learn's ``zero_division=0``)."""
+    numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+
+def per_class_scores(
+    class_names: Sequence[str], scores: tuple[np.ndarray, np.ndarray, np.ndarray], support: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """``metrics.json``'s ``per_class``: each class's precision, recall, F1 and support."""
+    precision, recall, f1 = scores
+    return {
+        name: {
+            "precision": float(precision[index]),
+            "recall": float(recall[index]),
+            "f1": float(f1[index]),
+            "support": int(support[index]),
+        }
+        for index, name in enumerate(class_names)
+    }
 
 
 def top_k_accuracy(probabilities: np.ndarray, labels: np.ndarray, k: int) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.evaluation.metrics import predict_view
+from finetune.evaluation.metrics import per_class_scores, precision_recall_f1, predict_view, ratio
 
 DEFAULT_THRESHOLD = 0.5
 """Every tag's threshold when there is no validation split to choose them on."""
@@ -87,13 +87,7 @@ def multi_label_metrics(
     loss = -np.mean(np.where(truth, np.log(clipped), np.log(1.0 - clipped)))
     true_positives = (predicted & truth).sum(axis=0).astype(np.float64)
     predicted_count, support = predicted.sum(axis=0), truth.sum(axis=0)
-
-    def ratio(numerator: Any, denominator: Any) -> np.ndarray:
-        numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
-        return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
-
-    precision, recall = ratio(true_positives, predicted_count), ratio(true_positives, support)
-    f1 = ratio(2 * true_positives, predicted_count + support)
+    precision, recall, f1 = precision_recall_f1(true_positives, predicted_count, support)
     precisions = [average_precision(probabilities[:, tag], truth[:, tag]) for tag in range(truth.shape[1])]
     measured = [value for value in precisions if value is not None]
     return {
@@ -109,15 +103,14 @@ def multi_label_metrics(
         "thresholds": {name: float(thresholds[index]) for index, name in enumerate(class_names)},
         "per_class": {
             name: {
-                "precision": float(precision[index]),
-                "recall": float(recall[index]),
-                "f1": float(f1[index]),
-                "support": int(support[index]),
+                **scores,
                 "threshold": float(thresholds[index]),
                 "average_precision": precisions[index],
                 "predicted": int(predicted_count[index]),
             }
-            for index, name in enumerate(class_names)
+            for index, (name, scores) in enumerate(
+                per_class_scores(class_names, (precision, recall, f1), support).items()
+            )
         },
     }
 
