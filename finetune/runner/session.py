@@ -54,8 +54,13 @@ class RunSession:
     """The clock's zero: ``time.perf_counter()`` at the start, less the seconds earlier processes kept."""
     facts: dict[str, Any] = field(default_factory=dict)
     """What joins metrics.json (how the run was distributed)."""
-    class_weights: dict[str, float] | None = None
-    """``training.class_weight`` per class name, as the training split gives it (None: unweighted)."""
+
+    @property
+    def class_weights(self) -> dict[str, float] | None:
+        """``training.class_weight`` per class name, as the training split gives it (None: unweighted)."""
+        names = self.dataset.class_names
+        weights = class_weights(self.plan.training.class_weight, self.dataset.train.labels, names)
+        return None if weights is None else named_weights(weights, names)
 
     @property
     def seconds(self) -> float:
@@ -129,13 +134,14 @@ def open_run(
         if new_run:
             check_run_dir(out)
         dataset = load_data(plan)
-        weights = class_weights(plan.training.class_weight, dataset.train.labels, dataset.class_names)
+        class_weights(
+            plan.training.class_weight, dataset.train.labels, dataset.class_names
+        )  # an unknown name: one line
         unsized, plan = plan, sized_to_data(plan, dataset)
         with distribute.scope(distribution):
             model, layout = build(plan, dataset)
         folder = RunFolder.claim(out, recipe) if new_run else resume
         session = RunSession(recipe, plan, distribution, dataset, model, layout, folder, started, facts)
-        session.class_weights = None if weights is None else named_weights(weights, dataset.class_names)
         if folder is None:
             for notice in plan.notices[len(unsized.notices) :]:  # what sizing the phases to the data says
                 logger.info(f"note: {notice}")
@@ -220,9 +226,10 @@ def announce_balance(session: RunSession) -> None:
     """The class weights a run trains with, or a warning when its training classes are far apart and
     nothing balances them."""
     plan, dataset = session.plan, session.dataset
-    if session.class_weights is not None:
+    weights = session.class_weights
+    if weights is not None:
         setting = plan.training.class_weight
-        named = ", ".join(f"{name!r} {weight:.4g}" for name, weight in session.class_weights.items())
+        named = ", ".join(f"{name!r} {weight:.4g}" for name, weight in weights.items())
         logger.info(f"class weights ({setting if isinstance(setting, str) else 'as given'}): {named}")
     elif plan.data.sampling == "natural" and (warning := imbalance_warning(dataset.train.labels, dataset.class_names)):
         logger.warning(warning)
