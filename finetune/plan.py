@@ -311,10 +311,8 @@ def _check_multi_label(recipe: Recipe) -> None:
     if recipe.data.source != "csv":
         raise RecipeError(f"data.label_delimiter: only data.source csv has tag lists, not {recipe.data.source!r}")
     refused = {
-        "training.mix": bool(recipe.training.mix),
         "training.class_weight": recipe.training.class_weight != "none",
         "data.sampling": recipe.data.sampling != "natural",
-        "evaluation.tta": bool(recipe.evaluation.tta),
         "evaluation.mc_samples": bool(recipe.evaluation.mc_samples),
     }
     for key, given in refused.items():

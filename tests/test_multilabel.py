@@ -330,13 +330,89 @@ def test_the_head_is_a_float32_sigmoid_under_mixed_precision_and_the_loss_is_smo
     assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_mixed_batches_mix_tag_rows_and_tag_accuracy_rounds_mixed_targets():
+    import keras
+
+    from finetune.catalog.losses import TagAccuracy
+    from finetune.catalog.mixing import MixUp
+    from finetune.data.batches import MixedBatches
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 4, 4, 1), dtype=np.uint8)
+    labels = rng.integers(0, 2, (16, 3)).astype(np.uint8)
+    batches = MixedBatches(images, labels, 3, 8, MixUp(alpha=1.0), shuffle=False, seed=5, epoch=2)
+    _, targets = batches[1]
+    # The same draw as the batch's: lam ~ Beta(1, 1) and a partner permutation from (seed, epoch, index).
+    draw = np.random.default_rng([5, 2, 1])
+    lam, partner = draw.beta(1.0, 1.0), draw.permutation(8)
+    rows = labels[8:16].astype(np.float32)
+    np.testing.assert_allclose(targets, lam * rows + (1 - lam) * rows[partner], rtol=1e-6)
+    assert targets.shape == (8, 3) and 0 < lam < 1
+    # A mixed target of 0.7 counts for its dominant tag, at 0.5 on both sides.
+    metric = TagAccuracy()
+    metric.update_state(np.array([[0.7, 0.3, 1.0, 0.0]]), np.array([[0.9, 0.2, 0.4, 0.6]]))
+    assert float(keras.ops.convert_to_numpy(metric.result())) == pytest.approx(0.5)
+
+
+def test_test_time_flips_average_validation_and_test_scores_before_thresholds_are_chosen():
+    from types import SimpleNamespace
+
+    import keras
+
+    from finetune.evaluation.multilabel import choose_thresholds, evaluate_multi_label
+
+    class Split(SimpleNamespace):
+        def __len__(self):
+            return len(self.images)
+
+    rng = np.random.default_rng(1)
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, "sigmoid"),
+        ]
+    )
+    test, validation = (
+        Split(images=rng.integers(0, 256, (count, 6, 6, 1)).astype(np.uint8), labels=rng.integers(0, 2, (count, 2)))
+        for count in (30, 40)
+    )
+
+    def both_views(images):
+        plain = model.predict(images, verbose=0)
+        return (plain + model.predict(images[:, :, ::-1], verbose=0)) / 2
+
+    metrics, probabilities = evaluate_multi_label(model, test, validation, TAGS, 16, tta=("flip",))
+    np.testing.assert_allclose(probabilities, both_views(test.images), rtol=1e-5, atol=1e-6)
+    wanted = choose_thresholds(both_views(validation.images).astype(np.float64), validation.labels)
+    assert metrics["thresholds"] == pytest.approx(dict(zip(TAGS, wanted.tolist(), strict=True)), rel=1e-5)
+    assert metrics["tta"] == ["flip"]
+    plain, _ = evaluate_multi_label(model, test, validation, TAGS, 16)
+    assert "tta" not in plain and plain["thresholds"] != metrics["thresholds"]
+
+
+def test_a_multi_label_run_trains_on_mixed_batches_and_evaluates_with_flips(tmp_path):
+    import finetune
+
+    csv_path, _ = make_tagged_csv(tmp_path / "images", count=200)
+    raw = multi_label_recipe(csv_path, epochs=30).model_dump(mode="json")  # mixup learns brightness slower
+    raw["training"]["mix"] = [{"name": "mixup", "alpha": 0.2}]
+    raw["evaluation"]["tta"] = ["flip"]
+    result = finetune.run(finetune.load_recipe(raw), out=tmp_path / "run", log=lambda line: None)
+    test = result.metrics["test"]
+    assert test["tta"] == ["flip"]
+    for tag in TAGS:  # stripes are horizontal, so a left-right flip keeps every tag
+        assert test["per_class"][tag]["f1"] > 0.8, test["per_class"]
+    assert float(result.history[-1]["accuracy"]) > 0.7  # rounded mixed targets: Keras's BinaryAccuracy would be near 0
+
+
 @pytest.mark.parametrize(
     ("setting", "key"),
     [
-        ({"training": {"mix": ["mixup"]}}, "training.mix"),
         ({"training": {"class_weight": "balanced"}}, "training.class_weight"),
         ({"data": {"sampling": "balanced"}}, "data.sampling"),
-        ({"evaluation": {"tta": ["flip"]}}, "evaluation.tta"),
         ({"data": {"source": "fashion_mnist", "data_dir": None}}, "data.label_delimiter"),
     ],
 )

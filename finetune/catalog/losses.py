@@ -42,3 +42,24 @@ def training_loss(label_smoothing: float = 0.0, soft_labels: bool = False, multi
     if not label_smoothing:
         return "sparse_categorical_crossentropy"
     return SmoothedSparseCrossentropy(label_smoothing)
+
+
+@keras.saving.register_keras_serializable(package="finetune")
+class TagAccuracy(keras.metrics.MeanMetricWrapper):
+    """A multi-label run's ``accuracy``: the share of (image, tag) decisions right at 0.5.
+
+    Targets are rounded at 0.5 too, so a mixed (mixup, CutMix) target counts for the tag that dominates it,
+    as single-label accuracy counts a mixed row for its larger class; Keras's ``BinaryAccuracy`` would
+    count every mixed target as wrong."""
+
+    def __init__(self, name: str = "accuracy", dtype=None):
+        super().__init__(fn=_tag_accuracy, name=name, dtype=dtype)
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype}
+
+
+def _tag_accuracy(y_true, y_pred):
+    truth = ops.cast(ops.greater_equal(ops.cast(y_true, "float32"), 0.5), "float32")
+    decided = ops.cast(ops.greater(ops.cast(y_pred, "float32"), 0.5), "float32")
+    return ops.cast(ops.equal(truth, decided), "float32")

@@ -187,5 +187,9 @@ class MixedBatches(FileBatches):
 
 
 def one_hot(labels: ArrayLike, classes: int) -> np.ndarray:
-    """Integer labels as float32 one-hot rows (the targets mixed batches train on)."""
-    return np.eye(classes, dtype=np.float32)[np.asarray(labels).reshape(-1)]
+    """Integer labels as float32 one-hot rows (the targets mixed batches train on); multi-hot rows (a
+    multi-label run's, one column per tag) are already such targets and come back as float32."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == classes and classes > 1:
+        return labels.astype(np.float32)
+    return np.eye(classes, dtype=np.float32)[labels.reshape(-1)]

@@ -122,20 +122,29 @@ def evaluate_multi_label(
     class_names: Sequence[str],
     batch_size: int = 256,
     thresholds: np.ndarray | None = None,
+    tta: Sequence[str] = (),
 ) -> tuple[dict[str, Any], np.ndarray]:
     """The test split's multi-label metrics and tag probabilities.
 
     ``thresholds`` given (a saved model's) are used as they are; otherwise each tag's is chosen to maximise
-    its F1 on ``validation`` (0.5 each without one), and ``thresholds_chosen_on`` says which.
+    its F1 on ``validation`` (0.5 each without one), and ``thresholds_chosen_on`` says which. With ``tta``
+    each image's probabilities are the mean over it and its views (``flip``), on validation as on test, so
+    the thresholds are chosen on the scores they are applied to.
     """
+
+    def scores_of(images: Any) -> np.ndarray:
+        return np.mean([predict_view(model, images, batch_size, view) for view in ("none", *tta)], axis=0)
+
     chosen_on = "given"
     if thresholds is None:
         if validation is not None and len(validation):
-            scores = predict_view(model, validation.images, batch_size)
+            scores = scores_of(validation.images)
             thresholds, chosen_on = choose_thresholds(scores, np.asarray(validation.labels)), "validation"
         else:
             thresholds, chosen_on = np.full(len(class_names), DEFAULT_THRESHOLD), "default"
-    probabilities = predict_view(model, test.images, batch_size)
+    probabilities = scores_of(test.images)
     metrics = multi_label_metrics(probabilities, np.asarray(test.labels), class_names, thresholds)
     metrics["thresholds_chosen_on"] = chosen_on
+    if tta:
+        metrics["tta"] = list(tta)
     return metrics, probabilities

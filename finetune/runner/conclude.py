@@ -77,7 +77,13 @@ def evaluate_test_split(
     evaluation = plan.evaluation
     if dataset.multi_label:
         return multi_label.evaluate_multi_label(
-            model, dataset.test, dataset.validation, dataset.class_names, evaluation.batch_size, thresholds
+            model,
+            dataset.test,
+            dataset.validation,
+            dataset.class_names,
+            evaluation.batch_size,
+            thresholds,
+            evaluation.tta,
         )
     return metrics_stage.evaluate_with_probabilities(
         model, dataset.test, dataset.class_names, evaluation.batch_size, evaluation.mc_samples, evaluation.tta

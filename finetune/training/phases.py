@@ -208,12 +208,12 @@ def compile_model(
     """``soft_labels``: targets are probability rows (mixed batches), validation labels one-hot.
 
     A multi-label model (sigmoid head) trains on binary cross-entropy; its ``accuracy`` is the share of
-    (image, tag) pairs right at 0.5, so the logs keep their names."""
+    (image, tag) pairs right at 0.5 (mixed targets rounded), so the logs keep their names."""
     multi_label = is_multi_label(model)
     model.compile(
         optimizer=optimizer,
         loss=losses.training_loss(label_smoothing, soft_labels, multi_label=multi_label),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy") if multi_label else "accuracy"],
+        metrics=[losses.TagAccuracy() if multi_label else "accuracy"],
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
     )
