@@ -84,6 +84,16 @@ def test_xception_residual_shortcut_belongs_to_the_block_it_bypasses():
     conv = made_by(shortcut.input)
     assert isinstance(shortcut, keras.layers.BatchNormalization) and isinstance(conv, keras.layers.Conv2D)
     assert shortcut.name in block13 and conv.name in block13
+    # Every residual sum closes the block whose last layer it adds: block 13 and the blocks above start
+    # from one tensor (a cut there caches one array, not the sum's two inputs).
+    for number, block in enumerate(blocks[1:-1], start=2):
+        closing = model.get_layer(f"block{number}_pool" if number in (2, 3, 4, 13) else f"block{number}_sepconv3_bn")
+        (add,) = [
+            layer
+            for layer in model.layers
+            if isinstance(layer, keras.layers.Add) and any(tensor is closing.output for tensor in layer.input)
+        ]
+        assert add.name in {layer.name for layer in block.layers}, (add.name, block.name)
 
 
 def test_every_keras_application_is_registered():

@@ -79,15 +79,15 @@ def test_cut_points(tiny_recipe):
     assert {layer.name for layer in top.top.layers} >= {"predictions", "head_pool"}
 
 
-def test_xception_residual_blocks_are_cut_at_both_incoming_tensors(tiny_recipe_dict):
+def test_xception_top_blocks_are_cut_at_the_one_sum_that_closes_block_12(tiny_recipe_dict):
     tiny_recipe_dict["model"]["backbone"] = {"name": "xception", "weights": None}
     tiny_recipe_dict["data"]["image_size"] = 71
     recipe = finetune.load_recipe(tiny_recipe_dict)
     model = finetune.build_model(recipe)
     top2 = cut(model, recipe, recipe.phase("finetune"))
-    # The sum that closes block 12 feeds all of block 13 and joins it (it runs beside no other block):
-    # the cut is at that sum's two inputs, block 12's last BatchNorm and the residual from block 11.
-    # Found here by public layer attributes alone.
+    # Block 12 ends with the sum of its last BatchNorm and the residual from block 11; block 13 reads only
+    # that sum (its separable convolutions and its shortcut convolution both start from it), so the cut keeps
+    # one tensor, not the sum's two inputs (half the cached bytes). Found by public layer attributes alone.
     backbone = get_backbone(model)
 
     def made_by(tensor):
@@ -98,8 +98,17 @@ def test_xception_residual_blocks_are_cut_at_both_incoming_tensors(tiny_recipe_d
     assert isinstance(closing_sum, keras.layers.Add)
     producers = [made_by(tensor).name for tensor in closing_sum.input]
     assert producers[0] == "block12_sepconv3_bn" and producers[1].startswith("add")
-    assert top2.where == f"at {producers[0]}, {producers[1]}"
-    assert len(top2.bottom.outputs) == 2
+    assert top2.where == f"at {closing_sum.name}"
+    assert len(top2.bottom.outputs) == 1 and tuple(top2.bottom.outputs[0].shape) == (None, 5, 5, 728)
+    # The cut models compute what the whole model computes.
+    images = np.random.default_rng(0).integers(0, 256, (2, *model.input_shape[1:])).astype("float32")
+    features = top2.bottom.predict(images, verbose=0)  # a list of one array: the cut is one tensor
+    np.testing.assert_allclose(
+        top2.top.predict(features, verbose=0),
+        model.predict(images, verbose=0),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def test_no_cache_where_it_would_change_the_result(tiny_recipe_dict):

@@ -43,8 +43,12 @@ def split_into_blocks(backbone, spec: BackboneSpec) -> tuple[tuple, list[Block]]
     block (lo == hi) stays there, one feeding the next block (hi == lo + 1, as
     Inception's branches feeding ``mixedN``) joins it, and one that skips a
     block (a residual shortcut such as Xception's, hi == lo + 2) belongs to the
-    block it runs beside. Layers before any block form the stem (or join the
-    first block when ``spec.has_stem`` is false); layers after the last join it.
+    block it runs beside. A merge that takes a named layer of block lo as a
+    direct input (Xception's unnamed residual ``add`` after ``block12_sepconv3_bn``)
+    closes block lo: the next block then starts from its one output, so a cut
+    there keeps one tensor, not the sum's two inputs. Layers before any block
+    form the stem (or join the first block when ``spec.has_stem`` is false);
+    layers after the last join it.
     """
     pattern = re.compile(spec.block_pattern)
     layers = [layer for layer in backbone.layers if type(layer).__name__ != "InputLayer"]
@@ -95,7 +99,8 @@ def split_into_blocks(backbone, spec: BackboneSpec) -> tuple[tuple, list[Block]]
         elif hi is None or hi <= lo:
             index = lo
         elif hi == lo + 1:
-            index = hi
+            closes = len(parents[id(layer)]) > 1 and any(named.get(id(p)) == lo for p in parents[id(layer)])
+            index = lo if closes else hi
         else:
             index = lo + 1
         members[names[index]].append(layer)
