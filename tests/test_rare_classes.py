@@ -1,6 +1,7 @@
 """Rare classes: ``training.class_weight`` (every phase, cached features too), ``data.sampling: balanced``,
 and the warning when the largest training class dwarfs the smallest."""
 
+import html
 import json
 import logging
 
@@ -186,10 +187,14 @@ def warnings_of(caplog):
 
 def test_a_run_warns_when_the_largest_class_has_over_ten_times_the_smallest(imbalanced_folder, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="finetune"):
-        run(mlp_recipe(imbalanced_folder, epochs=1), tmp_path / "imbalanced")
+        result = run(mlp_recipe(imbalanced_folder, epochs=1), tmp_path / "imbalanced")
     (warning,) = [message for message in warnings_of(caplog) if "imbalanced" in message]
     assert "'pullover' has 400 images" in warning and "'coat' only 20" in warning
     assert "training.class_weight: balanced" in warning
+    # metrics.json (and so the report) keeps it as well.
+    kept = json.loads((result.run_dir / "metrics.json").read_text())["warnings"]
+    assert {"phase": "data", "kind": "class_imbalance", "message": warning} in kept
+    assert html.escape(warning) in (result.run_dir / "report.html").read_text()
     assert "class weights" not in " ".join(record.getMessage() for record in caplog.records)
 
     caplog.clear()  # weighted: the weights are said once, no warning

@@ -30,6 +30,7 @@ from finetune.recipe.load import Overrides, RecipeSource
 from finetune.runner import distribution as distribute
 from finetune.runner.folder import RunFolder, check_run_dir
 from finetune.training.context import RunContext
+from finetune.training.divergence import keep_warning
 from finetune.training.interrupts import sigterm_as_interrupt
 from finetune.training.phases import check_phases, setup_warnings, sized_phases
 from finetune.training.state import Checkpoint
@@ -233,3 +234,5 @@ def announce_balance(session: RunSession) -> None:
         logger.info(f"class weights ({setting if isinstance(setting, str) else 'as given'}): {named}")
     elif plan.data.sampling == "natural" and (warning := imbalance_warning(dataset.train.labels, dataset.class_names)):
         logger.warning(warning)
+        # Kept with the run too: metrics.json and the report carry it, not only the log.
+        keep_warning(session.folder.path if session.folder else None, "data", "class_imbalance", warning)
