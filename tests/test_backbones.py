@@ -6,7 +6,7 @@ import pytest
 from conftest import outside_ci_cover
 
 from finetune import backbones
-from finetune.backbones.blocks import split_into_blocks
+from finetune.backbones.blocks import get_backbone, split_into_blocks
 from finetune.backbones.build import build_backbone
 from finetune.backbones.input_layer import BackboneInput
 from finetune.errors import RecipeError, WeightsError
@@ -129,6 +129,38 @@ def test_imagenet_weights_resolve_from_weights_dir_without_network(tmp_path, mon
     assert no_network == []
     for expected, got in zip(reference.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(expected), keras.ops.convert_to_numpy(got))
+
+
+def test_a_finetune_xception_sees_what_keras_xception_sees_after_its_own_preprocess_input(tmp_path, monkeypatch):
+    """Grey 28x28 uint8 in, through finetune's model with an ImageNet-layout weights file, against Keras's own
+    Xception loading the same file and fed Keras's own ``preprocess_input`` of the same resized RGB images:
+    the first convolution's activations and the backbone's output agree."""
+    import finetune
+
+    spec = backbones.get("xception")
+    file_name = spec.imagenet_file((71, 71))
+    keras.utils.set_random_seed(7)
+    save_canonical_weights(build_backbone(spec, (71, 71), None), tmp_path / "weights", file_name)
+    monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    recipe = finetune.load_recipe(
+        "recipes/xception_fmnist.yaml", ["data.image_size=71", "data.train_limit=64", "data.test_limit=64"]
+    )
+    model = finetune.build_model(recipe, input_shape=(28, 28, 1), num_classes=10)
+    ours = get_backbone(model)
+    grey = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)).astype(np.uint8)
+    rgb = np.repeat(keras.ops.convert_to_numpy(keras.ops.image.resize(grey.astype("float32"), (71, 71))), 3, axis=-1)
+    keras_xception = keras.applications.Xception(
+        include_top=False, weights=str(tmp_path / "weights" / file_name), input_shape=(71, 71, 3)
+    )
+    expected_input = keras.applications.xception.preprocess_input(rgb.copy())
+    for layer_name in ("block1_conv1", None):
+
+        def probe(network, name=layer_name):
+            return keras.Model(network.input, network.get_layer(name).output if name else network.output)
+
+        keras_side = probe(keras_xception).predict(expected_input, verbose=0)
+        ours_side = keras.Model(model.input, probe(ours)(model.get_layer("backbone_input").output))
+        np.testing.assert_allclose(ours_side.predict(grey, verbose=0), keras_side, rtol=1e-4, atol=1e-4)
 
 
 def test_missing_imagenet_weights_offline_is_one_line(tmp_path, monkeypatch, no_network):
