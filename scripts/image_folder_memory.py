@@ -1,6 +1,7 @@
 """Peak memory of image-folder runs as the number of images grows.
 
-    python3 scripts/image_folder_memory.py [--counts 3000 12000] [--size 96] [--work DIR] [--code CHECKOUT]
+    python3 scripts/image_folder_memory.py [--counts 3000 12000] [--size 96] [--image-size N] [--format png|jpg]
+                                           [--csv] [--work DIR] [--code CHECKOUT]
 
 For each count, writes that many PNG photos-to-be (random colour blocks,
 sizes around --size, 4 classes) into a folder, then times a separate
@@ -14,6 +15,11 @@ streaming run by much less. Plain RSS also counts the resident pages of the
 memory-mapped image file, which the kernel can drop at any time. ``--code``
 runs another checkout of finetune (e.g. a `git worktree` of an older commit)
 on the same folders, for a side-by-side comparison.
+
+``--csv`` also lists the same files in ``labels.csv`` (inside the folder: class_0/000001.jpg,class_0)
+and runs the same recipe on it with ``data.source=csv`` right after the folder's run, so the two
+sources' peaks are measured side by side on the very same images; ``--image-size`` is the recipe's
+(stored) size when it differs from the files' (``--size``); ``--format jpg`` writes JPEG files.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_folder(folder: Path, count: int, size: int, seed: int = 0) -> None:
+def write_folder(folder: Path, count: int, size: int, seed: int = 0, suffix: str = "png") -> None:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -42,10 +48,24 @@ def write_folder(folder: Path, count: int, size: int, seed: int = 0) -> None:
         pixels = np.clip(colours[label] + rng.normal(0, 40, (side, side, 3)), 0, 255).astype(np.uint8)
         target = folder / f"class_{label}"
         target.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(target / f"{index:06d}.png")
+        Image.fromarray(pixels).save(target / f"{index:06d}.{suffix}")
 
 
-def measure(folder: Path, size: int, cache_dir: Path, out: Path, code: Path) -> tuple[int, int, int, str]:
+def write_table(folder: Path) -> Path:
+    """``labels.csv`` inside ``folder``, listing its images (class folder order, as the folder source sorts them)."""
+    table = folder / "labels.csv"
+    rows = ["image,label"] + [
+        f"{path.relative_to(folder).as_posix()},{path.parent.name}"
+        for path in sorted(folder.glob("class_*/*"))
+        if path.is_file()
+    ]
+    table.write_text("\n".join(rows) + "\n")
+    return table
+
+
+def measure(
+    folder: Path, size: int, cache_dir: Path, out: Path, code: Path, source: tuple[str, ...] = ()
+) -> tuple[int, int, int, str]:
     """Peak RSS and peak anonymous RSS (``/proc``, sampled every 50 ms) of one run, and its accuracy.
 
     RSS counts the pages of a memory-mapped file that are resident (page cache the kernel can drop);
@@ -79,6 +99,7 @@ def measure(folder: Path, size: int, cache_dir: Path, out: Path, code: Path) -> 
         "export.formats=[keras]",
         "--set",
         "precision=float32",
+        *source,
     ]
     with open(out.parent / "stderr.txt", "w") as errors:
         # `python -m` imports the package from its working directory first: the checkout measured.
@@ -121,30 +142,51 @@ def count_bytes(cache_dir: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[3000, 12000])
-    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--size", type=int, default=96, help="the files' size (about: 0.8-1.3x)")
+    parser.add_argument("--image-size", type=int, default=None, help="the recipe's image size (default: --size)")
+    parser.add_argument("--format", choices=["png", "jpg"], default="png")
+    parser.add_argument("--csv", action="store_true", help="also run on the same files listed in labels.csv")
     parser.add_argument("--work", type=Path, default=Path("/tmp/finetune-image-folder-memory"))
     parser.add_argument("--code", type=Path, default=ROOT, help="the finetune checkout to run (default: this one)")
     args = parser.parse_args()
-    rows = []
+    image_size = args.image_size or args.size
+    rows, table_rows = [], []
     for count in args.counts:
-        base = args.work / f"n{count}"
+        base = args.work / f"n{count}-{args.size}-{args.format}"
         folder, cache_dir = base / "images", base / "cache"
         if not folder.exists():
-            write_folder(folder, count, args.size)
-        for leftover in [*base.glob("run*"), cache_dir]:  # every measured run decodes the folder afresh
-            subprocess.run(["rm", "-rf", str(leftover)], check=True)
-        peak, anonymous, decoded, accuracy = measure(folder, args.size, cache_dir, base / "run", args.code.resolve())
-        rows.append((count, decoded, peak, anonymous, accuracy))
+            write_folder(folder, count, args.size, suffix=args.format)
+        sources = {"image_folder": ()}
+        if args.csv:
+            table = write_table(folder)
+            sources["csv"] = ("--set", "data.source=csv", "--set", f"data.data_dir={table}")
+        for name, source in sources.items():
+            for leftover in [*base.glob("run*"), cache_dir]:  # every measured run decodes the images afresh
+                subprocess.run(["rm", "-rf", str(leftover)], check=True)
+            peak, anonymous, decoded, accuracy = measure(
+                folder, image_size, cache_dir, base / "run", args.code.resolve(), source
+            )
+            (rows if name == "image_folder" else table_rows).append((count, decoded, peak, anonymous, accuracy))
+            print(
+                f"{count} images ({name}): decoded {decoded / 1e6:.0f} MB, peak RSS {peak / 1e6:.0f} MB, "
+                f"peak anonymous RSS {anonymous / 1e6:.0f} MB, test accuracy {accuracy}",
+                file=sys.stderr,
+                flush=True,
+            )
+    print("| images | source | decoded images (MB) | peak RSS (MB) | peak anonymous RSS (MB) | test accuracy |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for source, measured in (("image_folder", rows), ("csv", table_rows)):
+        for count, decoded, peak, anonymous, accuracy in measured:
+            print(
+                f"| {count} | {source} | {decoded / 1e6:.0f} | {peak / 1e6:.0f} | {anonymous / 1e6:.0f} | {accuracy} |"
+            )
+    for folder_row, table_row in zip(rows, table_rows, strict=True):
         print(
-            f"{count} images: decoded {decoded / 1e6:.0f} MB, peak RSS {peak / 1e6:.0f} MB, "
-            f"peak anonymous RSS {anonymous / 1e6:.0f} MB, test accuracy {accuracy}",
-            file=sys.stderr,
-            flush=True,
+            f"{folder_row[0]} images: the CSV's peak RSS is {table_row[2] / folder_row[2]:.3f}x the folder's, "
+            f"its peak anonymous RSS {table_row[3] / folder_row[3]:.3f}x"
         )
-    print("| images | decoded images (MB) | peak RSS (MB) | peak anonymous RSS (MB) | test accuracy |")
-    print("| --- | --- | --- | --- | --- |")
-    for count, decoded, peak, anonymous, accuracy in rows:
-        print(f"| {count} | {decoded / 1e6:.0f} | {peak / 1e6:.0f} | {anonymous / 1e6:.0f} | {accuracy} |")
+    if len(rows) < 2:
+        return 0
     (small, small_data, small_peak, small_anon, _), (large, large_data, large_peak, large_anon, _) = rows[0], rows[-1]
     grew = max(large_data - small_data, 1)
     print(
