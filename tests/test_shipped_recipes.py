@@ -25,6 +25,7 @@ from finetune.export.formats import artifact_key
 OUTSIDE_CI = {
     "ch11_xception_sgd_decay.yaml": "Xception, two phases and its SavedModel, as xception_fmnist.yaml",
     "ch11_selu.yaml": "100 dense layers; the dense stack and its exports as ch11_adam.yaml",
+    "xception_fmnist_gpu.yaml": "Xception, two phases and its SavedModel, as xception_fmnist.yaml (plus augmentation)",
 }
 RECIPES = [
     outside_ci_cover(name, reason=OUTSIDE_CI[name]) if name in OUTSIDE_CI else name
