@@ -44,8 +44,7 @@ def evaluate_with_probabilities(
     """
 
     def predict():
-        views = [predict_view(model, split.images, batch_size, view) for view in ("none", *tta)]
-        return np.mean(views, axis=0)
+        return predict_views(model, split.images, batch_size, tta)
 
     if not mc_samples:
         probabilities = predict()
@@ -66,6 +65,11 @@ def evaluate_with_probabilities(
     if tta:
         metrics["tta"] = list(tta)  # the views averaged with each image: metrics.json says what its numbers came from
     return metrics, probabilities
+
+
+def predict_views(model, images, batch_size: int, tta: Sequence[str] = ()) -> np.ndarray:
+    """The mean probabilities of ``images`` as they are and in each test-time view of ``tta``."""
+    return np.mean([predict_view(model, images, batch_size, view) for view in ("none", *tta)], axis=0)
 
 
 def predict_view(model, images, batch_size: int, view: str = "none") -> np.ndarray:

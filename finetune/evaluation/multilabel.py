@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.evaluation.metrics import per_class_scores, precision_recall_f1, predict_view, ratio
+from finetune.evaluation.metrics import per_class_scores, precision_recall_f1, predict_views, ratio
 
 DEFAULT_THRESHOLD = 0.5
 """Every tag's threshold when there is no validation split to choose them on."""
@@ -132,17 +132,14 @@ def evaluate_multi_label(
     the thresholds are chosen on the scores they are applied to.
     """
 
-    def scores_of(images: Any) -> np.ndarray:
-        return np.mean([predict_view(model, images, batch_size, view) for view in ("none", *tta)], axis=0)
-
     chosen_on = "given"
     if thresholds is None:
         if validation is not None and len(validation):
-            scores = scores_of(validation.images)
+            scores = predict_views(model, validation.images, batch_size, tta)
             thresholds, chosen_on = choose_thresholds(scores, np.asarray(validation.labels)), "validation"
         else:
             thresholds, chosen_on = np.full(len(class_names), DEFAULT_THRESHOLD), "default"
-    probabilities = scores_of(test.images)
+    probabilities = predict_views(model, test.images, batch_size, tta)
     metrics = multi_label_metrics(probabilities, np.asarray(test.labels), class_names, thresholds)
     metrics["thresholds_chosen_on"] = chosen_on
     if tta:
