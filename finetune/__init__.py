@@ -13,12 +13,29 @@ for prediction in finetune.predict("runs/x", ["shirt.jpg", "photos/"], top=3):  
 
 from __future__ import annotations
 
+import os
+import platform
 from typing import Any
 
 from finetune.errors import FinetuneError, RecipeError
 from finetune.recipe import Recipe
 
 __version__ = "0.2.0"
+
+
+def _prefer_onednn() -> None:
+    """Turn on TensorFlow's oneDNN CPU kernels on x86-64 unless the user chose (read when TensorFlow loads).
+
+    TensorFlow enables them by default only on CPUs with AVX-512 VNNI or newer; without them a
+    separable convolution's gradient runs about 4x slower on other x86 CPUs (AMD EPYC, older Intel),
+    which is most of a fine-tuning step for Xception's top blocks (docs/performance.md, measured
+    with scripts/onednn_bench.py). It changes nothing once TensorFlow is imported, or on another backend.
+    """
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+_prefer_onednn()
 
 __all__ = [
     "FinetuneError",
