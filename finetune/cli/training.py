@@ -32,7 +32,7 @@ def run(recipe, overrides, out, quiet):
     from finetune.runner import run as run_recipe
 
     with lines_on_stderr(quiet):  # the run reads the recipe once, and starts its distribution before TensorFlow runs
-        run_recipe(recipe, out=out, overrides=list(overrides), log=None)
+        run_recipe(recipe, out=out, overrides=list(overrides), log=None, times=started_process())
 
 
 @main.command()
@@ -49,7 +49,7 @@ def resume(run_dir, quiet):
     from finetune.runner import resume as resume_run
 
     with lines_on_stderr(quiet):
-        resume_run(run_dir, log=None)
+        resume_run(run_dir, log=None, times=started_process())
 
 
 @main.command()
@@ -162,3 +162,14 @@ def _split_lines(config) -> list[str]:
             line += f"; data.validation_split {config.validation_split:g} is held out of these"
         lines.append(line)
     return lines
+
+
+def started_process():
+    """A run's stage clock holding this process's start-up (interpreter, imports, the backend) as its first stage."""
+    from finetune.timing import StageTimes, seconds_since_process_start
+
+    times = StageTimes()
+    startup = seconds_since_process_start()
+    if startup is not None:
+        times.add("start-up", startup)
+    return times

@@ -9,6 +9,7 @@ place: a file under a format's name always agrees with the model.
 from __future__ import annotations
 
 import importlib.util
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -143,7 +144,8 @@ def export_all(
 
     Returns ``metrics.json``'s ``export`` part: per artifact its file, size,
     runtime, quantization, max absolute probability difference and top-1
-    agreement with the Keras model, and the tolerance it passed. A format
+    agreement with the Keras model, the tolerance it passed, and the seconds
+    its writing and check took. A format
     that cannot be written or disagrees gets ``{"file", "format",
     "quantization", "error"}`` instead (nothing is left under its name; see :func:`failures`). An
     existing ``model.keras`` (the run's own) is verified, not rewritten,
@@ -161,6 +163,7 @@ def export_all(
         key = artifact_key(name, kind)
         path = run_dir / entry.file_name(kind)
         measured: dict = {}
+        began = time.perf_counter()
 
         def write_and_verify(target: Path, entry=entry, kind=kind, key=key, measured=measured) -> None:
             with warnings.catch_warnings():
@@ -182,9 +185,11 @@ def export_all(
         except ExportError as error:
             # One format that cannot be written or read back costs that format, not the others or the run.
             results[key] = {"file": path.name, "format": name, "quantization": kind, "error": str(error)}
+            results[key]["seconds"] = round(time.perf_counter() - began, 2)
             continue
         results[key] = {"file": path.name, "bytes": _size(path), "runtime": entry.runtime(), "quantization": kind}
         results[key].update(measured)
+        results[key]["seconds"] = round(time.perf_counter() - began, 2)
     if any(not get(name).folder for name in names):
         write_text_atomically(run_dir / "labels.txt", "".join(f"{label}\n" for label in class_names))
     return results

@@ -23,7 +23,13 @@ figcaption { color: #555; font-size: 0.9em; }
 pre { background: #f6f8fa; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .problems { background: #fff4e5; border: 1px solid #f0b37e; padding: 0.5em 1em; }
 .warnings { background: #fdecea; border: 1px solid #e0897e; padding: 0.2em 1em; }
+.stages { display: flex; height: 1.6em; border: 1px solid #ccc; margin: 0.5em 0; }
+.stages div { height: 100%; min-width: 1px; }
+.swatch { display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.4em; vertical-align: middle; }
 """
+
+# Distinguishable in colour and in grey (Okabe-Ito, then greys), cycled for long runs.
+STAGE_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000", "#999999")
 
 CAPTIONS = {
     "learning_curves.png": "Loss and accuracy per epoch; dashed lines mark where a new phase starts.",
@@ -139,6 +145,26 @@ def per_class_table(test: dict) -> str:
     return table + _table(["over the classes", "value"], summary, "class-averages")
 
 
+def stage_bar(seconds_by_stage: Mapping[str, float]) -> str:
+    """Where the run's time went: one bar split by stage (a title on each part), and a table of the same."""
+    total = sum(seconds_by_stage.values())
+    if total <= 0:
+        return ""
+    parts, rows = [], []
+    for index, (name, seconds) in enumerate(seconds_by_stage.items()):
+        colour = STAGE_COLOURS[index % len(STAGE_COLOURS)]
+        share = 100 * seconds / total
+        label = escape(f"{name}: {seconds:.1f} s ({share:.1f}%)")
+        parts.append(f'<div style="width:{share:.3f}%;background:{colour}" title="{label}"></div>')
+        swatch = f'<span class="swatch" style="background:{colour}"></span>'
+        rows.append(f"<tr><td>{swatch}{escape(name)}</td><td>{seconds:.1f}</td><td>{share:.1f}%</td></tr>")
+    rows.append(f"<tr><th>all</th><th>{total:.1f}</th><th>100%</th></tr>")
+    return (
+        f'<div class="stages" id="stage-bar">{"".join(parts)}</div>'
+        f'<table id="stages"><tr><th>stage</th><th>seconds</th><th>share</th></tr>{"".join(rows)}</table>'
+    )
+
+
 def render(
     title: str,
     metrics: dict,
@@ -179,6 +205,8 @@ def render(
         parts.append(f'<div class="warnings"><h2>Warnings</h2><ul>{items}</ul></div>')
     parts += ["<h2>Test metrics</h2>", metrics_table(metrics)]
     parts += ["<h2>Phases</h2>", phase_table(spans, metrics.get("train_images"))]
+    if metrics.get("seconds_by_stage"):
+        parts += ["<h2>Where the time went</h2>", stage_bar(metrics["seconds_by_stage"])]
     parts.append("<h2>Pictures</h2>")
     for picture in pictures:
         caption = {**CAPTIONS, **(captions or {})}.get(picture.name, "")

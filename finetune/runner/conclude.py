@@ -25,7 +25,7 @@ from finetune.recipe import Recipe
 from finetune.report.write import write_pictures_and_report
 from finetune.runner.folder import RunFolder
 from finetune.runner.session import RunSession
-from finetune.runner.summary import summary_lines
+from finetune.runner.summary import stage_line, summary_lines
 from finetune.training.divergence import read_warnings
 from finetune.training.history import read_history
 
@@ -56,7 +56,8 @@ def conclude(session: RunSession) -> RunResult:
     assert folder is not None, "only a run with a folder concludes"
     history = read_history(folder.path / "history.csv")
     live(f"evaluating on {len(session.dataset.test):,} test images", force=True)
-    metrics, probabilities = evaluate(session, history)
+    with session.times.stage("evaluation"):
+        metrics, probabilities = evaluate(session, history)
     metrics.update(session.facts)
     warnings = read_warnings(folder.path)
     if warnings:
@@ -65,6 +66,7 @@ def conclude(session: RunSession) -> RunResult:
     folder.finish()
     for line in summary_lines(history, metrics, folder.path):
         logger.info(line)
+    logger.info(stage_line(metrics["seconds_by_stage"]))
     return RunResult(folder.path, metrics, session.model, session.recipe, history)
 
 
@@ -127,10 +129,11 @@ def save(
 ) -> None:
     """``model.keras``, ``input.json``, ``metrics.json``, the export formats (each reloaded and checked against
     the model), then the pictures and ``report.html``."""
-    model, plan, dataset = session.model, session.plan, session.dataset
+    model, plan, dataset, times = session.model, session.plan, session.dataset, session.times
     folder: RunFolder | None = session.folder
     assert folder is not None
-    folder.save_model(model)
+    with times.stage("model.keras"):
+        folder.save_model(model)
     if "thresholds" in metrics["test"]:  # multi-label: the tags' thresholds go wherever the model goes
         write_thresholds(folder.path, metrics["test"]["thresholds"], metrics["test"]["thresholds_chosen_on"])
     # What `finetune predict` needs to turn any picture into this model's input (shape, resize, background).
@@ -143,7 +146,10 @@ def save(
     # wherever the folder goes, without the training data.
     write_atomically(folder.path / VERIFY_IMAGES_FILE, lambda path: np.save(path, images))
     formats, quantization = plan.export.formats, plan.export.tflite_quantization
-    metrics["export"] = export_all(model, folder.path, formats, quantization, dataset.class_names, images)
+    with times.stage("export (shared work)"):  # reference predictions, labels.txt; each format on its own
+        metrics["export"] = export_all(model, folder.path, formats, quantization, dataset.class_names, images)
+        for key, result in metrics["export"].items():
+            times.add(f"export {key}", result["seconds"])
     for key, reason in failures(metrics["export"]).items():
         # The trained model is never held hostage by a format: the run finishes, the failure is on record.
         failed = metrics["export"][key]
@@ -157,6 +163,10 @@ def save(
             write_thresholds(
                 folder.path / "saved_model", metrics["test"]["thresholds"], metrics["test"]["thresholds_chosen_on"]
             )
+    metrics["seconds_by_stage"] = times.as_dict()
     folder.write_json("metrics.json", metrics)
-    for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
-        logger.warning(f"picture not drawn: {problem}")
+    with times.stage("pictures and report"):
+        for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
+            logger.warning(f"picture not drawn: {problem}")
+    metrics["seconds_by_stage"] = times.as_dict()
+    folder.write_json("metrics.json", metrics)  # with the pictures' own seconds

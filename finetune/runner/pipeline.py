@@ -10,6 +10,7 @@ from finetune.recipe import Recipe
 from finetune.recipe.load import Overrides
 from finetune.runner.conclude import RunResult, conclude
 from finetune.runner.session import open_run
+from finetune.timing import StageTimes
 
 __all__ = ["RunResult", "run"]
 
@@ -20,6 +21,7 @@ def run(
     *,
     overrides: Overrides = None,
     log: Callable[[str], None] | Progress | None = print,
+    times: StageTimes | None = None,
 ) -> RunResult:
     """Run a whole recipe (a :class:`Recipe`, or a YAML file read with ``overrides``) and return its
     metrics, model and run folder.
@@ -32,9 +34,11 @@ def run(
     folder, data, weights, phases) fails before the folder exists. Ctrl-C
     raises :class:`~finetune.errors.RunInterrupted`, naming the folder that
     :func:`resume` continues. The lines the run logs (the ``finetune`` logger)
-    also go to ``log``; ``None`` leaves them to the application's logging.
+    also go to ``log``; ``None`` leaves them to the application's logging. Each stage's seconds go to
+    ``times`` (a new clock by default; the command line passes one holding the process's start-up), and
+    from there to ``metrics.json``'s ``seconds_by_stage``.
     """
-    with lines_to(log), open_run(recipe, overrides=overrides, out=out) as session:
+    with lines_to(log), open_run(recipe, overrides=overrides, out=out, times=times) as session:
         session.fit_input_statistics()  # recipe -> data -> model, opened above
         session.train()  # phases: set trainable -> new optimizer -> compile -> fit
         return conclude(session)  # evaluation -> model.keras + export formats -> pictures and report

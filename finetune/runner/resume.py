@@ -15,6 +15,7 @@ from finetune.progress import Progress, lines_to
 from finetune.runner.conclude import RunResult, conclude
 from finetune.runner.folder import RunFolder
 from finetune.runner.session import RunSession, open_run
+from finetune.timing import StageTimes
 from finetune.training.checkpoints import read_checkpoint
 from finetune.training.history import read_history, truncate_history
 from finetune.training.state import Checkpoint
@@ -22,7 +23,9 @@ from finetune.training.state import Checkpoint
 logger = logging.getLogger(__name__)
 
 
-def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress | None = print) -> RunResult:
+def resume(
+    run_dir: str | Path, *, log: Callable[[str], None] | Progress | None = print, times: StageTimes | None = None
+) -> RunResult:
     """Continue the run in ``run_dir`` from its ``recipe.yaml`` and ``checkpoint.keras``.
 
     Finished phases are not redone and their ``history.csv`` rows stay as
@@ -31,7 +34,8 @@ def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress | None 
     that checkpoint are dropped, as those epochs run again. A run whose
     training had finished redoes only evaluation and export. A finished run
     is left as it is. A folder whose ``recipe.yaml`` changed, or that another
-    process holds, is refused in one line.
+    process holds, is refused in one line. ``times`` as for :func:`~finetune.runner.run`; the seconds of
+    the processes before this one are one stage, ``earlier processes``.
     """
     folder = RunFolder.existing(run_dir)
     with lines_to(log), folder.locked():
@@ -43,7 +47,7 @@ def resume(run_dir: str | Path, *, log: Callable[[str], None] | Progress | None 
                 f"{str(folder.path / 'recipe.yaml')!r} was edited after the run started; resume runs the recipe "
                 "it started with (start a new run for the edited one)"
             )
-        with open_run(folder.path / "recipe.yaml", resume=folder) as session:
+        with open_run(folder.path / "recipe.yaml", resume=folder, times=times) as session:
             checkpoint = restore(session)
             session.train(resume_from=checkpoint)
             return conclude(session)
@@ -67,6 +71,7 @@ def restore(session: RunSession) -> Checkpoint | None:
     logger.info(f"resuming after epoch {state.epochs_done} (phase {state.phase})")
     # The run's time goes on from the checkpoint's: the work kept counts, the work redone once.
     session.started -= state.run_seconds or 0.0
+    session.times.add("earlier processes", state.run_seconds or 0.0)
     return checkpoint
 
 

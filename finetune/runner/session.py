@@ -29,6 +29,7 @@ from finetune.recipe import Recipe, read_recipe
 from finetune.recipe.load import Overrides, RecipeSource
 from finetune.runner import distribution as distribute
 from finetune.runner.folder import RunFolder, check_run_dir
+from finetune.timing import StageTimes
 from finetune.training.context import RunContext
 from finetune.training.divergence import keep_warning
 from finetune.training.interrupts import sigterm_as_interrupt
@@ -55,6 +56,8 @@ class RunSession:
     """The clock's zero: ``time.perf_counter()`` at the start, less the seconds earlier processes kept."""
     facts: dict[str, Any] = field(default_factory=dict)
     """What joins metrics.json (how the run was distributed)."""
+    times: StageTimes = field(default_factory=StageTimes)
+    """Seconds per stage (metrics.json's ``seconds_by_stage``, the closing lines, the report's bar)."""
 
     @property
     def class_weights(self) -> dict[str, float] | None:
@@ -82,6 +85,7 @@ class RunSession:
             clock=lambda: self.seconds,
             resume_from=resume_from,
             sampling=self.plan.data.sampling,
+            times=self.times,
         )
         if folder is not None:
             context.phase_done = folder.phase_done
@@ -89,7 +93,7 @@ class RunSession:
 
     def fit_input_statistics(self) -> None:
         """Statistics the model's input layers learn from the training images (before any phase)."""
-        with distribute.scope(self.distribution):
+        with self.times.stage("model"), distribute.scope(self.distribution):
             model_stage.fit_input_statistics(self.model, self.plan.model, self.dataset.train.images)
 
     def train(self, resume_from: Checkpoint | None = None) -> None:
@@ -106,6 +110,7 @@ def open_run(
     out: str | Path | None = None,
     resume: RunFolder | None = None,
     command: str = "run",
+    times: StageTimes | None = None,
 ) -> Iterator[RunSession]:
     """The session of a new run (``command="run"``), of a resumed one (``resume``: its folder, which the
     caller holds locked), or of a command that trains without a run folder (``lr-find``).
@@ -113,8 +118,9 @@ def open_run(
     Everything that can fail on bad input (the recipe, ``out``, the data, the weights, the phases) fails
     before a new folder exists. Inside the block the folder says running, and how the block ended; Ctrl-C
     and SIGTERM leave as :class:`~finetune.errors.RunInterrupted`, naming the folder that ``finetune resume``
-    continues.
+    continues. ``times`` (a new clock by default) is charged with each stage's seconds.
     """
+    times = times if times is not None else StageTimes()
     keep_freed_memory()
     recipe = source if isinstance(source, Recipe) else read_recipe(source, overrides)
     new_run = resume is None and command == "run"
@@ -134,15 +140,16 @@ def open_run(
     with distribute.worker_folder(out, distribution) as out:
         if new_run:
             check_run_dir(out)
-        dataset = load_data(plan)
+        with times.stage("data"):
+            dataset = load_data(plan)
         class_weights(
             plan.training.class_weight, dataset.train.labels, dataset.class_names
         )  # an unknown name: one line
         unsized, plan = plan, sized_to_data(plan, dataset)
-        with distribute.scope(distribution):
+        with times.stage("model"), distribute.scope(distribution):
             model, layout = build(plan, dataset)
         folder = RunFolder.claim(out, recipe) if new_run else resume
-        session = RunSession(recipe, plan, distribution, dataset, model, layout, folder, started, facts)
+        session = RunSession(recipe, plan, distribution, dataset, model, layout, folder, started, facts, times)
         if folder is None:
             for notice in plan.notices[len(unsized.notices) :]:  # what sizing the phases to the data says
                 logger.info(f"note: {notice}")

@@ -29,3 +29,15 @@ def summary_lines(history: list[dict], metrics: dict, run_dir: Path) -> list[str
         f"{duration(metrics['seconds'])} in all; results in {run_dir}"
     )
     return lines
+
+
+def stage_line(seconds_by_stage: dict[str, float]) -> str:
+    """Where the run's time went, in the order the stages ran, with each stage's share."""
+    total = sum(seconds_by_stage.values()) or 1.0
+    parts = [
+        f"{name} {seconds:.1f}s ({100 * seconds / total:.0f}%)"
+        if seconds < 60
+        else f"{name} {duration(seconds)} ({100 * seconds / total:.0f}%)"
+        for name, seconds in seconds_by_stage.items()
+    ]
+    return f"where the time went ({duration(total)}): {', '.join(parts)}"

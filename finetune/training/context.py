@@ -15,6 +15,7 @@ from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.callbacks import RunCallback
 from finetune.data.balance import class_weights
 from finetune.recipe import PhaseConfig, TrainingConfig
+from finetune.timing import StageTimes
 from finetune.training.state import Checkpoint
 
 
@@ -29,7 +30,8 @@ class RunContext:
     ``clock`` gives the run's seconds so far (earlier processes' included: a checkpoint keeps it);
     ``resume_from`` is a checkpoint whose weights the model already holds; ``phase_done`` is told
     each finished phase's name (the run folder records it); ``sampling`` is ``data.sampling``
-    (``balanced``: each epoch draws every class equally often).
+    (``balanced``: each epoch draws every class equally often); ``times`` is charged with each
+    phase's frozen-part and training seconds.
     """
 
     model: keras.Model
@@ -43,6 +45,7 @@ class RunContext:
     resume_from: Checkpoint | None = None
     phase_done: Callable[[str], None] = field(default=_nothing)
     sampling: str = "natural"
+    times: StageTimes = field(default_factory=StageTimes)
 
     def class_weights(self) -> np.ndarray | None:
         """``training.class_weight`` as one weight per class of the training split; None for ``none``."""

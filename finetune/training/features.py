@@ -34,6 +34,7 @@ from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.augment import augmentation_layers
 from finetune.errors import RecipeError
 from finetune.recipe import PhaseConfig, TrainingConfig
+from finetune.timing import StageTimes
 from finetune.training.cuts import CutModels, bridge, plan_cut, single
 
 logger = logging.getLogger(__name__)
@@ -171,8 +172,10 @@ class FeatureStore:
         settings: TrainingConfig,
         layout: BackboneLayout,
         cache_dir: Path | None = None,
+        times: StageTimes | None = None,
     ):
         self.phases = list(phases)
+        self.times = times if times is not None else StageTimes()
         self.settings = settings
         self.layout = layout
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -347,7 +350,7 @@ class FeatureStore:
             target = CacheTarget(dtype, storage, folder, name)
             computed[name] = extract(producer, inputs, batch_size, target, shown)
         size = sum(array.nbytes for arrays in computed.values() for array in arrays)
-        logger.info(
-            f"phase {phase.name}: {what}, {size / 1e6:,.0f} MB in {storage}, {time.perf_counter() - started:.1f}s"
-        )
+        seconds = time.perf_counter() - started
+        self.times.add(f"{phase.name}: frozen part", seconds)
+        logger.info(f"phase {phase.name}: {what}, {size / 1e6:,.0f} MB in {storage}, {seconds:.1f}s")
         return computed

@@ -42,7 +42,7 @@ def train(run: RunContext) -> None:
     """
     assert run.run_dir is not None, "training writes history.csv and checkpoints into the run's folder"
     board = tensorboard_folder(run.run_dir, run.settings.tensorboard)
-    features = FeatureStore(run.phases, run.settings, run.layout, run.run_dir / "cache")
+    features = FeatureStore(run.phases, run.settings, run.layout, run.run_dir / "cache", run.times)
     start = run.resume_from.state if run.resume_from is not None else CheckpointState("", 0, 0, 0)
     checkpoint: EpochCheckpoint | None = None
     epochs_done = 0
@@ -91,7 +91,8 @@ def train_phase(
     )
     # After recalibration, so the checkpoint keeps the recalibrated statistics.
     callbacks = [*phase_callbacks(run, stage, board), checkpoint, *setup.callbacks]
-    fit_phase(run, stage, callbacks=callbacks, features=features)
+    with run.times.stage(f"{phase.name}: training"):  # less the frozen part's seconds, charged on their own
+        fit_phase(run, stage, callbacks=callbacks, features=features)
 
 
 def phase_callbacks(run: RunContext, stage: PhaseRun, board: Path | None) -> list[keras.callbacks.Callback]:
