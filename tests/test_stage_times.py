@@ -95,5 +95,5 @@ def test_the_command_line_counts_its_start_up(tiny_recipe_dict, tmp_path):
     done = cli("run", str(path), "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr
     stages = json.loads((tmp_path / "run" / "metrics.json").read_text())["seconds_by_stage"]
-    assert list(stages)[0] == "start-up" and stages["start-up"] > 1.0  # the interpreter, click, Keras
+    assert next(iter(stages)) == "start-up" and stages["start-up"] > 1.0  # the interpreter, click, Keras
     assert "where the time went" in done.stderr
