@@ -81,7 +81,7 @@ def test_the_closing_line_and_the_bar_show_every_stage_with_its_share():
     assert "start-up 10.0s (10%)" in line and "head: training 1:25 (85%)" in line
     html = stage_bar(stages)
     assert html.count('<div style="width:') == 3
-    assert 'width:85.000%' in html and "head: training: 85.0 s (85.0%)" in html
+    assert "width:85.000%" in html and "head: training: 85.0 s (85.0%)" in html
 
 
 def test_the_command_line_counts_its_start_up(tiny_recipe_dict, tmp_path):
