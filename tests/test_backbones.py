@@ -1,4 +1,6 @@
+import os
 import re
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -135,13 +137,27 @@ def test_a_finetune_xception_sees_what_keras_xception_sees_after_its_own_preproc
     """Grey 28x28 uint8 in, through finetune's model with an ImageNet-layout weights file, against Keras's own
     Xception loading the same file and fed Keras's own ``preprocess_input`` of the same resized RGB images:
     the first convolution's activations and the backbone's output agree."""
-    import finetune
-
     spec = backbones.get("xception")
     file_name = spec.imagenet_file((71, 71))
     keras.utils.set_random_seed(7)
     save_canonical_weights(build_backbone(spec, (71, 71), None), tmp_path / "weights", file_name)
-    monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    _compare_with_keras_xception(tmp_path / "weights", monkeypatch)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("FINETUNE_REAL_XCEPTION_WEIGHTS"),
+    reason="set FINETUNE_REAL_XCEPTION_WEIGHTS to the folder holding Keras's real Xception ImageNet file",
+)
+def test_the_same_with_the_real_xception_imagenet_file(monkeypatch):
+    """As above, with Keras's own ImageNet file (not downloadable in CI: run where the file is)."""
+    _compare_with_keras_xception(Path(os.environ["FINETUNE_REAL_XCEPTION_WEIGHTS"]), monkeypatch)
+
+
+def _compare_with_keras_xception(weights_dir: Path, monkeypatch) -> None:
+    import finetune
+
+    file_name = backbones.get("xception").imagenet_file((71, 71))
+    monkeypatch.setenv("FINETUNE_WEIGHTS_DIR", str(weights_dir))
     recipe = finetune.load_recipe(
         "recipes/xception_fmnist.yaml", ["data.image_size=71", "data.train_limit=64", "data.test_limit=64"]
     )
@@ -150,7 +166,7 @@ def test_a_finetune_xception_sees_what_keras_xception_sees_after_its_own_preproc
     grey = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)).astype(np.uint8)
     rgb = np.repeat(keras.ops.convert_to_numpy(keras.ops.image.resize(grey.astype("float32"), (71, 71))), 3, axis=-1)
     keras_xception = keras.applications.Xception(
-        include_top=False, weights=str(tmp_path / "weights" / file_name), input_shape=(71, 71, 3)
+        include_top=False, weights=str(weights_dir / file_name), input_shape=(71, 71, 3)
     )
     expected_input = keras.applications.xception.preprocess_input(rgb.copy())
     for layer_name in ("block1_conv1", None):
