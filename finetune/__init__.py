@@ -59,9 +59,9 @@ _LAZY = {
     "build_model": "finetune.model",
     "load_model": "finetune.model",
     "predict": "finetune.inference",
-    "run": "finetune.runner",
-    "resume": "finetune.runner",
-    "RunResult": "finetune.runner",
+    "run": "finetune.runner.pipeline",
+    "resume": "finetune.runner.resume",
+    "RunResult": "finetune.runner.conclude",
     "RunCallback": "finetune.catalog.callbacks",
 }
 

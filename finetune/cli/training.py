@@ -29,7 +29,7 @@ def run(recipe, overrides, out, quiet):
     """
     load_backend_quietly()  # before anything imports Keras
     # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
-    from finetune.runner import run as run_recipe
+    from finetune.runner.pipeline import run as run_recipe
 
     with lines_on_stderr(quiet):  # the run reads the recipe once, and starts its distribution before TensorFlow runs
         run_recipe(recipe, out=out, overrides=list(overrides), log=None, times=started_process())
@@ -46,7 +46,7 @@ def resume(run_dir, quiet):
     """
     load_backend_quietly()
     # Imported here: a command pays for what it uses; `finetune --help` loads no Keras.
-    from finetune.runner import resume as resume_run
+    from finetune.runner.resume import resume as resume_run
 
     with lines_on_stderr(quiet):
         resume_run(run_dir, log=None, times=started_process())

@@ -11,7 +11,7 @@ from finetune.errors import RecipeError, RunFolderError, first_line
 from finetune.recipe import read_recipe
 from finetune.report.history import phase_spans
 from finetune.runner.folder import RunFolder
-from finetune.training.history import read_history
+from finetune.training.history_file import read_history
 
 COLUMNS = (
     "run",

@@ -27,7 +27,7 @@ from finetune.runner.folder import RunFolder
 from finetune.runner.session import RunSession
 from finetune.runner.summary import stage_line, summary_lines
 from finetune.training.divergence import read_warnings
-from finetune.training.history import read_history
+from finetune.training.history_file import read_history
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from finetune.runner.folder import RunFolder
 from finetune.runner.session import RunSession, open_run
 from finetune.timing import StageTimes
 from finetune.training.checkpoints import read_checkpoint
-from finetune.training.history import read_history, truncate_history
+from finetune.training.history_file import read_history, truncate_history
 from finetune.training.state import Checkpoint
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import numpy as np
 from finetune.errors import RunFolderError, first_line
 from finetune.files import write_atomically, write_json_atomically
 from finetune.training.context import PhaseRun, RunContext
-from finetune.training.history import read_history
+from finetune.training.history_file import read_history
 from finetune.training.state import Checkpoint, CheckpointState
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""``history.csv``: one row per epoch, written as it happens, read by resume, compare and the report."""
+"""``history.csv`` written as a run trains: one row per epoch, flushed at once (reading it: history_file.py)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,10 @@ from typing import Any
 
 import keras
 
-from finetune.files import write_atomically
+from finetune.training.history_file import HISTORY_FIELDS, read_history, truncate_history
 from finetune.training.phases import optimizer_learning_rate
 
-HISTORY_FIELDS = [
-    "phase",
-    "epoch",
-    "phase_epoch",
-    "learning_rate",
-    "loss",
-    "accuracy",
-    "val_loss",
-    "val_accuracy",
-    "seconds",
-]
+__all__ = ["HISTORY_FIELDS", "HistoryCSV", "read_history", "truncate_history"]
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -54,21 +44,3 @@ class HistoryCSV(keras.callbacks.Callback):
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
-
-
-def truncate_history(path: Path, epochs: int) -> None:
-    """Keep the rows of the first ``epochs`` epochs of ``history.csv``, byte for byte; drop later ones."""
-    if not path.exists():
-        return
-    lines = path.read_bytes().splitlines(keepends=True)
-    kept = lines[: 1 + epochs] if epochs else []
-    if len(kept) != len(lines):
-        write_atomically(path, lambda temporary: temporary.write_bytes(b"".join(kept)))
-
-
-def read_history(path: Path) -> list[dict]:
-    """The rows of ``history.csv`` (none when it does not exist yet)."""
-    if not path.exists():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
