@@ -8,9 +8,9 @@ import time
 import pytest
 
 import finetune
+from finetune.progress import StageTimes, seconds_since_process_start
 from finetune.report.page import stage_bar
 from finetune.runner.summary import stage_line
-from finetune.timing import StageTimes, seconds_since_process_start
 
 
 def test_a_stage_inside_another_is_charged_once():

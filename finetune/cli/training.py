@@ -166,7 +166,7 @@ def _split_lines(config) -> list[str]:
 
 def started_process():
     """A run's stage clock holding this process's start-up (interpreter, imports, the backend) as its first stage."""
-    from finetune.timing import StageTimes, seconds_since_process_start
+    from finetune.progress import StageTimes, seconds_since_process_start
 
     times = StageTimes()
     startup = seconds_since_process_start()

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.progress import Progress, lines_to
+from finetune.progress import Progress, StageTimes, lines_to
 from finetune.recipe import Recipe
 from finetune.recipe.load import Overrides
 from finetune.runner.conclude import RunResult, conclude
 from finetune.runner.session import open_run
-from finetune.timing import StageTimes
 
 __all__ = ["RunResult", "run"]
 

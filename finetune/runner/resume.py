@@ -11,11 +11,10 @@ import keras
 from finetune import model as model_stage
 from finetune.errors import RunFolderError
 from finetune.plan import prepare
-from finetune.progress import Progress, lines_to
+from finetune.progress import Progress, StageTimes, lines_to
 from finetune.runner.conclude import RunResult, conclude
 from finetune.runner.folder import RunFolder
 from finetune.runner.session import RunSession, open_run
-from finetune.timing import StageTimes
 from finetune.training.checkpoints import read_checkpoint
 from finetune.training.history_file import read_history, truncate_history
 from finetune.training.state import Checkpoint

@@ -25,11 +25,11 @@ from finetune.data import Dataset, load_dataset, peek_class_names
 from finetune.data.balance import class_weights, imbalance_warning, named_weights
 from finetune.errors import RunInterrupted, Terminated
 from finetune.plan import RunPlan, resolve_read
+from finetune.progress import StageTimes
 from finetune.recipe import Recipe, read_recipe
 from finetune.recipe.load import Overrides, RecipeSource
 from finetune.runner import distribution as distribute
 from finetune.runner.folder import RunFolder, check_run_dir
-from finetune.timing import StageTimes
 from finetune.training.context import RunContext
 from finetune.training.divergence import keep_warning
 from finetune.training.interrupts import sigterm_as_interrupt

@@ -14,8 +14,8 @@ import numpy as np
 from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.callbacks import RunCallback
 from finetune.data.balance import class_weights
+from finetune.progress import StageTimes
 from finetune.recipe import PhaseConfig, TrainingConfig
-from finetune.timing import StageTimes
 from finetune.training.state import Checkpoint
 
 

@@ -33,8 +33,8 @@ from finetune import progress
 from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.augment import augmentation_layers
 from finetune.errors import RecipeError
+from finetune.progress import StageTimes
 from finetune.recipe import PhaseConfig, TrainingConfig
-from finetune.timing import StageTimes
 from finetune.training.cuts import CutModels, bridge, plan_cut, single
 
 logger = logging.getLogger(__name__)
