@@ -529,13 +529,13 @@ def test_cli_exit_codes_and_one_line_for_every_way_a_command_ends(
     import yaml
     from click.testing import CliRunner
 
-    from finetune import runner
     from finetune.cli import main
+    from finetune.runner import pipeline
 
     def failing_run(*args, **kwargs):
         raise raised
 
-    monkeypatch.setattr(runner, "run", failing_run)
+    monkeypatch.setattr(pipeline, "run", failing_run)  # what `finetune run` calls
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
     result = CliRunner().invoke(main, ["run", str(recipe)])
