@@ -116,7 +116,7 @@ def main() -> int:
                 ("mlp_from_scratch", lambda o=overrides: run_recipe(MLP, [*o, *_mlp_image_size(args.data)])),
             ]
         for name, job in jobs:
-            row = {"model": name, "data": args.data, "per_class": per_class, **job()}
+            row = {"model": name, "data": args.data, "per_class": per_class, "sets": args.extra, **job()}
             line = json.dumps(row)
             print(line, flush=True)
             if args.out is not None:
