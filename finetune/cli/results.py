@@ -162,3 +162,67 @@ def export(run_dir, formats, quantization):
 
     with lines_on_stderr():
         export_run(run_dir, formats, quantization, log=None)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8501, show_default=True, help="0: a free port.")
+@click.option("--model-name", default=None, help="The name in /v1/models/NAME. Default: the recipe's name.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True, help="Images per model call.")
+@click.option(
+    "--max-delay-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="How long a request waits for others to join its batch.",
+)
+@click.option(
+    "--max-body",
+    type=click.IntRange(min=1),
+    default=20 * 1024 * 1024,
+    show_default=True,
+    help="Largest request body in bytes (413 above it).",
+)
+@click.option(
+    "--api-key",
+    envvar="FINETUNE_API_KEY",
+    default=None,
+    help="Require Authorization: Bearer KEY on every route but /healthz (env FINETUNE_API_KEY).",
+)
+@QUIET
+@reported
+def serve(model, host, port, model_name, max_batch, max_delay_ms, max_body, api_key, quiet):
+    """Serve MODEL (a run folder or SavedModel folder) over HTTP until Ctrl-C.
+
+    \b
+    GET  /                          a page: drop images, see the top classes
+    POST /predict                   multipart file fields -> {"predictions": [{"file", "top", ...}]}
+    POST /v1/models/NAME:predict    TF Serving's REST API: {"instances": [...]} -> {"predictions": [...]}
+    GET  /v1/models/NAME[/metadata] TF Serving's status and metadata (labels included)
+    GET  /healthz, GET /metrics     health; Prometheus metrics (requests, errors, latency, batch sizes)
+
+    \b
+    finetune serve runs/quick
+    curl -F file=@shirt.png http://127.0.0.1:8501/predict
+    """
+    load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras or web server.
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    missing = [name for name in ("starlette", "uvicorn", "multipart", "prometheus_client") if find_spec(name) is None]
+    if missing:
+        raise FinetuneError(f"finetune serve needs {', '.join(missing)}: pip install 'finetune[serve]'")
+    from finetune.serving import ServeSettings, model_name_for
+    from finetune.serving import serve as serve_model
+
+    settings = ServeSettings(
+        model_name=model_name or model_name_for(Path(model)),
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_body=max_body,
+        api_key=api_key or None,
+    )
+    with lines_on_stderr(quiet):
+        serve_model(model, settings, host=host, port=port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -51,26 +52,46 @@ def should_invert(picture: np.ndarray, background: str, invert: str = "auto") ->
     return polarity(float(border_brightness(picture[None])[0])) != background
 
 
-def load_stored(path: str | Path, spec: InputSpec, invert: str = "auto") -> tuple[np.ndarray, bool]:
-    """The file at ``path`` as the model's stored input (uint8 ``spec.shape``), and whether it was inverted.
+def load_stored(
+    path: str | Path | BinaryIO,
+    spec: InputSpec,
+    invert: str = "auto",
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+) -> tuple[np.ndarray, bool]:
+    """The file at ``path`` (or an open binary file) as the model's stored input (uint8 ``spec.shape``),
+    and whether it was inverted.
 
     Decoding is the ``image_folder`` source's (EXIF orientation, JPEG draft,
     :func:`finetune.data.images.to_stored`); the background is judged and
     inverted at the picture's own size, before it is cropped, padded or
-    stretched, so a ``pad`` model's black borders stay black.
+    stretched, so a ``pad`` model's black borders stay black. ``name`` is what
+    an error calls the image (default: ``path``); an image of more than
+    ``max_pixels`` pixels is refused before it is decoded (Pillow's own limit
+    otherwise).
     """
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     height, width, channels = spec.shape
+    name = str(path) if name is None else name
     try:
         with warnings.catch_warnings(), Image.open(path) as image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise DataError(
+                    f"image {name} is {image.width}x{image.height} pixels, over the limit of {max_pixels:,}"
+                )
             if image.format == "JPEG":
                 image.draft(None, (max(height, width),) * 2)
             image = ImageOps.exif_transpose(image)
             picture = to_stored(image, (image.height, image.width), channels)  # converted, not resized
+    except DataError:
+        raise
+    except UnidentifiedImageError:  # Pillow's own message names a file object, not the image
+        raise DataError(f"cannot read image {name}: not an image file (no image format recognised)") from None
     except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for a bad file
-        raise DataError(f"cannot read image {path}: {first_line(error)}") from None
+        raise DataError(f"cannot read image {name}: {first_line(error)}") from None
     inverted = should_invert(picture, spec.background, invert)
     if inverted:
         picture = 255 - picture
