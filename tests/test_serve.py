@@ -430,3 +430,72 @@ def test_the_page_uploads_an_image_and_shows_the_models_top_class(trained, tmp_p
     finally:
         page.quit()
         running.stop()
+
+
+def test_a_lone_request_does_not_wait_out_the_delay():
+    from finetune.serving.batching import DynamicBatcher
+
+    async def scenario():
+        batcher = DynamicBatcher(lambda images: images, max_batch=8, max_delay=600.0)
+        await batcher.start()
+        try:  # with nothing else on its way, the batch goes at once: 10 s is far inside the 600 s delay
+            return await asyncio.wait_for(batcher.predict(np.ones((1, 1))), timeout=10)
+        finally:
+            await batcher.stop()
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), np.ones((1, 1)))
+
+
+def test_a_request_on_its_way_is_waited_for_and_joins_the_batch():
+    from finetune.serving.batching import DynamicBatcher
+
+    calls: list[int] = []
+
+    def counted(images: np.ndarray) -> np.ndarray:
+        calls.append(len(images))
+        return images
+
+    async def scenario():
+        batcher = DynamicBatcher(counted, max_batch=8, max_delay=600.0)
+        await batcher.start()
+        try:
+            with batcher.arriving():  # a second request is still reading its body
+                first = asyncio.ensure_future(batcher.predict(np.zeros((1, 1))))
+                await asyncio.sleep(0.2)
+                assert not first.done()
+                second = asyncio.ensure_future(batcher.predict(np.ones((2, 1))))
+            return await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+        finally:
+            await batcher.stop()
+
+    first, second = asyncio.run(scenario())
+    assert calls == [3]
+    np.testing.assert_array_equal(first, np.zeros((1, 1)))
+    np.testing.assert_array_equal(second, np.ones((2, 1)))
+
+
+def test_the_servers_connections_send_without_nagles_delay():
+    """asyncio turns Nagle's algorithm off only on sockets made with IPPROTO_TCP; with it on, every answer
+    waited ~40 ms for the client's delayed ACK."""
+    from finetune.serving.server import bind
+
+    async def scenario() -> int:
+        listener = bind("127.0.0.1", 0)
+        seen: list[int] = []
+
+        async def accepted(reader, writer):
+            sock = writer.get_extra_info("socket")
+            seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.05)
+            writer.close()
+        return seen[0]
+
+    assert asyncio.run(scenario()) != 0

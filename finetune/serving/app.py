@@ -95,21 +95,22 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> Starlette:
         _, _, verb = _model_path(request.path_params["rest"], settings.model_name)
         if verb != "predict":
             raise BadRequest(404, f"unknown method {verb or request.url.path!r}: this server has :predict")
-        body = await _read_body(request, settings.max_body)
-        document = parse_json(body)
-        invert = _invert(request)
-        images, answer_key = await run_in_threadpool(
-            tensorflow_serving_images, document, spec, INPUT_NAME, invert, settings.max_pixels
-        )
+        with batcher.arriving():
+            body = await _read_body(request, settings.max_body)
+            invert = _invert(request)
+            images, answer_key = await run_in_threadpool(
+                lambda: tensorflow_serving_images(parse_json(body), spec, INPUT_NAME, invert, settings.max_pixels)
+            )
         probabilities = await batcher.predict(images)
         return JSONResponse({answer_key: probabilities.tolist()})
 
     async def predict_files(request: Request) -> Response:
-        uploads = await _uploads(request, settings)
-        invert, top = _invert(request), _top(request, len(spec.class_names))
-        decoded = await run_in_threadpool(
-            lambda: [decode_image(data, name, spec, invert, settings.max_pixels) for name, data in uploads]
-        )
+        with batcher.arriving():
+            uploads = await _uploads(request, settings)
+            invert, top = _invert(request), _top(request, len(spec.class_names))
+            decoded = await run_in_threadpool(
+                lambda: [decode_image(data, name, spec, invert, settings.max_pixels) for name, data in uploads]
+            )
         probabilities = await batcher.predict(np.stack([picture for picture, _ in decoded]))
         answers = [
             _file_answer(name, row, inverted, predictor, top)

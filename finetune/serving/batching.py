@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,7 +19,8 @@ class _Waiting:
 
 class DynamicBatcher:
     """``await batcher.predict(images)``: the model's probabilities for ``images``, predicted with whatever
-    other requests' images arrive within ``max_delay`` seconds, up to ``max_batch`` images a call.
+    other requests' images arrive within ``max_delay`` seconds, up to ``max_batch`` images a call. A
+    request reading its body or decoding images (:meth:`arriving`) is waited for; nothing else is.
 
     One thread calls the model, so a model call never waits for a decode and requests never wait for
     each other's Python work; ``on_batch(size)`` hears each call's batch size (the metrics' histogram).
@@ -41,6 +42,7 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Waiting] | None = None
         self._worker: asyncio.Task | None = None
         self._held: _Waiting | None = None
+        self._arriving = 0
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-model")
 
     async def start(self) -> None:
@@ -53,6 +55,16 @@ class DynamicBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         self._model_thread.shutdown(wait=False)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around a request's reading and decoding: while one is on its way, a batch waits for it (up to
+        ``max_delay``); with none on the way, a batch goes at once, so a lone client never waits the delay."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         if self._queue is None:
@@ -75,7 +87,7 @@ class DynamicBatcher:
                     waiting = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     left = deadline - loop.time()
-                    if left <= 0:
+                    if left <= 0 or not self._arriving:
                         break
                     try:
                         waiting = await asyncio.wait_for(self._queue.get(), left)
