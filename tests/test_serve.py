@@ -252,6 +252,12 @@ BAD_REQUESTS = {
     ),
     "an unknown model name": ("POST", "/v1/models/other:predict", lambda images: (b'{"instances": []}', {}), 404),
     "an unknown route": ("GET", "/v2/anything", lambda images: (None, {}), 404),
+    "a heatmap of a model without a spatial backbone": (
+        "POST",
+        "/explain",
+        lambda images: multipart([("a.png", png(images[0]))]),
+        404,
+    ),
     "a method a route does not take": ("DELETE", "/predict", lambda images: (None, {}), 405),
 }
 
@@ -342,6 +348,44 @@ def test_a_port_in_use_is_one_line_and_exit_2(trained):
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
+@pytest.fixture(scope="module")
+def conv_server(tmp_path_factory):
+    """A server of a model with a nested conv backbone (MobileNetV2, untrained): it has heatmaps."""
+    import copy
+
+    from tests.conftest import TINY_RECIPE
+
+    recipe = copy.deepcopy(TINY_RECIPE)
+    keras.utils.set_random_seed(0)
+    model = finetune.build_model(finetune.load_recipe(recipe), input_shape=(28, 28, 1), num_classes=3)
+    folder = tmp_path_factory.mktemp("conv")
+    model.save(folder / "model.keras")
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    write_input_spec(folder, describe_input(images, ("cat", "dog", "owl"), "crop"))
+    running = Server(folder, "--model-name", "conv")
+    yield running, model, images
+    running.stop()
+
+
+def test_explain_answers_the_top_classes_and_a_heatmap_picture(conv_server):
+    from finetune.inference.explain import explain
+
+    running, model, images = conv_server
+    body, headers = multipart([("photo.png", png(images[0]))])
+    status, answer, _ = running.call("POST", "/explain?top=2", body, headers, key=None)
+    assert status == 200
+    expected = explain(model, images[:1])
+    names = ["cat", "dog", "owl"]
+    assert answer["explained"] == names[int(expected.classes[0])] == answer["top"][0]["label"]
+    np.testing.assert_allclose(answer["top"][0]["probability"], expected.probabilities[0].max(), atol=1e-5)
+    prefix = "data:image/png;base64,"
+    assert answer["heatmap"].startswith(prefix)
+    with Image.open(io.BytesIO(base64.b64decode(answer["heatmap"][len(prefix) :]))) as drawn:
+        assert drawn.size == (224, 224)
+    body, headers = multipart([("a.png", png(images[0])), ("b.png", png(images[1]))])
+    assert running.call("POST", "/explain", body, headers, key=None)[0] == 400  # one file at a time
+
+
 # --- the batcher itself --------------------------------------------------------------------------------------
 
 
@@ -402,22 +446,21 @@ def _chromium() -> tuple[str, str] | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="Debian's chromium and chromium-driver are not installed")
-def test_the_page_uploads_an_image_and_shows_the_models_top_class(trained, tmp_path):
+def test_the_page_uploads_an_image_and_shows_the_models_top_class_and_heatmap(conv_server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    folder, model, images, class_names = trained
-    path = tmp_path / "garment.png"
-    path.write_bytes(png(images[5]))
-    expected = class_names[int(np.argmax(reference(model, images[5:6])[0]))]
+    running, model, images = conv_server
+    path = tmp_path / "photo.png"
+    path.write_bytes(png(images[2]))
+    expected = ("cat", "dog", "owl")[int(np.argmax(reference(model, images[2:3])[0]))]
     browser, driver = _chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
-    running = Server(folder)  # no key: a browser would ask for it
     page = webdriver.Chrome(service=Service(driver), options=options)
     try:
         page.get(running.url + "/")
@@ -427,9 +470,11 @@ def test_the_page_uploads_an_image_and_shows_the_models_top_class(trained, tmp_p
         labels = [element.text for element in done[0].find_elements(By.CSS_SELECTOR, ".bar .label")]
         assert labels[0] == expected
         assert done[0].get_attribute("data-top") == expected
+        heatmap = done[0].find_element(By.CSS_SELECTOR, "img.heatmap")
+        assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
+        assert page.execute_script("return arguments[0].naturalWidth", heatmap) == 224  # the picture decoded
     finally:
         page.quit()
-        running.stop()
 
 
 def test_a_lone_request_does_not_wait_out_the_delay():

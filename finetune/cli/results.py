@@ -77,8 +77,15 @@ _INVERT_HELP = (
 @click.option(
     "--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True, help=_INVERT_HELP
 )
+@click.option(
+    "--explain",
+    "explain_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write each image with its heatmap (Grad-CAM for the top class) into this folder.",
+)
 @reported
-def predict(model, images, top, as_json, invert):
+def predict(model, images, top, as_json, invert, explain_dir):
     """Print the top classes of each of IMAGES (files, or folders of them) by MODEL.
 
     \b
@@ -102,6 +109,11 @@ def predict(model, images, top, as_json, invert):
     \b
     A multi-label model (data.label_delimiter) prints every tag whose
     probability reaches its threshold (thresholds.json), most probable first.
+
+    \b
+    --explain DIR writes DIR/<image>.heatmap.png: the image with a Grad-CAM
+    heatmap of the top class over it (where the backbone's last spatial
+    output mattered for that class); needs the run folder, not a SavedModel.
 
     An image that cannot be read is one line on stderr; the others are still
     predicted, and the exit code is 2.
@@ -128,6 +140,11 @@ def predict(model, images, top, as_json, invert):
             if prediction.tags is not None and not listed:
                 shown = "no tag above its threshold"
             click.echo(one_line(f"{prediction.path}: {shown}{' (inverted)' if prediction.inverted else ''}"))
+    if explain_dir is not None:
+        from finetune.inference.explain import write_heatmaps
+
+        written = write_heatmaps(predictor, images, explain_dir, invert)
+        click.echo(f"{len(written)} heatmaps in {explain_dir}", err=True)
     if failed:
         click.echo(f"{failed} of {total} images could not be read", err=True)
         sys.exit(2)

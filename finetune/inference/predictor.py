@@ -32,6 +32,7 @@ class Predictor:
     _probabilities: Callable[[np.ndarray], np.ndarray]
     notes: list[str] = field(default_factory=list)
     thresholds: np.ndarray | None = None
+    keras_model: object | None = None  # the Keras model itself (heatmaps need it); None for a SavedModel
 
     def predict(self, images) -> np.ndarray:
         """Probabilities ``(N, classes)``, float32, for uint8 ``images`` of shape ``(N, *spec.shape)``."""
@@ -95,7 +96,7 @@ def _keras_model(path: Path) -> Predictor:
     if thresholds is None and is_multi_label(model):
         thresholds = np.full(len(spec.class_names), 0.5)
         notes.append(f"{folder} has no {THRESHOLDS_FILE}: every tag's threshold is 0.5")
-    return Predictor(spec, "keras", path, probabilities, notes, thresholds)
+    return Predictor(spec, "keras", path, probabilities, notes, thresholds, keras_model=model)
 
 
 def _saved_model(path: Path) -> Predictor:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from finetune.errors import first_line
+from finetune.inference.explain import explain_predictor, no_heatmap_reason, overlay, viewing_scale
 from finetune.inference.predictor import Predictor
 from finetune.serving.batching import DynamicBatcher
 from finetune.serving.payloads import BadRequest, decode_image, parse_json, tensorflow_serving_images
@@ -56,6 +58,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> Starlette:
         predictor.predict, settings.max_batch, settings.max_delay_ms / 1000, on_batch=telemetry.batch
     )
     spec = predictor.spec
+    no_heatmap = no_heatmap_reason(predictor)
 
     def endpoint(route: str, handler: Handler, *, public: bool = False, page: bool = False) -> Handler:
         async def answer(request: Request) -> Response:
@@ -118,6 +121,24 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> Starlette:
         ]
         return JSONResponse({"predictions": answers})
 
+    async def explain_file(request: Request) -> Response:
+        if no_heatmap is not None:
+            raise BadRequest(404, no_heatmap)
+        with batcher.arriving():
+            uploads = await _uploads(request, settings)
+            if len(uploads) != 1:
+                raise BadRequest(400, f"POST /explain takes one file, not {len(uploads)}")
+            invert = _invert(request)
+            picture, inverted = await run_in_threadpool(
+                decode_image, uploads[0][1], uploads[0][0], spec, invert, settings.max_pixels
+            )
+        explanation = await batcher.on_model_thread(lambda: explain_predictor(predictor, picture[None]))
+        answer = _file_answer(uploads[0][0], explanation.probabilities[0], inverted, predictor, _top(request, 99))
+        drawn = await run_in_threadpool(_heatmap_png, picture, explanation.heatmaps[0])
+        answer["explained"] = spec.class_names[int(explanation.classes[0])]
+        answer["heatmap"] = "data:image/png;base64," + base64.b64encode(drawn).decode()
+        return JSONResponse(answer)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await batcher.start()
@@ -131,6 +152,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> Starlette:
         Route("/healthz", endpoint("healthz", health, public=True), methods=["GET"]),
         Route("/metrics", endpoint("metrics", metrics), methods=["GET"]),
         Route("/predict", endpoint("predict", predict_files), methods=["POST"]),
+        Route("/explain", endpoint("explain", explain_file), methods=["POST"]),
         Route("/v1/models/{rest:path}", endpoint("v1_status", model_status), methods=["GET"]),
         Route("/v1/models/{rest:path}", endpoint("v1_predict", model_predict), methods=["POST"]),
     ]
@@ -265,6 +287,14 @@ def _top(request: Request, classes: int) -> int:
     if not text.isdigit() or int(text) < 1:
         raise BadRequest(400, f"top must be a whole number of at least 1, not {text!r}")
     return min(int(text), classes)
+
+
+def _heatmap_png(picture: np.ndarray, heatmap: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(overlay(picture, heatmap, viewing_scale(picture.shape))).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _file_answer(name: str, probabilities: np.ndarray, inverted: bool, predictor: Predictor, top: int) -> dict:

@@ -7,8 +7,11 @@ import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,6 +68,10 @@ class DynamicBatcher:
             yield
         finally:
             self._arriving -= 1
+
+    async def on_model_thread(self, work: Callable[[], T]) -> T:
+        """``work()`` on the model's thread, between batches (a heatmap's gradients, say)."""
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, work)
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         if self._queue is None:
