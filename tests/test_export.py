@@ -352,3 +352,68 @@ def test_export_checks_against_images_kept_with_the_run_so_the_training_data_may
     assert exported.exit_code == 0, exported.output
     entry = json.loads((result.run_dir / "metrics.json").read_text())["export"]["saved_model"]
     assert entry["images"] == 9 and entry["top1_agreement"] == 1.0
+
+
+def _training_images(count=200):
+    from finetune import data
+
+    dataset = data.load_dataset(finetune.load_recipe(copy.deepcopy(MLP_RECIPE)).data, 0)
+    return np.asarray(dataset.train.images[:count])
+
+
+@pytest.mark.parametrize("output", ["float32", "uint8", "int8"])
+def test_int8_tflite_computes_in_integers_and_keeps_the_predictions(run_copy, output):
+    import tensorflow as tf
+
+    from finetune.export.formats import export_all
+    from finetune.export.tflite import predict_tflite
+
+    images, class_names = _test_images()
+    model = finetune.load_model(run_copy / "model.keras")
+    results = export_all(
+        model, run_copy, ["tflite"], "int8", class_names, images, calibration=_training_images(), tflite_io=output
+    )
+    assert "error" not in results["tflite_int8"], results
+    path = run_copy / "model_int8.tflite"
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert source["dtype"] == np.uint8  # the raw pixels, as the model takes them
+    assert target["dtype"] == {"float32": np.float32, "uint8": np.uint8, "int8": np.int8}[output]
+    # Every weight matrix and every activation between the layers is int8 (biases int32): the float
+    # model's 784x32, 32x16 and 16x10 kernels are all there, in int8.
+    tensors = interpreter.get_tensor_details()
+    kernels = [tensor for tensor in tensors if len(tensor["shape"]) == 2 and tensor["shape"][0] in (32, 16, 10)]
+    assert {tuple(tensor["shape"]) for tensor in kernels} >= {(32, 784), (16, 32), (10, 16)}
+    assert all(tensor["dtype"] == np.int8 for tensor in kernels)
+    expected = model.predict(images, verbose=0)
+    predicted = predict_tflite(path, images)  # an integer output is brought back to probabilities
+    assert np.mean(predicted.argmax(1) == expected.argmax(1)) >= 0.95
+    assert np.abs(predicted - expected).max() < 0.35
+    assert results["tflite_int8"]["tensors"]["input"] == "uint8"
+    assert results["tflite_int8"]["tensors"]["output"] == output
+    assert path.stat().st_size < 0.4 * (run_copy / "model.tflite").stat().st_size
+
+
+def test_int8_without_calibration_images_fails_in_one_line_and_leaves_no_file(run_copy):
+    from finetune.export.formats import export_all
+
+    images, class_names = _test_images()
+    model = finetune.load_model(run_copy / "model.keras")
+    results = export_all(model, run_copy, ["tflite"], "int8", class_names, images)
+    assert "calibration images" in results["tflite_int8"]["error"]
+    assert not (run_copy / "model_int8.tflite").exists()
+
+
+def test_an_integer_output_without_int8_is_refused_by_the_recipe():
+    recipe = copy.deepcopy(MLP_RECIPE)
+    recipe["export"] = {"formats": ["tflite"], "tflite_quantization": "float16", "tflite_io": "uint8"}
+    with pytest.raises(RecipeError, match="tflite_io uint8 needs tflite_quantization: int8"):
+        finetune.load_recipe(recipe)
+
+
+def test_cli_export_int8_calibrates_on_the_runs_training_data(run_copy):
+    result = _cli("export", run_copy, "--format", "tflite", "--quantization", "int8")
+    assert result.exit_code == 0, result.output
+    exported = json.loads((run_copy / "metrics.json").read_text())["export"]
+    assert exported["tflite_int8"]["top1_agreement"] >= 0.95
+    assert exported["tflite_int8"]["tolerance"] == {"max_abs_diff": 0.35, "min_top1_agreement": 0.9}

@@ -161,8 +161,8 @@ def predict(model, images, top, as_json, invert, explain_dir):
 )
 @click.option(
     "--quantization",
-    type=click.Choice(["none", "float16", "dynamic_range"]),
-    help="TFLite weights. Default: the run recipe's export.tflite_quantization.",
+    type=click.Choice(["none", "float16", "dynamic_range", "int8"]),
+    help="TFLite weights (int8: activations too, calibrated on training images). Default: the recipe's.",
 )
 @reported
 def export(run_dir, formats, quantization):

@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -36,8 +35,9 @@ class ExportFormat:
 
     file_name: Callable[[str], str]
     """quantization -> the artifact's name in the run folder"""
-    write: Callable[[Any, Path, str, Sequence[str]], None]
-    """(model, path to write, quantization, class names); the caller makes it atomic"""
+    write: Callable[..., None]
+    """(model, path to write, quantization, class names); the caller makes it atomic. A quantized format's
+    writer also takes ``calibration`` (uint8 training images) and ``output`` (its output tensor's type)."""
     predict: Callable[[Path, np.ndarray], np.ndarray]
     """(artifact, uint8 images) -> class probabilities, by the format's own runtime"""
     runtime: Callable[[], str]
@@ -45,6 +45,8 @@ class ExportFormat:
     needs_tensorflow_backend: bool = False
     quantized: bool = False
     folder: bool = False
+    describe: Callable[[Path], dict] | None = None
+    """facts about a written file that metrics.json records (a TFLite file's tensor types)"""
 
 
 def _write_keras(model, path: Path, quantization: str, class_names) -> None:
@@ -85,12 +87,13 @@ formats: Registry[ExportFormat] = Registry(
         ),
         "tflite": ExportFormat(
             tflite.file_name,
-            lambda model, path, quantization, _: tflite.write_tflite(model, path, quantization),
+            lambda model, path, quantization, _, **options: tflite.write_tflite(model, path, quantization, **options),
             tflite.predict_tflite,
             tflite.runtime_name,
             packages=EXPORT_PACKAGES["tflite"],
             needs_tensorflow_backend=True,
             quantized=True,
+            describe=lambda path: {"tensors": tflite.tensor_types(path)},
         ),
         "onnx": ExportFormat(
             lambda _: "model.onnx",
@@ -139,6 +142,8 @@ def export_all(
     class_names: Sequence[str],
     images: np.ndarray,
     keep_existing_keras: bool = True,
+    calibration: np.ndarray | None = None,
+    tflite_io: str = "float32",
 ) -> dict[str, dict]:
     """Write each format into ``run_dir``, verified against ``model`` on ``images``; ``labels.txt`` beside them.
 
@@ -149,7 +154,8 @@ def export_all(
     that cannot be written or disagrees gets ``{"file", "format",
     "quantization", "error"}`` instead (nothing is left under its name; see :func:`failures`). An
     existing ``model.keras`` (the run's own) is verified, not rewritten,
-    unless ``keep_existing_keras`` is false.
+    unless ``keep_existing_keras`` is false. ``calibration`` (uint8 training images) and ``tflite_io`` go to
+    an ``int8`` quantization.
     """
     run_dir = Path(run_dir)
     images = np.asarray(images)
@@ -171,8 +177,15 @@ def export_all(
                 # structure, tf2onnx's numpy 2 patch), not about the model.
                 warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
                 warnings.filterwarnings("ignore", message="In the future `np.object`")
-                entry.write(model, target, kind, class_names)
+                if kind == "int8":
+                    if calibration is None:
+                        raise ExportError(f"export {key}: int8 quantization needs calibration images")
+                    entry.write(model, target, kind, class_names, calibration=calibration, output=tflite_io)
+                else:
+                    entry.write(model, target, kind, class_names)
             measured.update(verify(entry, key, kind, target, images, reference, half_precision))
+            if entry.describe is not None:
+                measured.update(entry.describe(target))
 
         try:
             check_available([name])

@@ -4,7 +4,10 @@ The file takes raw uint8 images of the stored shape (the preprocessing is
 inside the model) and returns class probabilities. Quantization is the
 converter's post-training kind: ``float16`` stores the weights as float16
 (about half the size), ``dynamic_range`` stores them as int8 and quantizes
-activations on the fly (about a quarter).
+activations on the fly (about a quarter), ``int8`` quantizes weights and
+activations, each activation's range calibrated by running training images
+through the model's own input path (the file takes the same raw uint8
+pixels), for integer-only accelerators and microcontrollers.
 """
 
 from __future__ import annotations
@@ -14,15 +17,31 @@ from pathlib import Path
 
 import numpy as np
 
-FILE_NAMES = {"none": "model.tflite", "float16": "model_float16.tflite", "dynamic_range": "model_dynamic_range.tflite"}
+FILE_NAMES = {
+    "none": "model.tflite",
+    "float16": "model_float16.tflite",
+    "dynamic_range": "model_dynamic_range.tflite",
+    "int8": "model_int8.tflite",
+}
+_CALIBRATION_BATCH = 16
 
 
 def file_name(quantization: str) -> str:
     return FILE_NAMES[quantization]
 
 
-def converter_settings(quantization: str) -> dict:
-    """``tf.lite.TFLiteConverter`` attributes for ``quantization`` (Keras's litert export sets them)."""
+def calibration_sample(images, count: int, seed: int) -> np.ndarray:
+    """``count`` training images (all when fewer), drawn at random with ``seed``, read in index order."""
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(images))[:count])
+    return np.asarray(images[chosen] if isinstance(images, np.ndarray) else [images[i] for i in chosen])
+
+
+def converter_settings(quantization: str, calibration: np.ndarray | None = None, output: str = "float32") -> dict:
+    """``tf.lite.TFLiteConverter`` attributes for ``quantization`` (Keras's litert export sets them).
+
+    ``int8`` needs ``calibration``: uint8 images of the model's input shape; ``output`` is the output
+    tensor's type (float32, or uint8/int8 with the scale and zero point the interpreter reports).
+    """
     import tensorflow as tf
 
     if quantization == "none":
@@ -30,12 +49,27 @@ def converter_settings(quantization: str) -> dict:
     settings: dict = {"optimizations": [tf.lite.Optimize.DEFAULT]}
     if quantization == "float16":
         settings["target_spec"] = {"supported_types": [tf.float16]}
+    if quantization == "int8":
+        if calibration is None or not len(calibration):
+            raise ValueError("int8 quantization needs calibration images")
+        images = np.asarray(calibration)
+
+        def representative_dataset():
+            for start in range(0, len(images), _CALIBRATION_BATCH):
+                yield [images[start : start + _CALIBRATION_BATCH]]
+
+        settings["representative_dataset"] = representative_dataset
+        settings["target_spec"] = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]}
+        if output != "float32":
+            settings["inference_output_type"] = {"uint8": tf.uint8, "int8": tf.int8}[output]
     return settings
 
 
-def write_tflite(model, path: Path, quantization: str) -> None:
+def write_tflite(
+    model, path: Path, quantization: str, calibration: np.ndarray | None = None, output: str = "float32"
+) -> None:
     """``path`` (ending in ``.tflite``) written by ``model.export(format="litert")`` (not atomic: the caller's job)."""
-    model.export(str(path), format="litert", verbose=False, **converter_settings(quantization))
+    model.export(str(path), format="litert", verbose=False, **converter_settings(quantization, calibration, output))
 
 
 def interpreter_class():
@@ -71,4 +105,21 @@ def predict_tflite(path: Path, images: np.ndarray) -> np.ndarray:
     interpreter.allocate_tensors()
     interpreter.set_tensor(source["index"], np.ascontiguousarray(images, dtype=source["dtype"]))
     interpreter.invoke()
-    return np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+    target = interpreter.get_output_details()[0]
+    output = np.array(interpreter.get_tensor(target["index"]))
+    scale, zero_point = target["quantization"]
+    if output.dtype in (np.uint8, np.int8) and scale:  # an int8 file's integer output: back to probabilities
+        return (output.astype(np.float32) - zero_point) * scale
+    return output
+
+
+def tensor_types(path: Path) -> dict:
+    """The file's input and output tensor types, and the output's (scale, zero point) when it is integer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interpreter = interpreter_class()(model_path=str(path))
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    types = {"input": np.dtype(source["dtype"]).name, "output": np.dtype(target["dtype"]).name}
+    if types["output"] in ("uint8", "int8"):
+        types["output_scale"], types["output_zero_point"] = map(float, target["quantization"])
+    return types

@@ -24,7 +24,10 @@ FLOAT16 = Tolerance(max_abs_diff=0.05, min_top1_agreement=0.95)
 DYNAMIC_RANGE = Tolerance(max_abs_diff=0.25, min_top1_agreement=0.9)
 """int8 weights and activations quantized on the fly: probabilities move more; most predictions must stay."""
 
-TOLERANCES = {"none": FLOAT32, "float16": FLOAT16, "dynamic_range": DYNAMIC_RANGE}
+INT8 = Tolerance(max_abs_diff=0.35, min_top1_agreement=0.9)
+"""int8 weights and activations with calibrated ranges: like dynamic range, a little wider on probabilities."""
+
+TOLERANCES = {"none": FLOAT32, "float16": FLOAT16, "dynamic_range": DYNAMIC_RANGE, "int8": INT8}
 
 
 def agreement(reference: np.ndarray, predicted: np.ndarray) -> dict:

@@ -18,6 +18,7 @@ from finetune.data.input_spec import describe_input, write_input_spec, write_thr
 from finetune.evaluation import metrics as metrics_stage
 from finetune.evaluation import multilabel as multi_label
 from finetune.export.formats import VERIFY_IMAGES_FILE, export_all, failures
+from finetune.export.tflite import calibration_sample
 from finetune.files import write_atomically
 from finetune.plan import RunPlan
 from finetune.progress import live
@@ -146,8 +147,14 @@ def save(
     # wherever the folder goes, without the training data.
     write_atomically(folder.path / VERIFY_IMAGES_FILE, lambda path: np.save(path, images))
     formats, quantization = plan.export.formats, plan.export.tflite_quantization
+    calibration = None
+    if "tflite" in formats and quantization == "int8":  # the activations' ranges, from the training split
+        calibration = calibration_sample(dataset.train.images, plan.export.calibration_images, plan.seed)
     with times.stage("export (shared work)"):  # reference predictions, labels.txt; each format on its own
-        metrics["export"] = export_all(model, folder.path, formats, quantization, dataset.class_names, images)
+        metrics["export"] = export_all(
+            model, folder.path, formats, quantization, dataset.class_names, images,
+            calibration=calibration, tflite_io=plan.export.tflite_io,
+        )  # fmt: skip
         for key, result in metrics["export"].items():
             times.add(f"export {key}", result["seconds"])
     for key, reason in failures(metrics["export"]).items():

@@ -13,6 +13,7 @@ from finetune.data import load_dataset
 from finetune.data.input_spec import read_input_spec, read_thresholds, write_input_spec, write_thresholds
 from finetune.errors import ExportError, RunFolderError, first_line
 from finetune.export.formats import VERIFY_IMAGES_FILE, check_available, export_all, failures
+from finetune.export.tflite import calibration_sample
 from finetune.plan import RunPlan, prepare
 from finetune.progress import Progress, lines_to
 from finetune.runner.distribution import one_process_note
@@ -63,7 +64,14 @@ def _export(folder: RunFolder, formats: Sequence[str] | None, quantization: str 
         metrics = folder.read_json("metrics.json")
         images, class_names = _check_images(folder, plan)
         model = model_stage.load_model(folder.path / "model.keras", compile=False)
-        results = export_all(model, folder.path, formats, quantization, class_names, images)
+        calibration = None
+        if "tflite" in formats and quantization == "int8":  # the activations' ranges, from the training split
+            train = load_dataset(plan.data, plan.seed).train.images
+            calibration = calibration_sample(train, plan.export.calibration_images, plan.seed)
+        results = export_all(
+            model, folder.path, formats, quantization, class_names, images,
+            calibration=calibration, tflite_io=plan.export.tflite_io,
+        )  # fmt: skip
         spec = read_input_spec(folder.path)
         if "saved_model" in formats and spec is not None:
             write_input_spec(folder.path / "saved_model", spec)  # as a run writes it, for finetune predict
