@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
+from typing import TypeVar
 
 import numpy as np
 from starlette.applications import Starlette
@@ -33,6 +34,8 @@ log = logging.getLogger("finetune")
 INPUT_NAME = "images"  # the input's name in the model and in its SavedModel's signature
 _MODEL_VERSION = "1"
 _INVERT_CHOICES = ("auto", "yes", "no")
+_INLINE_BYTES = 256 * 1024  # bodies up to this size are decoded on the event loop itself
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,9 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> Starlette:
         with batcher.arriving():
             body = await _read_body(request, settings.max_body)
             invert = _invert(request)
-            images, answer_key = await run_in_threadpool(
-                lambda: tensorflow_serving_images(parse_json(body), spec, INPUT_NAME, invert, settings.max_pixels)
+            images, answer_key = await _off_loop_if_large(
+                len(body),
+                lambda: tensorflow_serving_images(parse_json(body), spec, INPUT_NAME, invert, settings.max_pixels),
             )
         probabilities = await batcher.predict(images)
         return JSONResponse({answer_key: probabilities.tolist()})
@@ -111,8 +115,9 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> Starlette:
         with batcher.arriving():
             uploads = await _uploads(request, settings)
             invert, top = _invert(request), _top(request, len(spec.class_names))
-            decoded = await run_in_threadpool(
-                lambda: [decode_image(data, name, spec, invert, settings.max_pixels) for name, data in uploads]
+            decoded = await _off_loop_if_large(
+                sum(len(data) for _, data in uploads),
+                lambda: [decode_image(data, name, spec, invert, settings.max_pixels) for name, data in uploads],
             )
         probabilities = await batcher.predict(np.stack([picture for picture, _ in decoded]))
         answers = [
@@ -165,6 +170,14 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> Starlette:
         return response
 
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_routed, 405: not_routed})
+
+
+async def _off_loop_if_large(size: int, work: Callable[[], T]) -> T:
+    """``work()`` on a worker thread for a large body, inline for a small one: a thread hop per small
+    request (a few kilobytes of JSON) cost more than the parsing, in threads fighting for the GIL."""
+    if size > _INLINE_BYTES:
+        return await run_in_threadpool(work)
+    return work()
 
 
 def _refused(request: Request, status: int, message: str, page: bool) -> Response:

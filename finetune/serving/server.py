@@ -36,10 +36,14 @@ def model_name_for(path: Path) -> str:
 
 
 def load_for_serving(path: str | Path) -> Predictor:
-    """The model, loaded and run once on a blank image: a model that cannot answer fails before a port opens."""
+    """The model, loaded and run on blank images: a model that cannot answer fails before a port opens.
+
+    Batches of 1, 2 and 3 images: the compiled predict function traces again for a new batch size until
+    it has seen two (then it takes any), and a trace in the middle of serving cost a request ~250 ms."""
     predictor = load_predictor(path)
     try:
-        predictor.predict(np.zeros((1, *predictor.spec.shape), np.uint8))
+        for size in (1, 2, 3):
+            predictor.predict(np.zeros((size, *predictor.spec.shape), np.uint8))
     except Exception as error:  # noqa: BLE001
         raise ModelError(f"the model in {path} loads but cannot predict: {first_line(error)}") from None
     return predictor
