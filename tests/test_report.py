@@ -272,3 +272,26 @@ def test_per_class_table_puts_the_worst_f1_first_and_classes_without_images_last
     assert rows[1] == ["dog", "0.4000", "0.4000", "0.4000", "5"]
     assert rows[-1] == ["no images", "0.0000", "–", "–", "0"]  # predicted twice, both wrong
     assert "<td>macro-F1</td><td>0.3850</td>" in text and "<td>top-5 accuracy</td><td>1.0000</td>" in text
+
+
+def test_an_overlay_gives_the_surest_mistakes_a_heatmap_picture_of_the_class_they_were_given(tmp_path):
+    test, probabilities, metrics = run_folder(tmp_path, "name: tiny\n")
+    asked: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def red_overlay(images, classes):
+        asked.append((images, classes))
+        return np.stack(
+            [np.dstack([np.full(image.shape[:2], 255, np.uint8)] + [image[..., 0]] * 2) for image in images]
+        )
+
+    assert write_pictures_and_report(tmp_path, "tiny", history_rows(), metrics, test, probabilities, red_overlay) == []
+    ((images, classes),) = asked
+    from finetune.report.mistakes import mistake_indices
+
+    chosen = mistake_indices(test.labels, probabilities, limit=12)
+    np.testing.assert_array_equal(images, test.images[chosen])  # the surest mistakes, as stored
+    np.testing.assert_array_equal(classes, probabilities[chosen].argmax(axis=1))  # the class wrongly given
+    png(tmp_path / "mistake_heatmaps.png")
+    page = Page()
+    page.feed((tmp_path / "report.html").read_text(encoding="utf-8"))
+    assert len(page.images) == 5 and "wrongly gave" in (tmp_path / "report.html").read_text()

@@ -136,13 +136,31 @@ def no_heatmap_reason(predictor) -> str | None:
     """Why :func:`explain_predictor` cannot draw heatmaps for ``predictor``, or None when it can."""
     if predictor.keras_model is None:
         return f"{predictor.path} is a {predictor.kind}: heatmaps need the run folder (its model.keras)"
+    return model_without_heatmaps(predictor.keras_model)
+
+
+def model_without_heatmaps(model) -> str | None:
+    """Why :func:`explain` cannot draw heatmaps for ``model``, or None when it can."""
     from finetune.backbones.blocks import get_backbone
 
     try:
-        rank = len(get_backbone(predictor.keras_model).output.shape)
+        rank = len(get_backbone(model).output.shape)
     except (ValueError, AttributeError) as error:
         return f"no heatmap: {error}"
     return None if rank == 4 else "the backbone's output is not spatial (no height and width): no heatmap to draw"
+
+
+def overlays_for(model) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """``(images, classes) -> RGB pictures`` with each class's heatmap over its image, for the report's
+    mistakes; None for a model without heatmaps."""
+    if model_without_heatmaps(model) is not None:
+        return None
+
+    def draw(images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        heatmaps = explain(model, images, classes).heatmaps
+        return np.stack([overlay(image, heatmap) for image, heatmap in zip(images, heatmaps, strict=True)])
+
+    return draw
 
 
 def explain_predictor(predictor, images: np.ndarray, classes: np.ndarray | None = None) -> Explanation:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,12 @@ def draw_mistakes(
     path: str | Path,
     limit: int = 36,
     title: str = "",
+    overlay: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """A grid of up to ``limit`` misclassified images; returns their positions in the split, in drawing order."""
+    """A grid of up to ``limit`` misclassified images; returns their positions in the split, in drawing order.
+
+    ``overlay(images, classes)`` (RGB pictures of the same size) draws each image with the heatmap of the
+    class it was wrongly given."""
     chosen = mistake_indices(labels, probabilities, limit)
     wrong = int(np.sum(probabilities.argmax(axis=1) != np.asarray(labels)))
     heading = title or "Misclassified test images"
@@ -42,6 +46,8 @@ def draw_mistakes(
         save_png(figure, path)
         return chosen
     pictures = read_rows(images, chosen)
+    if overlay is not None:
+        pictures = overlay(pictures, probabilities[chosen].argmax(axis=1))
     if pictures.shape[-1] == 1:
         pictures = np.repeat(pictures, 3, axis=-1)
     height, width = pictures.shape[1:3]

@@ -39,6 +39,7 @@ CAPTIONS = {
         "with the count beneath."
     ),
     "mistakes.png": "Misclassified test images as stored, most confident mistakes first.",
+    "mistake_heatmaps.png": "The surest mistakes, each with a heatmap of the class the model wrongly gave.",
     "gradient_norms.png": "Sampled gradient norms per layer (training's gradient health check).",
 }
 

@@ -14,6 +14,7 @@ from finetune.report.history import phase_spans
 
 # Drawn by training (gradient health) when it sampled; shown in the report when present.
 OTHER_PICTURES = ("gradient_norms.png",)
+HEATMAP_MISTAKES = 12
 
 
 def write_pictures_and_report(
@@ -23,12 +24,14 @@ def write_pictures_and_report(
     metrics: dict,
     test: Split,
     probabilities: np.ndarray | None,
+    overlay: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> list[str]:
     """``learning_curves.png``, ``learning_rate.png``, ``confusion_matrix.png``, ``mistakes.png``, ``report.html``.
 
     ``history`` is ``history.csv``'s rows, ``metrics`` what ``metrics.json``
     holds, ``probabilities`` the test split's predicted class probabilities
-    (rows in ``test``'s order). Returns one line per picture that failed to
+    (rows in ``test``'s order). ``overlay(images, classes)`` draws heatmaps over images: given, the surest
+    mistakes get ``mistake_heatmaps.png`` too. Returns one line per picture that failed to
     draw (the page says so too); the others and the page are still written.
     """
     run_dir = Path(run_dir)
@@ -66,6 +69,18 @@ def write_pictures_and_report(
         captions["mistakes.png"] = (
             f"{wrong} of {len(test)} test images misclassified; the {len(shown)} the model was surest of, as stored."
         )
+        if overlay is not None and wrong:
+            draw(
+                "mistake_heatmaps.png",
+                lambda path: mistakes.draw_mistakes(
+                    test.images, test.labels, probabilities, class_names, path, limit=HEATMAP_MISTAKES,
+                    title="Where the model looked", overlay=overlay,
+                ),
+            )  # fmt: skip
+            captions["mistake_heatmaps.png"] = (
+                f"The {min(wrong, HEATMAP_MISTAKES)} surest mistakes with a Grad-CAM heatmap of the class the model "
+                "wrongly gave: where in the image that class's evidence was (red most)."
+            )
     pictures = [run_dir / name for name in drawn]
     pictures += [run_dir / name for name in OTHER_PICTURES if (run_dir / name).is_file()]
     recipe = run_dir / "recipe.yaml"

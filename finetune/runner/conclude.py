@@ -20,6 +20,7 @@ from finetune.evaluation import multilabel as multi_label
 from finetune.export.formats import VERIFY_IMAGES_FILE, export_all, failures
 from finetune.export.tflite import calibration_sample
 from finetune.files import write_atomically
+from finetune.inference.explain import overlays_for
 from finetune.plan import RunPlan
 from finetune.progress import live
 from finetune.recipe import Recipe
@@ -173,7 +174,10 @@ def save(
     metrics["seconds_by_stage"] = times.as_dict()
     folder.write_json("metrics.json", metrics)
     with times.stage("pictures and report"):
-        for problem in write_pictures_and_report(folder.path, plan.name, history, metrics, dataset.test, probabilities):
+        problems = write_pictures_and_report(
+            folder.path, plan.name, history, metrics, dataset.test, probabilities, overlay=overlays_for(model)
+        )
+        for problem in problems:
             logger.warning(f"picture not drawn: {problem}")
     metrics["seconds_by_stage"] = times.as_dict()
     folder.write_json("metrics.json", metrics)  # with the pictures' own seconds

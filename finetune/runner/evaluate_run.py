@@ -18,6 +18,7 @@ from finetune.data.input_spec import read_input_spec, read_thresholds
 from finetune.data.sources import get as get_source
 from finetune.errors import DataError, ModelError, RecipeError, RunFolderError
 from finetune.files import write_json_atomically, write_text_atomically
+from finetune.inference.explain import overlays_for
 from finetune.plan import prepare
 from finetune.progress import Progress, lines_to, live
 from finetune.recipe import parse_assignments, read_recipe
@@ -95,7 +96,10 @@ def _evaluate(run_dir: str | Path, overrides: list[str]) -> Evaluation:
         write_text_atomically(out / "recipe.yaml", recipe.to_yaml())
         write_json_atomically(out / "metrics.json", metrics)
         title = f"{plan.name}: evaluation"
-        for problem in write_pictures_and_report(out, title, [], metrics, dataset.test, probabilities):
+        problems = write_pictures_and_report(
+            out, title, [], metrics, dataset.test, probabilities, overlay=overlays_for(model)
+        )
+        for problem in problems:
             logger.warning(f"picture not drawn: {problem}")
     test = metrics["test"]
     if test.get("multi_label"):
