@@ -50,6 +50,7 @@ __all__ = [
     "predict",
     "resume",
     "run",
+    "tune",
 ]
 
 # Where each public name lives; the module is imported on first use, so `import finetune`
@@ -63,6 +64,7 @@ _LAZY = {
     "resume": "finetune.runner.resume",
     "RunResult": "finetune.runner.conclude",
     "RunCallback": "finetune.catalog.callbacks",
+    "tune": "finetune.tuning",
 }
 
 

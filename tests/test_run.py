@@ -382,7 +382,8 @@ def test_pictures_and_report_are_written(finished_run):
         with Image.open(run_dir / name) as picture:
             assert picture.format == "PNG" and picture.width > 400 and picture.height > 100, name
     report = (run_dir / "report.html").read_text(encoding="utf-8")
-    assert report.count('<img src="data:image/png;base64,') == 5  # the four and gradient_norms.png
+    # The four, mistake_heatmaps.png (a spatial backbone) and gradient_norms.png.
+    assert report.count('<img src="data:image/png;base64,') == 6
     # The probabilities behind the pictures stay out of metrics.json and the result.
     assert json.loads((run_dir / "metrics.json").read_text()) == finished_run.metrics
     assert all(not key.startswith("_") for key in finished_run.metrics)

@@ -115,6 +115,8 @@ def reported(command):
             line = "terminated (SIGTERM)" if terminated else "interrupted"
             if where is not None:
                 line += f"; the last finished epoch is saved. Continue with: finetune resume {shlex.quote(str(where))}"
+            elif (resume_command := getattr(error, "resume_command", None)) is not None:
+                line += f". Continue with: {resume_command}"
             _fail(error, line, 143 if terminated else 130, debug, as_json)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise

@@ -7,6 +7,7 @@ import shlex
 import click
 
 from finetune.cli.base import QUIET, SET_HELP, lines_on_stderr, load_backend_quietly, main, reported
+from finetune.errors import FinetuneError
 
 
 @main.command()
@@ -173,3 +174,81 @@ def started_process():
     if startup is not None:
         times.add("start-up", startup)
     return times
+
+
+@main.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--space", type=click.Path(dir_okay=False), help="The search space: YAML of recipe keys to ranges.")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Stop after this many trials in all.")
+@click.option("--budget", default=None, help="Stop starting trials after this much time in all: 30m, 2h, 90s.")
+@click.option(
+    "--out", type=click.Path(file_okay=False), default=None, help="The study's folder (default runs/tune-NAME)."
+)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes on the study.")
+@click.option("--storage", default=None, help="An Optuna storage URL (default: DIR/study.db, SQLite).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The sampler's seed.")
+@click.option(
+    "--metric", default="val_accuracy", show_default=True, help="The epoch log to optimise (val_loss: minimised)."
+)
+@click.option("--pruner", type=click.Choice(["median", "halving", "none"]), default="median", show_default=True)
+@click.option(
+    "--fidelity",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A cheaper trial: data.train_limit=4000 (not in best_recipe.yaml).",
+)
+@click.option(
+    "--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue the study in DIR."
+)
+@click.option("--join", is_flag=True, hidden=True, help="A worker process of --workers.")
+@QUIET
+@reported
+def tune(recipe, space, trials, budget, out, workers, storage, seed, metric, pruner, fidelity, resume_dir, join, quiet):
+    """Search for the best values of RECIPE's keys in --space with Optuna; every trial is a run folder.
+
+    \b
+    finetune tune recipes/quickstart_lite0.yaml --space recipes/quickstart_space.yaml --budget 60m \\
+        --fidelity data.train_limit=4000 --out runs/tune-quick
+    finetune tune --resume runs/tune-quick          # after Ctrl-C or a kill: the same study goes on
+    finetune run runs/tune-quick/best_recipe.yaml   # the best values, at full fidelity
+    """
+    from importlib.util import find_spec
+
+    if find_spec("optuna") is None:
+        raise FinetuneError("finetune tune needs optuna: pip install 'finetune[tune]'")
+    load_backend_quietly()
+    # Imported here: a command pays for what it uses; `finetune --help` loads no Keras or Optuna.
+    from pathlib import Path
+
+    from finetune.tuning import TuneSettings, parse_budget, start, summary_rows, work
+
+    with lines_on_stderr(quiet):
+        if resume_dir is not None:
+            if recipe or space:
+                raise FinetuneError("--resume DIR continues a study with its own recipe and space: give neither")
+            result = work(resume_dir, workers=workers, joined=join)
+            out = resume_dir
+        else:
+            if recipe is None or space is None:
+                raise FinetuneError("give a RECIPE and --space SPACE.yaml (or --resume DIR)")
+            out = out or str(Path("runs") / f"tune-{Path(recipe).stem}")
+            settings = TuneSettings(
+                out=out, trials=trials, budget_seconds=parse_budget(budget), metric=metric, pruner=pruner,
+                seed=seed, storage=storage, fidelity=list(fidelity),
+            )  # fmt: skip
+            result = start(recipe, space, settings, workers=workers)
+    if join:
+        return
+    from finetune.runner.compare import as_text
+
+    rows = summary_rows(Path(out))
+    if rows:
+        click.echo(as_text(rows))
+    counts = ", ".join(f"{count} {state}" for state, count in result.trials.items() if count)
+    if result.best_trial is None:
+        click.echo(f"no trial finished ({counts}); the study is in {out}")
+    else:
+        click.echo(
+            f"best {metric} {result.best_value:.4f}: trial {result.best_trial} ({result.best_run_dir}); "
+            f"{counts}; best recipe {result.best_recipe}"
+        )

@@ -375,6 +375,7 @@ class EvaluationConfig(_Strict):
 ExportFormat = Literal["keras", "saved_model", "tflite", "onnx"]
 TFLiteQuantization = Literal["none", "float16", "dynamic_range", "int8"]
 TFLiteOutput = Literal["float32", "uint8", "int8"]
+_TFLITE_WEIGHTS = "tflite weights: none (float32), float16, dynamic_range (int8), int8 (activations too, calibrated)"
 DEFAULT_EXPORT_FORMATS: tuple[ExportFormat, ...] = ("keras", "saved_model")
 EXPORT_PACKAGES: dict[str, tuple[str, ...]] = {
     "saved_model": ("tensorflow",),
@@ -394,23 +395,9 @@ class ExportConfig(_Strict):
             "saved_model (saved_model/), tflite (model.tflite), onnx (model.onnx; pip install 'finetune[onnx]')"
         ),
     )
-    tflite_quantization: TFLiteQuantization = Field(
-        "none",
-        description=(
-            "tflite weights: none (float32), float16 (half the size), dynamic_range (int8 weights), "
-            "int8 (weights and activations, calibrated on training images)"
-        ),
-    )
-    calibration_images: int = Field(
-        200, gt=0, description="int8: training images the converter runs to choose each activation's int8 range"
-    )
-    tflite_io: TFLiteOutput = Field(
-        "float32",
-        description=(
-            "int8: the output tensor's type, float32 probabilities or uint8/int8 with their scale and zero point "
-            "(the input is the raw uint8 pixels in every case)"
-        ),
-    )
+    tflite_quantization: TFLiteQuantization = Field("none", description=_TFLITE_WEIGHTS)
+    calibration_images: int = Field(200, gt=0, description="int8: training images that set the activations' ranges")
+    tflite_io: TFLiteOutput = Field("float32", description="int8 output tensor: float32, or uint8/int8 (scaled)")
     verify_images: int = Field(
         32, gt=0, description="test images each artifact predicts after writing, compared with the Keras model"
     )
@@ -426,10 +413,7 @@ class ExportConfig(_Strict):
     @model_validator(mode="after")
     def _integer_output_needs_int8(self):
         if self.tflite_io != "float32" and self.tflite_quantization != "int8":
-            raise ValueError(
-                f"tflite_io {self.tflite_io} needs tflite_quantization: int8 "
-                f"(a {self.tflite_quantization} file computes in floats)"
-            )
+            raise ValueError(f"tflite_io {self.tflite_io} needs tflite_quantization: int8")
         return self
 
 

@@ -57,6 +57,8 @@ class RunSession:
     facts: dict[str, Any] = field(default_factory=dict)
     """What joins metrics.json (how the run was distributed)."""
     times: StageTimes = field(default_factory=StageTimes)
+    observers: list[keras.callbacks.Callback] = field(default_factory=list)
+    """Callbacks of the caller's own (a tuner's pruner), given every phase's epochs after finetune's."""
     """Seconds per stage (metrics.json's ``seconds_by_stage``, the closing lines, the report's bar)."""
 
     @property
@@ -86,6 +88,7 @@ class RunSession:
             resume_from=resume_from,
             sampling=self.plan.data.sampling,
             times=self.times,
+            observers=tuple(self.observers),
         )
         if folder is not None:
             context.phase_done = folder.phase_done

@@ -31,7 +31,8 @@ class RunContext:
     ``resume_from`` is a checkpoint whose weights the model already holds; ``phase_done`` is told
     each finished phase's name (the run folder records it); ``sampling`` is ``data.sampling``
     (``balanced``: each epoch draws every class equally often); ``times`` is charged with each
-    phase's frozen-part and training seconds.
+    phase's frozen-part and training seconds; ``observers`` are the caller's own callbacks, told of every
+    phase's epochs after finetune's.
     """
 
     model: keras.Model
@@ -46,6 +47,7 @@ class RunContext:
     phase_done: Callable[[str], None] = field(default=_nothing)
     sampling: str = "natural"
     times: StageTimes = field(default_factory=StageTimes)
+    observers: tuple[keras.callbacks.Callback, ...] = ()  # a caller's callbacks, every phase (a tuner's pruner)
 
     def class_weights(self) -> np.ndarray | None:
         """``training.class_weight`` as one weight per class of the training split; None for ``none``."""

@@ -123,7 +123,7 @@ def phase_callbacks(run: RunContext, stage: PhaseRun, board: Path | None) -> lis
         callbacks.insert(0, RestoreTrainingState(run.resume_from, run.model))
     if settings.recalibrate_bn == "always" or (settings.recalibrate_bn == "auto" and phase.train_bn):
         callbacks.append(RecalibrateBatchNorm(run, stage))
-    return callbacks
+    return [*callbacks, *run.observers]
 
 
 def tensorboard_folder(run_dir: Path, wanted: bool) -> Path | None:

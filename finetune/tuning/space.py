@@ -1,0 +1,126 @@
+"""The search space: YAML keyed by recipe paths as ``--set`` names them, each a range or a list of choices.
+
+```yaml
+phases.finetune.optimizer.learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}
+model.head.dropout: {low: 0.0, high: 0.5}
+phases.finetune.epochs: {low: 2, high: 4}          # ints: suggest_int (step 1 unless given)
+training.batch_size: [32, 64, 128]
+model.backbone.cut_at: [block5c, block6d, null]
+```
+
+Every problem is a one-line RecipeError naming the key, before any trial starts; every value a key can
+take is tried on the base recipe (through ``load_recipe``'s own ``--set`` path), so an unknown path or
+a value the recipe refuses is found here too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError, RecipeError, first_line
+
+_RANGE_KEYS = {"low", "high", "log", "step"}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One key of the space: a numeric range (``low``, ``high``, ``log``, ``step``) or ``choices``."""
+
+    key: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple | None = None
+
+    @property
+    def integer(self) -> bool:
+        return self.choices is None and all(isinstance(value, int) for value in (self.low, self.high))
+
+    def suggest(self, trial) -> Any:
+        """The value an Optuna ``trial`` suggests for this key (define-by-run)."""
+        if self.choices is not None:
+            # Optuna's categorical values are scalars: a list choice (an image size [64, 64]) travels as JSON.
+            encoded = [value if _scalar(value) else json.dumps(value) for value in self.choices]
+            picked = trial.suggest_categorical(self.key, encoded)
+            return picked if picked in self.choices else json.loads(picked)
+        if self.integer:
+            return trial.suggest_int(self.key, self.low, self.high, step=int(self.step or 1), log=self.log)
+        assert self.low is not None and self.high is not None
+        return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def edge_values(self) -> list:
+        """The values checked against the recipe before the study starts: both ends, or every choice."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+def override(key: str, value: Any) -> str:
+    """``KEY=VALUE`` as ``--set`` reads it (VALUE as YAML: JSON is YAML)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def read_space(source: str | Path | dict) -> list[Dimension]:
+    """The space in a YAML file (or a dict of it), each key's form checked; one line for the first problem."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        import yaml
+
+        path = Path(source)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise RecipeError(f"search space {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise RecipeError(f"search space {path} is not valid YAML: {first_line(error)}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise RecipeError("the search space must map recipe keys to a range {low, high} or a list of choices")
+    return [_dimension(str(key), spec) for key, spec in raw.items()]
+
+
+def _dimension(key: str, spec: Any) -> Dimension:
+    where = f"search space {key}"
+    if isinstance(spec, list):
+        if not spec:
+            raise RecipeError(f"{where}: an empty list of choices")
+        return Dimension(key, choices=tuple(spec))
+    if not isinstance(spec, dict):
+        raise RecipeError(f"{where}: give a range {{low: ..., high: ...}} or a list of choices, not {spec!r}")
+    unknown = sorted(set(spec) - _RANGE_KEYS)
+    if unknown or not {"low", "high"} <= set(spec):
+        raise RecipeError(f"{where}: a range takes low and high (and log, step), not {sorted(spec)}")
+    low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
+    for name, value in (("low", low), ("high", high), ("step", step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RecipeError(f"{where}: {name} must be a number, not {value!r}")
+    if not isinstance(log, bool):
+        raise RecipeError(f"{where}: log must be true or false, not {log!r}")
+    if low >= high:
+        raise RecipeError(f"{where}: low {low} must be below high {high}")
+    if log and low <= 0:
+        raise RecipeError(f"{where}: a log range needs low > 0, not {low}")
+    if step is not None and (step <= 0 or log):
+        raise RecipeError(f"{where}: step must be positive, and cannot go with log")
+    if isinstance(low, int) != isinstance(high, int):
+        raise RecipeError(f"{where}: low {low!r} and high {high!r} must both be integers or both be decimals")
+    return Dimension(key, low=low, high=high, log=log, step=step)
+
+
+def check_against(dimensions: list[Dimension], base: str | Path, fixed: list[str]) -> None:
+    """Each key's edge values applied to the base recipe (with ``fixed`` overrides) through ``load_recipe``:
+    an unknown path or a value the recipe refuses is one line naming the key."""
+    from finetune.plan import load_recipe
+
+    for dimension in dimensions:
+        for value in dimension.edge_values():
+            try:
+                load_recipe(base, [*fixed, override(dimension.key, value)])
+            except FinetuneError as error:
+                raise RecipeError(f"search space {dimension.key}: {first_line(error)}") from None
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))

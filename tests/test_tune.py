@@ -1,0 +1,186 @@
+"""`finetune tune`: an Optuna study whose trials are run folders; pruning, kill and resume, several workers,
+bad spaces in one line, seeded sampling."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import finetune
+from tests.conftest import ROOT, cli_in_process
+
+optuna = pytest.importorskip("optuna")
+
+BASE = {
+    "name": "tiny_mlp",
+    "seed": 0,
+    "precision": "float32",
+    "data": {
+        "source": "fashion_mnist",
+        "image_size": 28,
+        "validation_split": 0.2,
+        "train_limit": 300,
+        "test_limit": 100,
+    },
+    "model": {"backbone": {"name": "mlp", "weights": None, "options": {"dense": [16]}}, "head": {}},
+    "training": {"batch_size": 32, "verbose": 0, "tensorboard": False, "gradient_health_every": 0},
+    "export": {"formats": ["keras"]},
+    "phases": [
+        {"name": "train", "epochs": 2, "trainable": "all", "optimizer": {"name": "adam", "learning_rate": 1e-3}}
+    ],
+}
+SPACE = {
+    "phases.train.optimizer.learning_rate": {"low": 1e-4, "high": 1e-1, "log": True},
+    "model.head.dropout": {"low": 0.0, "high": 0.5},
+    "training.batch_size": [16, 32],
+}
+
+
+@pytest.fixture
+def files(tmp_path):
+    base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
+    base.write_text(yaml.safe_dump(BASE))
+    space.write_text(yaml.safe_dump(SPACE))
+    return base, space
+
+
+def trials_of(out: Path):
+    return optuna.load_study(study_name="finetune", storage=f"sqlite:///{out.resolve() / 'study.db'}").get_trials()
+
+
+def test_a_study_runs_its_trials_as_run_folders_and_writes_a_best_recipe_that_validates(files, tmp_path):
+    base, space = files
+    result = finetune.tune(base, space, out=tmp_path / "study", trials=3, pruner="none")
+    trials = trials_of(tmp_path / "study")
+    assert len(trials) == 3 and all(trial.state.name == "COMPLETE" for trial in trials)
+    folders = sorted((tmp_path / "study" / "trials").iterdir())
+    assert [folder.name for folder in folders] == ["0000", "0001", "0002"]
+    for folder, trial in zip(folders, trials, strict=True):
+        assert json.loads((folder / "run.json").read_text())["status"] == "finished"
+        rows = list(csv.DictReader((folder / "history.csv").open()))
+        assert trial.value == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)  # the last epoch's
+    best = max(trials, key=lambda trial: trial.value)
+    assert result.best_trial == best.number and result.best_value == best.value
+    recipe = finetune.load_recipe(result.best_recipe)  # it validates
+    assert recipe.phases[0].optimizer.learning_rate == pytest.approx(
+        best.params["phases.train.optimizer.learning_rate"]
+    )
+    assert recipe.training.batch_size == best.params["training.batch_size"]
+    assert cli_in_process("validate", str(result.best_recipe)).returncode == 0
+
+
+def test_a_trial_reporting_the_worst_value_is_pruned():
+    from finetune.tuning.pruning import ReportToTrial, TrialPruned
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    good = study.ask()
+    for step in (1, 2, 3):
+        good.report(0.9, step)
+    study.tell(good, 0.9)
+    reporter = ReportToTrial(study.ask(), "val_accuracy")
+    with pytest.raises(TrialPruned) as pruned:
+        reporter.on_epoch_end(0, {"val_accuracy": 0.1})
+    assert pruned.value.epoch == 1
+    keeper = ReportToTrial(study.ask(), "val_accuracy")
+    keeper.on_epoch_end(0, {"val_accuracy": 0.95})  # better than the median: goes on
+    assert keeper.values == [0.95]
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"phases.train.optimizer.nonsense": [1, 2]}, "search space phases.train.optimizer.nonsense"),
+        ({"model.head.dropout": {"low": 0.5, "high": 0.1}}, "low 0.5 must be below high 0.1"),
+        ({"training.batch_size": {"low": "a", "high": 64}}, "low must be a number"),
+        ({"training.batch_size": {"low": 16, "high": 64.0}}, "both be integers or both be decimals"),
+        ({"training.batch_size": []}, "an empty list of choices"),
+        ({"phases.train.optimizer.learning_rate": {"low": 0, "high": 1, "log": True}}, "needs low > 0"),
+        ({"model.head.dropout": {"low": 0.0, "high": 0.5, "spread": 2}}, "a range takes low and high"),
+    ],
+)
+def test_a_bad_space_is_one_line_and_exit_2_before_any_trial(files, tmp_path, space, message):
+    base, path = files
+    path.write_text(yaml.safe_dump(space))
+    result = cli_in_process("tune", str(base), "--space", str(path), "--trials", "2", "--out", str(tmp_path / "s"))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s" / "trials").exists()
+
+
+def test_a_recipe_without_a_validation_split_is_refused_for_tuning(files, tmp_path):
+    base, space = files
+    base.write_text(yaml.safe_dump({**BASE, "data": {**BASE["data"], "validation_split": 0.0}}))
+    result = cli_in_process("tune", str(base), "--space", str(space), "--trials", "2", "--out", str(tmp_path / "s"))
+    assert result.returncode == 2 and "tuning needs a validation split" in result.stderr
+
+
+def test_the_seed_makes_the_sampled_values_repeat(files, tmp_path):
+    base, space = files
+    for name in ("a", "b"):
+        finetune.tune(base, space, out=tmp_path / name, trials=2, pruner="none", seed=7)
+    first, second = trials_of(tmp_path / "a"), trials_of(tmp_path / "b")
+    assert [trial.params for trial in first] == [trial.params for trial in second]
+
+
+def _tune_process(*arguments: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune", "tune", *arguments], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_study_killed_mid_trial_resumes_to_its_trial_count_with_none_lost_or_run_twice(files, tmp_path):
+    base, space = files
+    long = yaml.safe_load(base.read_text())
+    long["phases"][0]["epochs"] = 6
+    base.write_text(yaml.safe_dump(long))
+    out = tmp_path / "study"
+    process = _tune_process(str(base), "--space", str(space), "--trials", "4", "--pruner", "none", "--out", str(out))
+    deadline = time.monotonic() + 300
+    # Killed once the second trial has a run folder of its own: mid-trial.
+    while not (out / "trials" / "0001" / "run.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {trial.number: trial.state.name for trial in trials_of(out)}
+    assert before[0] == "COMPLETE" and before[1] == "RUNNING"
+    result = cli_in_process("tune", "--resume", str(out))
+    assert result.returncode == 0, result.stderr
+    after = trials_of(out)
+    assert [trial.number for trial in after] == [0, 1, 2, 3]  # none twice, none lost
+    assert after[0].state.name == "COMPLETE" and after[0].value == pytest.approx(trials_of(out)[0].value)
+    assert after[1].state.name == "FAIL"  # the interrupted one
+    assert [trial.state.name for trial in after[2:]] == ["COMPLETE", "COMPLETE"]
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_sqlite_study_finish_distinct_trials(files, tmp_path):
+    base, space = files
+    out = tmp_path / "study"
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "tune", str(base), "--space", str(space), "--trials", "4",
+         "--workers", "2", "--pruner", "none", "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    trials = trials_of(out)
+    numbers = [trial.number for trial in trials]
+    assert len(numbers) == len(set(numbers)) and 4 <= len(numbers) <= 5  # two workers may both start the last
+    assert all(trial.state.name == "COMPLETE" for trial in trials)
+    folders = [path.name for path in (out / "trials").iterdir()]
+    assert sorted(folders) == [f"{number:04d}" for number in sorted(numbers)]
+    # Both processes worked: their trials overlapped in time.
+    spans = sorted((trial.datetime_start, trial.datetime_complete) for trial in trials)
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
