@@ -162,6 +162,7 @@ def _trial_loop(study, settings: TuneSettings, base: Path, dimensions: list[Dime
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise TuneInterrupted(out) from None
         trial.set_user_attr("seconds", round(time.time() - began, 1))
+        trial.set_user_attr("rss_mb", _resident_mb())
         study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
         done, spent = _progress(study)
         best = _best(study)
@@ -214,6 +215,16 @@ def run_trial(trial, dimensions: list[Dimension], base: Path, settings: TuneSett
         return optuna.trial.TrialState.FAIL, None
     trial.set_user_attr("test_accuracy", result.test_accuracy)
     return optuna.trial.TrialState.COMPLETE, reporter.values[-1]
+
+
+def _resident_mb() -> float | None:
+    """This process's resident memory now (Linux), to show whether trials leave memory behind."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return round(int(found.group(1)) / 1024, 1) if found else None
 
 
 def _study(settings: TuneSettings, seed_offset: int = 0):
