@@ -1,6 +1,7 @@
 """Load on `finetune serve`: throughput and latency at a few client counts against the model's own predict.
 
-    python3 scripts/serve_load.py RUN_DIR [--clients 1 8 32] [--requests 600] [--total 10000] [--out rows.jsonl]
+    python3 scripts/serve_load.py RUN_DIR [--clients 1 8 32] [--requests 600] [--total 10000]
+                                  [--client-processes 1] [--out rows.jsonl]
 
 Starts ``finetune serve RUN_DIR`` on a free 127.0.0.1 port, then:
 
@@ -66,8 +67,8 @@ def rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def load(host: str, port: int, path: str, bodies: list[bytes], clients: int, requests: int) -> dict:
-    """``requests`` requests from ``clients`` threads; each thread keeps one connection open."""
+def _latencies(host: str, port: int, path: str, bodies: list[bytes], clients: int, requests: int) -> list[float]:
+    """Each request's seconds, ``requests`` of them from ``clients`` threads on one connection each."""
     latencies: list[float] = []
     lock = threading.Lock()
     share = [requests // clients + (1 if worker < requests % clients else 0) for worker in range(clients)]
@@ -88,15 +89,29 @@ def load(host: str, port: int, path: str, bodies: list[bytes], clients: int, req
         with lock:
             latencies.extend(mine)
 
-    started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
+    return latencies
+
+
+def load(host: str, port: int, path: str, bodies: list[bytes], clients: int, requests: int, processes: int = 1) -> dict:
+    """``requests`` requests from ``clients`` clients (threads, spread over ``processes`` processes)."""
+    started = time.perf_counter()
+    if processes <= 1:
+        latencies = _latencies(host, port, path, bodies, clients, requests)
+    else:
+        from multiprocessing import Pool
+
+        parts = [(host, port, path, bodies, max(clients // processes, 1), requests // processes)] * processes
+        with Pool(processes) as pool:
+            latencies = [value for part in pool.starmap(_latencies, parts) for value in part]
     seconds = time.perf_counter() - started
     latencies.sort()
     return {
         "clients": clients,
-        "requests": requests,
-        "requests_per_s": round(requests / seconds, 1),
+        "client_processes": processes,
+        "requests": len(latencies),
+        "requests_per_s": round(len(latencies) / seconds, 1),
         "p50_ms": round(1000 * statistics.median(latencies), 2),
         "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2),
     }
@@ -130,6 +145,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=600, help="requests per client count")
     parser.add_argument("--total", type=int, default=10_000, help="requests before the second memory reading")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--client-processes", type=int, default=1, help="spread the clients over processes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -146,7 +162,7 @@ def main() -> int:
         sent = load(host, port, path, bodies, 4, 100)["requests"]
         rss_100 = rss_mb(process.pid)
         for clients in args.clients:
-            row = load(host, port, path, bodies, clients, args.requests)
+            row = load(host, port, path, bodies, clients, args.requests, min(args.client_processes, clients))
             sent += row["requests"]
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -77,6 +77,8 @@ def test_a_study_runs_its_trials_as_run_folders_and_writes_a_best_recipe_that_va
     )
     assert recipe.training.batch_size == best.params["training.batch_size"]
     assert cli_in_process("validate", str(result.best_recipe)).returncode == 0
+    report = (tmp_path / "study" / "tune_report.html").read_text()
+    assert report.count('<img src="data:image/png;base64,') >= 2 and "0002" in report  # plots, and every trial
 
 
 def test_a_trial_reporting_the_worst_value_is_pruned():
@@ -127,9 +129,11 @@ def test_a_recipe_without_a_validation_split_is_refused_for_tuning(files, tmp_pa
 def test_the_seed_makes_the_sampled_values_repeat(files, tmp_path):
     base, space = files
     for name in ("a", "b"):
-        finetune.tune(base, space, out=tmp_path / name, trials=2, pruner="none", seed=7)
+        finetune.tune(base, space, out=tmp_path / name, trials=1, pruner="none", seed=7)
     first, second = trials_of(tmp_path / "a"), trials_of(tmp_path / "b")
     assert [trial.params for trial in first] == [trial.params for trial in second]
+    finetune.tune(base, space, out=tmp_path / "c", trials=1, pruner="none", seed=8)
+    assert trials_of(tmp_path / "c")[0].params != first[0].params  # another seed, other values
 
 
 def _tune_process(*arguments: str) -> subprocess.Popen:
@@ -168,6 +172,9 @@ def test_a_study_killed_mid_trial_resumes_to_its_trial_count_with_none_lost_or_r
 @pytest.mark.slow
 def test_two_workers_on_one_sqlite_study_finish_distinct_trials(files, tmp_path):
     base, space = files
+    long = yaml.safe_load(base.read_text())
+    long["phases"][0]["epochs"] = 6  # trials long enough that the second process joins before the last starts
+    base.write_text(yaml.safe_dump(long))
     out = tmp_path / "study"
     result = subprocess.run(
         [sys.executable, "-m", "finetune", "tune", str(base), "--space", str(space), "--trials", "4",

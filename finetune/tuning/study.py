@@ -3,7 +3,7 @@ survives a kill and so that several processes (or machines) can work on one stud
 
 DIR holds ``tune.json`` (the settings, for ``--resume``), ``base_recipe.yaml`` and ``space.yaml``
 (copies), ``study.db`` (SQLite, unless ``--storage`` names another Optuna storage), ``trials/NNNN/``
-(one run folder per trial) and, after each trial, ``best_recipe.yaml``.
+(one run folder per trial) and, at the end, ``best_recipe.yaml`` and ``tune_report.html``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from finetune.errors import FinetuneError, RecipeError, RunFolderError, first_line
 from finetune.files import write_json_atomically, write_text_atomically
 from finetune.tuning.pruning import ReportToTrial, TrialPruned
+from finetune.tuning.report import write_tune_report
 from finetune.tuning.space import Dimension, check_against, override, read_space
 
 logger = logging.getLogger("finetune")
@@ -298,6 +300,9 @@ def _conclude(study, settings: TuneSettings, base: Path, out: Path) -> TuneResul
     counts = {state.name.lower(): 0 for state in optuna.trial.TrialState}
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name.lower()] += 1
+    with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental, on every call
+        warnings.simplefilter("ignore")
+        write_tune_report(study, out, settings.metric)
     best = _best(study)
     if best is None:
         return TuneResult(None, None, None, None, counts)
