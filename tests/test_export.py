@@ -412,8 +412,11 @@ def test_an_integer_output_without_int8_is_refused_by_the_recipe():
 
 
 def test_cli_export_int8_calibrates_on_the_runs_training_data(run_copy):
-    result = _cli("export", run_copy, "--format", "tflite", "--quantization", "int8")
+    result = _cli("export", run_copy, "--format", "tflite", "--quantization", "int8", "--tflite-io", "uint8")
     assert result.exit_code == 0, result.output
     exported = json.loads((run_copy / "metrics.json").read_text())["export"]
     assert exported["tflite_int8"]["top1_agreement"] >= 0.95
+    assert exported["tflite_int8"]["tensors"]["output"] == "uint8"
+    refused = _cli("export", run_copy, "--format", "tflite", "--quantization", "float16", "--tflite-io", "uint8")
+    assert refused.exit_code == 2 and "tflite_io uint8 needs tflite_quantization: int8" in refused.output
     assert exported["tflite_int8"]["tolerance"] == {"max_abs_diff": 0.35, "min_top1_agreement": 0.9}

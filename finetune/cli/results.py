@@ -164,8 +164,13 @@ def predict(model, images, top, as_json, invert, explain_dir):
     type=click.Choice(["none", "float16", "dynamic_range", "int8"]),
     help="TFLite weights (int8: activations too, calibrated on training images). Default: the recipe's.",
 )
+@click.option(
+    "--tflite-io",
+    type=click.Choice(["float32", "uint8", "int8"]),
+    help="int8 only: the output tensor's type (uint8/int8 carry their scale and zero point).",
+)
 @reported
-def export(run_dir, formats, quantization):
+def export(run_dir, formats, quantization, tflite_io):
     """Write the finished run in RUN_DIR in more formats, each checked against model.keras.
 
     \b
@@ -178,7 +183,7 @@ def export(run_dir, formats, quantization):
     from finetune.runner.export_run import export_run
 
     with lines_on_stderr():
-        export_run(run_dir, formats, quantization, log=None)
+        export_run(run_dir, formats, quantization, tflite_io=tflite_io, log=None)
 
 
 @main.command()

@@ -27,6 +27,7 @@ def export_run(
     formats: Sequence[str] | None = None,
     quantization: str | None = None,
     *,
+    tflite_io: str | None = None,
     log: Callable[[str], None] | Progress | None = print,
 ) -> dict[str, dict]:
     """Export the finished run in ``run_dir`` as ``formats`` (default: its recipe's ``export.formats``).
@@ -38,10 +39,12 @@ def export_run(
     ``model.keras`` or ``metrics.json``, is refused in one line.
     """
     with lines_to(log):
-        return _export(RunFolder.existing(run_dir), formats, quantization)
+        return _export(RunFolder.existing(run_dir), formats, quantization, tflite_io)
 
 
-def _export(folder: RunFolder, formats: Sequence[str] | None, quantization: str | None) -> dict[str, dict]:
+def _export(
+    folder: RunFolder, formats: Sequence[str] | None, quantization: str | None, tflite_io: str | None = None
+) -> dict[str, dict]:
     with folder.locked():
         status = folder.status.get("status")
         if status != "finished":
@@ -56,6 +59,8 @@ def _export(folder: RunFolder, formats: Sequence[str] | None, quantization: str 
         overrides: dict[str, object] = {"export.formats": list(formats)} if formats else {}
         if quantization:
             overrides["export.tflite_quantization"] = quantization
+        if tflite_io:  # an int8 file's output tensor (the recipe refuses it with any other quantization)
+            overrides["export.tflite_io"] = tflite_io
         _, plan = prepare(folder.path / "recipe.yaml", overrides)
         formats, quantization = plan.export.formats, plan.export.tflite_quantization
         check_available(formats)  # before the data is read
