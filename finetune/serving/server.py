@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import socket
@@ -84,5 +85,10 @@ def serve(path: str | Path, settings: ServeSettings | None = None, host: str = "
         f"- TF Serving API {url}/v1/models/{settings.model_name}:predict, files {url}/predict"
         f"{', API key required' if settings.api_key else ''}"
     )
-    config = uvicorn.Config(create_app(predictor, settings), log_level="warning", access_log=False, lifespan="on")
+    app = create_app(predictor, settings)
+    # Everything loaded so far (TensorFlow, Keras, the model: millions of objects) moves out of the garbage
+    # collector's sight: a full collection scanned them all, and the requests in flight waited ~250 ms.
+    gc.collect()
+    gc.freeze()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     uvicorn.Server(config).run(sockets=[listener])
