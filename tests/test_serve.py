@@ -316,12 +316,17 @@ def test_concurrent_requests_are_merged_into_batches(server, trained):
     assert calls < 96 and merged > 0
 
 
-def test_metrics_count_requests_errors_and_latency(server):
+def test_metrics_count_requests_errors_and_latency(server, trained):
+    assert server.predict({"instances": trained[2][:1].tolist()})[0] == 200
     server.call("GET", "/v2/missing")
     metrics = server.call("GET", "/metrics")[1]
     assert re.search(r'^finetune_requests_total\{code="200",route="v1_predict"\} [1-9]', metrics, re.M)
     assert re.search(r'^finetune_request_errors_total\{route="unrouted"\} [1-9]', metrics, re.M)
     assert re.search(r'^finetune_request_seconds_count\{route="v1_predict"\} [1-9]', metrics, re.M)
+    # What was loaded before listening (TensorFlow, Keras, the model) is out of the collector's sight:
+    # a full collection over it stalled every request in flight.
+    frozen = float(re.search(r"^finetune_gc_frozen_objects (\S+)$", metrics, re.M).group(1))
+    assert frozen > 100_000
 
 
 def test_a_model_that_cannot_be_loaded_is_one_line_and_exit_2_before_a_port_opens(tmp_path):

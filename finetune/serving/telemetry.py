@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import gc
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -42,6 +44,11 @@ class Telemetry:
             registry=self.registry,
         )
         self.images = Counter("finetune_images", "Images the model predicted.", registry=self.registry)
+        frozen = Gauge(
+            "finetune_gc_frozen_objects", "Objects moved out of the garbage collector's sight at start-up.",
+            registry=self.registry,
+        )  # fmt: skip
+        frozen.set_function(gc.get_freeze_count)
 
     def answered(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
