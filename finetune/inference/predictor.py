@@ -88,7 +88,8 @@ def _keras_model(path: Path) -> Predictor:
 
     def probabilities(images: np.ndarray) -> np.ndarray:
         # predict_on_batch runs the compiled graph (tf.function, jax.jit): on EfficientNet-Lite0 one image
-        # took 9 ms against 191 ms for an eager call, which dispatches every op from Python.
+        # took 10 ms against 196 ms for an eager call, which dispatches every op from Python
+        # (scripts/predict_speed.py).
         total = sum(np.asarray(model.predict_on_batch(images)) for _ in range(passes))
         return np.asarray(total) / passes
 
