@@ -138,7 +138,9 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> Starlette:
                 decode_image, uploads[0][1], uploads[0][0], spec, invert, settings.max_pixels
             )
         explanation = await batcher.on_model_thread(lambda: explain_predictor(predictor, picture[None]))
-        answer = _file_answer(uploads[0][0], explanation.probabilities[0], inverted, predictor, _top(request, 99))
+        answer = _file_answer(
+            uploads[0][0], explanation.probabilities[0], inverted, predictor, _top(request, len(spec.class_names))
+        )
         drawn = await run_in_threadpool(_heatmap_png, picture, explanation.heatmaps[0])
         answer["explained"] = spec.class_names[int(explanation.classes[0])]
         answer["heatmap"] = "data:image/png;base64," + base64.b64encode(drawn).decode()

@@ -136,7 +136,7 @@ def work(out: str | Path, *, workers: int = 1, joined: bool = False, log_trial: 
     study = _study(settings, seed_offset=_worker_index(joined))
     if not joined:
         _fail_interrupted(study, out)
-    helpers = [_spawn_worker(out) for _ in range(max(workers - 1, 0))]
+    helpers = [_spawn_worker(out, index) for index in range(1, workers)]
     try:
         with _terminated_as_interrupt(out):
             _trial_loop(study, settings, base, dimensions, out)
@@ -352,13 +352,13 @@ def _worker_index(joined: bool) -> int:
     return int(os.environ.get(_WORKER_ENV, "0")) if joined else 0
 
 
-def _spawn_worker(out: Path):
+def _spawn_worker(out: Path, index: int):
+    """Worker ``index`` (1, 2, ...): ``finetune tune --resume DIR --join``, its sampler seeded apart."""
     import os
     import subprocess
     import sys
 
-    _spawn_worker.count = getattr(_spawn_worker, "count", 0) + 1  # type: ignore[attr-defined]
-    env = {**os.environ, _WORKER_ENV: str(_spawn_worker.count)}  # type: ignore[attr-defined]
+    env = {**os.environ, _WORKER_ENV: str(index)}
     return subprocess.Popen(
         [sys.executable, "-m", "finetune", "tune", "--resume", str(out), "--join", "--quiet"], env=env
     )
