@@ -2,6 +2,7 @@
 
     python3 scripts/bench.py [--train 2000] [--test 1000] [--sizes 71 96] [--cases head finetune both]
                              [--precisions float32 mixed_bfloat16] [--repeat 3]
+    python3 scripts/bench.py --cases whole [--weights XCEPTION_NOTOP.h5] [--repeat 3]
 
 For each image size and case, runs the same work twice, one process after the
 other: a baseline written as the Keras transfer-learning guide writes it
@@ -12,7 +13,10 @@ recipe settings. Prints wall time, training images/s, peak memory and test
 accuracy of each, and the ratios, as a markdown table.
 
 Cases: head (10 epochs, backbone frozen), finetune (top 2 blocks, 5 epochs, from
-the same starting weights), both (head then finetune). Both sides start from
+the same starting weights), both (head then finetune); whole (alone): the
+head case as two whole processes timed from outside, `finetune run` with its
+default exports against the guide's script, 1,000 training and 2,000 test
+images at 71 px, batch 32, no validation hold-out. Both sides start from
 the same Xception weights: random, with BatchNorm statistics calibrated on
 Fashion-MNIST images (no ImageNet weights can be downloaded here), so the
 frozen features carry signal and the accuracies can be compared.
@@ -117,9 +121,11 @@ def worker_baseline(args) -> dict:
         ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
         if shuffle:
             ds = ds.shuffle(len(split), seed=0)
-        return ds.batch(BATCH).map(to_backbone_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        batch = recipe.training.batch_size
+        return ds.batch(batch).map(to_backbone_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
-    train, val, test = pipeline(dataset.train, True), pipeline(dataset.validation, False), pipeline(dataset.test, False)
+    train, test = pipeline(dataset.train, True), pipeline(dataset.test, False)
+    val = pipeline(dataset.validation, False) if dataset.validation is not None else None
     base = keras.applications.Xception(weights=None, input_shape=(size, size, 3), include_top=False)
     base.load_weights(recipe.model.backbone.weights)
     base.trainable = False
@@ -158,6 +164,61 @@ def worker_baseline(args) -> dict:
     }
 
 
+def whole_recipe(args, weights: str) -> dict:
+    """Issue #24's whole-process job: the head on a frozen Xception, 71 px, 10 epochs, batch 32, no hold-out."""
+    recipe = recipe_dict(args, 71, "head", weights)
+    recipe["name"] = "bench_whole_71"
+    recipe["data"].update(validation_split=0.0)
+    recipe["training"]["batch_size"] = 32
+    del recipe["export"]  # the default exports (model.keras and the SavedModel), each written and checked
+    recipe["phases"] = recipe["phases"][:1]
+    return recipe
+
+
+def timed_process(command: list[str]) -> float:
+    """Seconds from starting ``command`` to its exit: interpreter, imports and all."""
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{command[:4]} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def whole_process(args, scratch_root: Path) -> None:
+    """Both ways as whole processes, timed from outside: ``finetune run`` (CLI) against the guide's script."""
+    weights = args.weights
+    if weights is None:
+        weights = str(scratch_root / "xception_71_calibrated.weights.h5")
+        run_worker("weights", {"path": weights, "size": 71}, scratch_root)
+    recipe = whole_recipe(args, weights)
+    recipe_file = scratch_root / "whole.json"
+    recipe_file.write_text(json.dumps(recipe))
+    print("| round | way | whole process s | test accuracy |")
+    print("| --- | --- | --- | --- |")
+    ratios = []
+    for round_index in range(args.repeat):
+        scratch = scratch_root / f"whole_{round_index}"
+        scratch.mkdir()
+        baseline_report = scratch / "baseline.json"
+        baseline_command = [sys.executable, __file__, "--worker", "baseline", "--recipe", json.dumps(recipe)]
+        baseline_command += ["--scratch", str(scratch), "--report", str(baseline_report)]
+        baseline_wall = timed_process(baseline_command)
+        baseline_accuracy = json.loads(baseline_report.read_text())["accuracy"]
+        run_dir = scratch / "finetune"
+        finetune_command = [sys.executable, "-m", "finetune", "run", str(recipe_file), "--out", str(run_dir), "-q"]
+        finetune_wall = timed_process([*finetune_command, *(f"--set={item}" for item in args.overrides)])
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        for way, wall, accuracy in (
+            ("Keras guide", baseline_wall, baseline_accuracy),
+            ("finetune run", finetune_wall, metrics["test"]["accuracy"]),
+        ):
+            print(f"| {round_index + 1} | {way} | {wall:.1f} | {accuracy:.4f} |", flush=True)
+        stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in metrics["seconds_by_stage"].items())
+        print(f"|  | finetune's stages, s | {stages} |  |", flush=True)
+        ratios.append(baseline_wall / finetune_wall)
+    print(f"\nwhole process, Keras guide / finetune run: {_spread(ratios)}")
+
+
 def make_weights(path: Path, size: int, images: int = 512) -> None:
     """Random Xception weights with BatchNorm statistics calibrated on Fashion-MNIST."""
     from finetune.backbones.calibration import save_calibrated_weights
@@ -189,10 +250,19 @@ def run_worker(kind: str, recipe: dict, scratch: Path, overrides: list | None = 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=2000, help="training images (10%% held out for validation)")
-    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument(
+        "--train",
+        type=int,
+        help="training images, 10%% held out for validation (default 2000; whole: 1000, none held out)",
+    )
+    parser.add_argument("--test", type=int, help="test images (default 1000; whole: 2000)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[71, 96])
-    parser.add_argument("--cases", nargs="+", default=["head", "finetune", "both"])
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["head", "finetune", "both"],
+        help="head, finetune, both; or whole alone: issue #24's job as two whole processes (--train 1000 --test 2000)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -213,7 +283,13 @@ def main() -> int:
         default=1,
         help="run the ways of each case this many times in turn; ratios are medians of the rounds",
     )
+    parser.add_argument(
+        "--weights",
+        help="whole case: an Xception weights file for both ways (e.g. Keras's ImageNet notop .h5); "
+        "default: random weights with calibrated BatchNorm",
+    )
     parser.add_argument("--worker", choices=["baseline", "finetune", "weights"], help=argparse.SUPPRESS)
+    parser.add_argument("--report", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -227,7 +303,17 @@ def main() -> int:
             return 0
         report = (worker_baseline if args.worker == "baseline" else worker_finetune)(args)
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if args.report:
+            Path(args.report).write_text(json.dumps(report))
         print(json.dumps(report))
+        return 0
+
+    whole = args.cases == ["whole"]
+    args.train = args.train or (1000 if whole else 2000)
+    args.test = args.test or (2000 if whole else 1000)
+    if whole:
+        with tempfile.TemporaryDirectory(prefix="finetune-bench-") as scratch_root:
+            whole_process(args, Path(scratch_root))
         return 0
 
     print("| size | case | way | wall s | train s | train images/s | peak RSS MB | test accuracy |")

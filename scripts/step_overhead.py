@@ -1,10 +1,11 @@
 """finetune's fit against plain ``model.fit`` on in-memory arrays, the same compiled model, side by side.
 
-    python3 scripts/step_overhead.py [--case head|quickstart ...] [--epochs 4] [--rounds 2]
+    python3 scripts/step_overhead.py [--case head|quickstart ...] [--epochs 4] [--rounds 2] [--set KEY=VALUE]
 
 What finetune adds to each training step (its ``FileBatches`` input, its callbacks: Ctrl-C check, NaN
-stop, divergence watch, history, progress, checkpoints; gradient sampling is off as in the shipped
-recipes' default) is measured as the ratio of epoch seconds, after the first epoch (tracing):
+stop, divergence watch, history, progress, TensorBoard, gradient health every 200 steps, checkpoints;
+the recipe's defaults, ``--set`` to change them) is measured as the ratio of epoch seconds, after the
+first epoch (tracing):
 
 * ``head``: the cached head phase of the quick start (EfficientNet-Lite0 at 64 px, random weights:
   speed does not depend on them) on 57,000 training and 3,000 validation images, which trains a
@@ -60,7 +61,7 @@ def epoch_seconds_plain(fit_model, train_x, train_y, val, batch_size: int, epoch
     return seconds
 
 
-def one_case(case: str, epochs: int) -> tuple[float, float]:
+def one_case(case: str, epochs: int, extra: list[str]) -> tuple[float, float]:
     import keras
 
     import finetune
@@ -73,7 +74,8 @@ def one_case(case: str, epochs: int) -> tuple[float, float]:
     from finetune.training.phases import fit_inputs
     from finetune.training.train import train
 
-    overrides = ["model.backbone.weights=null", "training.verbose=auto", "training.tensorboard=false"]
+    # The recipe's own callbacks (TensorBoard and gradient health included), its progress line on.
+    overrides = ["model.backbone.weights=null", "training.verbose=auto", *extra]
     if case == "quickstart":
         overrides += ["data.train_limit=3000", "data.test_limit=100"]
     recipe = finetune.load_recipe(ROOT / "recipes" / "quickstart_lite0.yaml", overrides)
@@ -106,11 +108,12 @@ def main() -> int:
     parser.add_argument("--case", nargs="+", default=["head", "quickstart"], choices=["head", "quickstart"])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     rows = []
     for case in args.case:
         for round_number in range(args.rounds):
-            ours, plain = one_case(case, args.epochs)
+            ours, plain = one_case(case, args.epochs, args.overrides)
             rows.append((case, round_number + 1, ours, plain))
             print(
                 f"{case} round {round_number + 1}: finetune {ours:.2f} s/epoch, plain fit {plain:.2f} s/epoch, "

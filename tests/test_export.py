@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,47 @@ def test_a_run_writes_every_format_and_each_runtime_agrees_with_keras(finished_r
     assert (run_dir / "labels.txt").read_text().splitlines() == list(class_names)
     assert (run_dir / "saved_model" / "labels.txt").read_text().splitlines() == list(class_names)
     assert not [path.name for path in run_dir.iterdir() if "partial" in path.name]
+
+
+def test_the_saved_model_holds_each_weight_once_and_serves_under_both_signature_names(finished_run):
+    import tensorflow as tf
+
+    folder = finished_run.run_dir / "saved_model"
+    stored = tf.train.load_checkpoint(str(folder / "variables" / "variables")).get_variable_to_shape_map()
+    weights = [name for name in stored if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert len(weights) == len(finished_run.model.variables)  # Keras's exporter stores each twice
+    served = tf.saved_model.load(str(folder))
+    images, _ = _test_images(8)
+    expected = served.serve(tf.constant(images)).numpy()
+    for name in ("serve", "serving_default"):
+        (answer,) = served.signatures[name](images=tf.constant(images)).values()
+        np.testing.assert_allclose(answer.numpy(), expected, atol=1e-6)
+
+
+def test_a_model_the_one_trace_writer_cannot_save_goes_through_keras_exporter(finished_run, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from finetune.export import saved_model
+
+    save, calls = tf.saved_model.save, []
+
+    def untracked_resource_once(obj, folder, *args, **kwargs):
+        calls.append(type(obj).__name__)
+        if len(calls) > 1:  # Keras's exporter, after the one-trace writer gave up
+            return save(obj, folder, *args, **kwargs)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "partial").write_text("half written")
+        raise ValueError("Tried to export a function which references an 'untracked' resource")
+
+    monkeypatch.setattr(tf.saved_model, "save", untracked_resource_once)
+    images, class_names = _test_images(8)
+    path = saved_model.export_saved_model(finished_run.model, tmp_path / "saved_model", class_names)
+    monkeypatch.undo()
+    assert len(calls) == 2 and not (path / "partial").exists()
+    served = tf.saved_model.load(str(path))
+    np.testing.assert_allclose(
+        served.serve(tf.constant(images)).numpy(), finished_run.model.predict(images, verbose=0), atol=1e-5
+    )
 
 
 def test_quantized_tflite_files_are_a_half_and_a_quarter_the_size_and_keep_the_predictions(run_copy):
