@@ -314,6 +314,7 @@ def _check_multi_label(recipe: Recipe) -> None:
         "training.class_weight": recipe.training.class_weight != "none",
         "data.sampling": recipe.data.sampling != "natural",
         "evaluation.mc_samples": bool(recipe.evaluation.mc_samples),
+        "training.epoch_metrics": bool(recipe.training.epoch_metrics),
     }
     for key, given in refused.items():
         if given:

@@ -133,3 +133,58 @@ def test_compare_shows_macro_f1_beside_accuracy_and_a_dash_for_an_older_run(tmp_
     assert first["test_macro_f1"] == 0.71875 and second["test_macro_f1"] is None
     parsed = list(csv.DictReader(io.StringIO(cli_in_process("compare", new, old, "--csv").stdout)))
     assert [row["test_macro_f1"] for row in parsed] == ["0.71875", ""]
+
+
+def test_the_epoch_macro_f1_metric_sums_its_batches_as_scikit_learn_scores_the_whole():
+    from sklearn.metrics import f1_score
+
+    from finetune.catalog.losses import MacroF1
+
+    rng = np.random.default_rng(3)
+    labels = rng.choice([0, 1, 2, 4], size=150)  # class 3 predicted but never a label, class 5 in neither
+    probabilities = rng.dirichlet(np.ones(6) * 0.3, size=150)
+    probabilities[:5, 3] = 5.0
+    metric = MacroF1(6)
+    for start in range(0, 150, 32):  # batches of several sizes; a mean of per-batch F1s would differ
+        metric.update_state(labels[start : start + 32], probabilities[start : start + 32])
+    expected = f1_score(labels, probabilities.argmax(axis=1), average="macro", zero_division=0)
+    assert float(metric.result()) == pytest.approx(expected, abs=1e-6)
+    one_hot = MacroF1(6)
+    one_hot.update_state(np.eye(6)[labels], probabilities)  # mixed batches' targets: the dominant class
+    assert float(one_hot.result()) == pytest.approx(expected, abs=1e-6)
+    metric.reset_state()
+    metric.update_state(labels[:10], np.eye(6)[labels[:10]])
+    assert float(metric.result()) == pytest.approx(1.0)
+
+
+def test_a_run_with_epoch_metrics_logs_validation_macro_f1_equal_to_scikit_learns_on_its_model(tmp_path):
+    import copy
+
+    from sklearn.metrics import f1_score
+
+    import finetune
+    from finetune import data
+
+    recipe = {
+        "name": "mlp_f1",
+        "seed": 0,
+        "precision": "float32",
+        "data": {"source": "fashion_mnist", "image_size": 28, "validation_split": 0.25, "train_limit": 400},
+        "model": {"backbone": {"name": "mlp", "weights": None, "options": {"dense": [16]}}, "head": {}},
+        "training": {"batch_size": 32, "verbose": 0, "epoch_metrics": ["macro_f1"], "tensorboard": False},
+        "evaluation": {"batch_size": 64},
+        "export": {"formats": ["keras"]},
+        "phases": [
+            {"name": "train", "epochs": 2, "trainable": "all", "optimizer": {"name": "adam", "learning_rate": 3e-3}}
+        ],
+    }
+    recipe["data"]["test_limit"] = 50
+    loaded = finetune.load_recipe(copy.deepcopy(recipe))
+    result = finetune.run(loaded, out=tmp_path / "run", log=lambda line: None)
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    assert {"macro_f1", "val_macro_f1"} <= set(rows[-1])
+    validation = data.load_dataset(loaded.data, loaded.seed).validation
+    predicted = result.model.predict(validation.images, verbose=0).argmax(axis=1)
+    expected = f1_score(validation.labels, predicted, average="macro", zero_division=0)
+    assert float(rows[-1]["val_macro_f1"]) == pytest.approx(expected, abs=1e-6)
+    assert 0.0 < expected < 1.0  # a partly trained model: the equality means something

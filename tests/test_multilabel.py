@@ -413,6 +413,7 @@ def test_a_multi_label_run_trains_on_mixed_batches_and_evaluates_with_flips(tmp_
     [
         ({"training": {"class_weight": "balanced"}}, "training.class_weight"),
         ({"data": {"sampling": "balanced"}}, "data.sampling"),
+        ({"training": {"epoch_metrics": ["macro_f1"]}}, "training.epoch_metrics"),
         ({"data": {"source": "fashion_mnist", "data_dir": None}}, "data.label_delimiter"),
     ],
 )

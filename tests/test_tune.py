@@ -191,3 +191,17 @@ def test_two_workers_on_one_sqlite_study_finish_distinct_trials(files, tmp_path)
     # Both processes worked: their trials overlapped in time.
     spans = sorted((trial.datetime_start, trial.datetime_complete) for trial in trials)
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
+
+
+def test_tuning_on_validation_macro_f1_logs_it_in_every_trial_and_a_metric_no_epoch_logs_is_one_line(files, tmp_path):
+    base, space = files
+    result = finetune.tune(base, space, out=tmp_path / "f1", trials=2, pruner="none", metric="val_macro_f1")
+    for trial in trials_of(tmp_path / "f1"):
+        rows = list(csv.DictReader((tmp_path / "f1" / "trials" / f"{trial.number:04d}" / "history.csv").open()))
+        assert trial.value == pytest.approx(float(rows[-1]["val_macro_f1"]), abs=1e-6)
+    assert finetune.load_recipe(result.best_recipe).training.epoch_metrics == []  # training is unchanged by it
+    refused = cli_in_process(
+        "tune", str(base), "--space", str(space), "--trials", "2", "--metric", "val_f1", "--out", str(tmp_path / "s")
+    )
+    assert refused.returncode == 2 and "--metric 'val_f1': not an epoch log" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

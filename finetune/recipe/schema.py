@@ -52,10 +52,7 @@ class DataConfig(_Strict):
         "crop", description=("how images of another aspect reach stored_size: centre crop, pad with black, or stretch")
     )
     test_split: float = Field(
-        0.2,
-        gt=0.0,
-        lt=1.0,
-        description=("test fraction carved out (seeded, stratified) when the source has no test split"),
+        0.2, gt=0.0, lt=1.0, description="test fraction carved out (seeded, stratified) when the source has none"
     )
     classes: list[str | int] | None = Field(
         None, min_length=2, description=("keep these classes (names, or indices), relabelled 0..k-1 in this order")
@@ -282,8 +279,9 @@ class TrainingConfig(_Strict):
             "1, 2: Keras's own progress bar or epoch line"
         ),
     )
-    tensorboard: bool = Field(
-        True, description="TensorBoard logs in RUN_DIR/tensorboard (every phase on one epoch axis)"
+    tensorboard: bool = Field(True, description="TensorBoard logs in RUN_DIR/tensorboard (phases on one epoch axis)")
+    epoch_metrics: list[Literal["macro_f1"]] = Field(
+        default_factory=list, description="logged each epoch besides accuracy, for training and validation (val_NAME)"
     )
     shuffle: bool = Field(True, description="a new order of the training images each epoch, from (seed, epoch)")
     class_weight: Literal["none", "balanced"] | dict[str, float] = Field(

@@ -18,11 +18,13 @@ __all__ = ["HISTORY_FIELDS", "HistoryCSV", "read_history", "truncate_history"]
 class HistoryCSV(keras.callbacks.Callback):
     """Appends one row per epoch to ``history.csv`` and flushes it at once."""
 
-    def __init__(self, path: Path, phase: str, first_epoch: int):
+    def __init__(self, path: Path, phase: str, first_epoch: int, epoch_metrics: tuple[str, ...] = ()):
         super().__init__()
         self.path = Path(path)
         self.phase = phase
         self.first_epoch = first_epoch
+        # training.epoch_metrics' columns after the fixed ones: a run's file keeps one header, resumed or not.
+        self.fields = [*HISTORY_FIELDS, *(f"{prefix}{name}" for name in epoch_metrics for prefix in ("", "val_"))]
         self._started = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -37,10 +39,10 @@ class HistoryCSV(keras.callbacks.Callback):
             "learning_rate": float(f"{optimizer_learning_rate(self.model.optimizer):.6g}"),
             "seconds": round(time.perf_counter() - self._started, 3),
         }
-        row.update({key: float(logs[key]) for key in HISTORY_FIELDS if key in logs})
+        row.update({key: float(logs[key]) for key in self.fields if key in logs})
         new_file = not self.path.exists()
         with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerow(row)

@@ -184,6 +184,7 @@ def compile_for_phase(
         settings.jit_compile,
         settings.loss.label_smoothing,
         soft_labels=bool(settings.mix),
+        extra_metrics=settings.epoch_metrics,
     )
     return PhaseSetup(optimizer, extra)
 
@@ -204,6 +205,7 @@ def compile_model(
     jit_compile: bool | str = "auto",
     label_smoothing: float = 0.0,
     soft_labels: bool = False,
+    extra_metrics: Sequence[str] = (),
 ) -> None:
     """``soft_labels``: targets are probability rows (mixed batches), validation labels one-hot.
 
@@ -213,7 +215,10 @@ def compile_model(
     model.compile(
         optimizer=optimizer,
         loss=losses.training_loss(label_smoothing, soft_labels, multi_label=multi_label),
-        metrics=[losses.TagAccuracy() if multi_label else "accuracy"],
+        metrics=[
+            losses.TagAccuracy() if multi_label else "accuracy",
+            *losses.epoch_metrics(extra_metrics, model.output_shape[-1], multi_label),
+        ],
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
     )
@@ -268,7 +273,12 @@ def fit_inputs(
     if cached is None:
         return plain
     compile_model(
-        cached.top, model.optimizer, model.steps_per_execution, settings.jit_compile, settings.loss.label_smoothing
+        cached.top,
+        model.optimizer,
+        model.steps_per_execution,
+        settings.jit_compile,
+        settings.loss.label_smoothing,
+        extra_metrics=settings.epoch_metrics,
     )
     return FitInputs(cached.top, cached.train, cached.validation, cached.views)
 

@@ -110,7 +110,7 @@ def phase_callbacks(run: RunContext, stage: PhaseRun, board: Path | None) -> lis
             run.run_dir,
             head_only=phase.trainable == "none",
         ),
-        HistoryCSV(run.run_dir / "history.csv", phase.name, stage.first_epoch),
+        HistoryCSV(run.run_dir / "history.csv", phase.name, stage.first_epoch, tuple(settings.epoch_metrics)),
     ]
     if settings.verbose == "auto":
         images = min(stage.steps * settings.batch_size_for(phase), len(run.dataset.train))

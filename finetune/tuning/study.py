@@ -95,6 +95,7 @@ def start(base: str | Path, space: str | Path, settings: TuneSettings, workers: 
     if settings.pruner not in PRUNERS:
         raise RecipeError(f"--pruner {settings.pruner!r}: one of {', '.join(PRUNERS)}")
     dimensions = read_space(space)
+    _log_the_metric(base, settings)
     check_against(dimensions, base, settings.fidelity)
     _needs_validation(base, settings)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,20 @@ def _needs_validation(base: str | Path, settings: TuneSettings) -> None:
             "tuning needs a validation split to score trials on (the test split is kept for the end): "
             "set data.validation_split, e.g. --fidelity data.validation_split=0.1"
         )
+
+
+def _log_the_metric(base: str | Path, settings: TuneSettings) -> None:
+    """--metric must be an epoch log; ``val_macro_f1`` has every trial log macro_f1 (training is unchanged by it,
+    so it rides with the fidelity settings and stays out of best_recipe.yaml)."""
+    from finetune.plan import load_recipe
+
+    extra = list(load_recipe(base, settings.fidelity).training.epoch_metrics)
+    if settings.metric in ("macro_f1", "val_macro_f1") and "macro_f1" not in extra:
+        extra.append("macro_f1")
+        settings.fidelity = [*settings.fidelity, f"training.epoch_metrics=[{', '.join(extra)}]"]
+    logged = [f"{prefix}{name}" for prefix in ("val_", "") for name in ("accuracy", "loss", *extra)]
+    if settings.metric not in logged:
+        raise RecipeError(f"--metric {settings.metric!r}: not an epoch log of this recipe; one of {', '.join(logged)}")
 
 
 def read_settings(out: str | Path) -> TuneSettings:
