@@ -44,6 +44,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
     cached top model that shares its layers.
     """
 
+    async_safe = True  # its batch-end hook only records or raises: Keras may run it on a thread
+
     def __init__(self, run: RunContext, stage: PhaseRun):
         super().__init__()
         assert run.run_dir is not None, "a checkpoint needs the run's folder"

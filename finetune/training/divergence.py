@@ -86,6 +86,8 @@ class DivergenceWatch(keras.callbacks.Callback):
     """Warns once when a phase's first epoch (at least ``JUDGED_STEPS`` steps) ends above chance or
     clearly above its first batch's loss."""
 
+    async_safe = True  # its batch-end hook only records or raises: Keras may run it on a thread
+
     def __init__(
         self,
         phase: str,

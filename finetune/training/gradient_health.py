@@ -158,9 +158,16 @@ class GradientHealth(RunCallback):
         super().set_run(fit)
         self.sample = fit.sample()
 
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+    # Sampled as the next step begins, not as a step ends: Keras runs batch-end hooks on a thread, overlapping
+    # the next step, when every callback allows it, and this one calls the model. The last step's sample
+    # is taken when the fit ends.
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._sample_if_due()
         self._step += 1
-        if self.sample is not None and (self._step == 1 or self._step % self.every_steps == 0):
+
+    def _sample_if_due(self) -> None:
+        due = self._step == 1 or (self._step > 0 and self._step % self.every_steps == 0)
+        if self.sample is not None and due and (not self.samples or self.samples[-1]["step"] != self._step):
             self.record()
 
     def record(self) -> None:
@@ -228,6 +235,7 @@ class GradientHealth(RunCallback):
         logger.warning(message)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._sample_if_due()
         if self.run_dir is None or not self.samples:
             return
         record = self.run_dir / "gradient_norms.json"

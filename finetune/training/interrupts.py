@@ -108,6 +108,8 @@ def interrupt_handled() -> None:
 class InterruptAtStepEnd(keras.callbacks.Callback):
     """Raises ``KeyboardInterrupt`` at a batch boundary when a Ctrl-C was pressed but never reached the run."""
 
+    async_safe = True  # its batch-end hook only records or raises: Keras may run it on a thread
+
     def _check(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if _Pressed.flag:
             raise _interrupt()

@@ -27,6 +27,8 @@ class PhaseProgress(keras.callbacks.Callback):
     live line per step is drawn only where a terminal shows one (:func:`finetune.progress.live`).
     """
 
+    async_safe = True  # its batch-end hook only draws the live line: Keras may run it on a thread
+
     def __init__(self, stage: PhaseRun, *, images_per_epoch: int):
         super().__init__()
         if progress.shows_live():  # only a terminal's live line needs a call per step

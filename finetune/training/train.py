@@ -116,7 +116,7 @@ def phase_callbacks(run: RunContext, stage: PhaseRun, board: Path | None) -> lis
         images = min(stage.steps * settings.batch_size_for(phase), len(run.dataset.train))
         callbacks.append(PhaseProgress(stage, images_per_epoch=images))
     if board is not None:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(board), write_graph=False))
+        callbacks.append(EpochTensorBoard(log_dir=str(board), write_graph=False))
     if settings.gradient_health_every:
         callbacks.append(GradientHealth(run.run_dir, phase.name, settings.gradient_health_every))
     if stage.epochs_done and run.resume_from is not None:
@@ -141,8 +141,17 @@ def tensorboard_folder(run_dir: Path, wanted: bool) -> Path | None:
     return run_dir / "tensorboard"
 
 
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """Keras's TensorBoard at ``update_freq="epoch"``: its batch-end hook then writes nothing (no summary
+    writer is active between epochs), so Keras may run it on a thread like finetune's own."""
+
+    async_safe = True
+
+
 class StopOnNaN(keras.callbacks.Callback):
     """Stops the run at the first step whose loss is NaN or infinite, naming the phase, epoch and step."""
+
+    async_safe = True  # its batch-end hook only records or raises: Keras may run it on a thread
 
     def __init__(self, phase: str, first_epoch: int):
         super().__init__()
