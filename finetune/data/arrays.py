@@ -82,6 +82,8 @@ def read_rows(array: np.ndarray | MappedImages, rows: ArrayLike) -> np.ndarray:
     if isinstance(array, MappedImages):
         return array[rows]
     rows = np.asarray(rows, dtype=np.int64)
+    if not isinstance(array, np.memmap):  # in memory: one gather (sorting first made a batch 6x slower to read)
+        return array[rows]
     order = np.argsort(rows, kind="stable")
     out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
     out[order] = array[rows[order]]
