@@ -136,6 +136,32 @@ def test_the_seed_makes_the_sampled_values_repeat(files, tmp_path):
     assert trials_of(tmp_path / "c")[0].params != first[0].params  # another seed, other values
 
 
+def test_a_resumed_study_draws_values_of_its_own_not_the_first_process_values_again(files, tmp_path):
+    from finetune.tuning.study import SETTINGS_FILE, work
+
+    base, space = files
+    out = tmp_path / "study"
+    finetune.tune(base, space, out=out, trials=2, pruner="none", seed=0)
+    settings = json.loads((out / SETTINGS_FILE).read_text())
+    (out / SETTINGS_FILE).write_text(json.dumps({**settings, "trials": 4}))  # as if the first process had stopped
+    work(out, log_trial=False)
+    drawn = [tuple(sorted(trial.params.items())) for trial in trials_of(out)]
+    assert len(drawn) == 4 and len(set(drawn)) == 4, drawn  # a fresh sampler at the same seed redrew trial 0's
+
+
+def test_only_the_last_phase_is_reported_to_the_pruner(files, tmp_path):
+    base, space = files
+    recipe = yaml.safe_load(base.read_text())
+    head = {"name": "head", "epochs": 1, "trainable": "none", "optimizer": {"name": "adam", "learning_rate": 1e-3}}
+    recipe["phases"] = [head, {**recipe["phases"][0], "epochs": 2}]
+    base.write_text(yaml.safe_dump(recipe))
+    finetune.tune(base, space, out=tmp_path / "s", trials=1, pruner="median")
+    (trial,) = trials_of(tmp_path / "s")
+    rows = list(csv.DictReader((tmp_path / "s" / "trials" / "0000" / "history.csv").open()))
+    assert [row["phase"] for row in rows] == ["head", "train", "train"]
+    assert trial.intermediate_values == {1: float(rows[1]["val_accuracy"]), 2: float(rows[2]["val_accuracy"])}
+
+
 def _tune_process(*arguments: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(

@@ -207,7 +207,7 @@ def tune(recipe, space, trials, budget, out, workers, storage, seed, metric, pru
     """Search for the best values of RECIPE's keys in --space with Optuna; every trial is a run folder.
 
     \b
-    finetune tune recipes/quickstart_lite0.yaml --space recipes/quickstart_space.yaml --budget 60m \\
+    finetune tune recipes/quickstart_lite0.yaml --space recipes/spaces/quickstart_lite0.yaml --budget 60m \\
         --fidelity data.train_limit=4000 --out runs/tune-quick
     finetune tune --resume runs/tune-quick          # after Ctrl-C or a kill: the same study goes on
     finetune run runs/tune-quick/best_recipe.yaml   # the best values, at full fidelity

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from finetune.errors import FinetuneError, RecipeError, RunFolderError, first_line
 from finetune.files import write_json_atomically, write_text_atomically
 from finetune.tuning.pruning import ReportToTrial, TrialPruned
@@ -253,16 +255,20 @@ def _study(settings: TuneSettings, seed_offset: int = 0):
         "none": lambda: optuna.pruners.NopPruner(),
     }[settings.pruner]()
     try:
-        return optuna.create_study(
+        study = optuna.create_study(
             storage=settings.storage_url(),
             study_name=settings.study_name,
             direction=settings.direction,
-            sampler=optuna.samplers.TPESampler(seed=settings.seed + seed_offset),
             pruner=pruner,
             load_if_exists=True,
         )
     except Exception as error:  # noqa: BLE001 - a storage URL's many ways to fail
         raise RecipeError(f"cannot open the study's storage {settings.storage_url()}: {first_line(error)}") from None
+    # Seeded by (seed, worker, trials so far): a resumed or joining process must not draw again the values
+    # the first one drew (a resumed study re-ran its first five trials before this).
+    entropy = [settings.seed, seed_offset, len(study.get_trials(deepcopy=False))]
+    study.sampler = optuna.samplers.TPESampler(seed=int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+    return study
 
 
 def _progress(study) -> tuple[int, float]:
