@@ -259,9 +259,7 @@ def find_phase_learning_rate(run: RunContext, phase: PhaseConfig, settings: Swee
     model, dataset, training = run.model, run.dataset, run.settings
     configure_phase(model, run.layout, phase)
     optimizer = phase_optimizer(run.layout, phase, settings.start)
-    compile_model(
-        model, optimizer, 1, training.jit_compile, training.loss.label_smoothing, soft_labels=bool(training.mix)
-    )
+    compile_model(model, optimizer, training, soft_labels=bool(training.mix))
     store = FeatureStore([phase], training, run.layout)
     try:
         inputs = fit_inputs(model, phase, dataset, training, store)

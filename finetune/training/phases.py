@@ -178,13 +178,7 @@ def compile_for_phase(
     # A momentum schedule moves between every two steps, so those run one at a time.
     one_step = any(isinstance(callback, schedules.OneCycleMomentum) for callback in extra)
     compile_model(
-        model,
-        optimizer,
-        1 if one_step else settings.steps_per_execution,
-        settings.jit_compile,
-        settings.loss.label_smoothing,
-        soft_labels=bool(settings.mix),
-        extra_metrics=settings.epoch_metrics,
+        model, optimizer, settings, 1 if one_step else settings.steps_per_execution, soft_labels=bool(settings.mix)
     )
     return PhaseSetup(optimizer, extra)
 
@@ -201,26 +195,25 @@ def phase_optimizer(layout: BackboneLayout, phase: PhaseConfig, learning_rate: A
 def compile_model(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
+    settings: TrainingConfig,
     steps_per_execution: int = 1,
-    jit_compile: bool | str = "auto",
-    label_smoothing: float = 0.0,
     soft_labels: bool = False,
-    extra_metrics: Sequence[str] = (),
 ) -> None:
-    """``soft_labels``: targets are probability rows (mixed batches), validation labels one-hot.
+    """``model`` compiled with the training settings' loss (label smoothing), metrics and ``jit_compile``.
 
+    ``soft_labels``: targets are probability rows (mixed batches), validation labels one-hot.
     A multi-label model (sigmoid head) trains on binary cross-entropy; its ``accuracy`` is the share of
     (image, tag) pairs right at 0.5 (mixed targets rounded), so the logs keep their names."""
     multi_label = is_multi_label(model)
     model.compile(
         optimizer=optimizer,
-        loss=losses.training_loss(label_smoothing, soft_labels, multi_label=multi_label),
+        loss=losses.training_loss(settings.loss.label_smoothing, soft_labels, multi_label=multi_label),
         metrics=[
             losses.TagAccuracy() if multi_label else "accuracy",
-            *losses.epoch_metrics(extra_metrics, model.output_shape[-1], multi_label),
+            *losses.epoch_metrics(settings.epoch_metrics, model.output_shape[-1], multi_label),
         ],
         steps_per_execution=steps_per_execution,
-        jit_compile=jit_compile,
+        jit_compile=settings.jit_compile,
     )
 
 
@@ -272,14 +265,7 @@ def fit_inputs(
     cached = store.features(model, phase, dataset, settings.batch_size_for(phase))
     if cached is None:
         return plain
-    compile_model(
-        cached.top,
-        model.optimizer,
-        model.steps_per_execution,
-        settings.jit_compile,
-        settings.loss.label_smoothing,
-        extra_metrics=settings.epoch_metrics,
-    )
+    compile_model(cached.top, model.optimizer, settings, model.steps_per_execution)
     return FitInputs(cached.top, cached.train, cached.validation, cached.views)
 
 
