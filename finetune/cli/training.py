@@ -195,7 +195,7 @@ def started_process():
     "--fidelity",
     multiple=True,
     metavar="KEY=VALUE",
-    help="A cheaper trial: data.train_limit=4000 (not in best_recipe.yaml).",
+    help="A cheaper trial: data.train_limit=12000 (not in best_recipe.yaml).",
 )
 @click.option(
     "--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue the study in DIR."
@@ -208,7 +208,7 @@ def tune(recipe, space, trials, budget, out, workers, storage, seed, metric, pru
 
     \b
     finetune tune recipes/quickstart_lite0.yaml --space recipes/spaces/quickstart_lite0.yaml --budget 60m \\
-        --fidelity data.train_limit=4000 --out runs/tune-quick
+        --fidelity data.train_limit=12000 --out runs/tune-quick
     finetune tune --resume runs/tune-quick          # after Ctrl-C or a kill: the same study goes on
     finetune run runs/tune-quick/best_recipe.yaml   # the best values, at full fidelity
     """
