@@ -108,11 +108,23 @@ def test_a_trial_reporting_the_worst_value_is_pruned():
         ({"training.batch_size": []}, "an empty list of choices"),
         ({"phases.train.optimizer.learning_rate": {"low": 0, "high": 1, "log": True}}, "needs low > 0"),
         ({"model.head.dropout": {"low": 0.0, "high": 0.5, "spread": 2}}, "a range takes low and high"),
+        (
+            {"model.head.dropout": {"low": 0.0, "high": 0.5, "when": {"training.batch_size": 16}}},
+            "when names 'training.batch_size', which is not an earlier key of the space",
+        ),
+        (
+            {
+                "training.batch_size": [16, 32],
+                "model.head.dropout": {"low": 0.0, "high": 0.5, "when": {"training.batch_size": 64}},
+            },
+            "when training.batch_size: 64 is not a value training.batch_size can take",
+        ),
+        ({"training.batch_size": {"choices": [16, 32], "when": 3}}, "when takes {KEY: value}"),
     ],
 )
 def test_a_bad_space_is_one_line_and_exit_2_before_any_trial(files, tmp_path, space, message):
     base, path = files
-    path.write_text(yaml.safe_dump(space))
+    path.write_text(yaml.safe_dump(space, sort_keys=False))  # the space's order: a condition names an earlier key
     result = cli_in_process("tune", str(base), "--space", str(path), "--trials", "2", "--out", str(tmp_path / "s"))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -160,6 +172,39 @@ def test_only_the_last_phase_is_reported_to_the_pruner(files, tmp_path):
     rows = list(csv.DictReader((tmp_path / "s" / "trials" / "0000" / "history.csv").open()))
     assert [row["phase"] for row in rows] == ["head", "train", "train"]
     assert trial.intermediate_values == {1: float(rows[1]["val_accuracy"]), 2: float(rows[2]["val_accuracy"])}
+
+
+def test_a_conditional_key_is_sampled_only_in_trials_where_its_condition_holds(files, tmp_path):
+    base, space = files
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "training.batch_size": [16, 32],
+                "model.head.dropout": {"low": 0.3, "high": 0.4, "when": {"training.batch_size": 16}},
+                "phases.train.optimizer.learning_rate": {
+                    "choices": [0.01, 0.02],
+                    "when": {"training.batch_size": [32]},
+                },
+            },
+            sort_keys=False,
+        )
+    )
+    finetune.tune(base, space, out=tmp_path / "s", trials=6, pruner="none", seed=1)
+    base_recipe = finetune.load_recipe(base)
+    seen = set()
+    for trial in trials_of(tmp_path / "s"):
+        recipe = finetune.load_recipe(tmp_path / "s" / "trials" / f"{trial.number:04d}" / "recipe.yaml")
+        small = trial.params["training.batch_size"] == 16
+        seen.add(small)
+        assert ("model.head.dropout" in trial.params) == small
+        assert ("phases.train.optimizer.learning_rate" in trial.params) != small
+        if small:  # sampled in its range; the other key keeps the base recipe's value
+            assert 0.3 <= recipe.model.head.dropout <= 0.4
+            assert recipe.phases[0].optimizer.learning_rate == base_recipe.phases[0].optimizer.learning_rate
+        else:
+            assert recipe.model.head.dropout == base_recipe.model.head.dropout
+            assert recipe.phases[0].optimizer.learning_rate in (0.01, 0.02)
+    assert seen == {True, False}  # both branches ran: the checks above mean something
 
 
 def _tune_process(*arguments: str) -> subprocess.Popen:

@@ -6,7 +6,13 @@ model.head.dropout: {low: 0.0, high: 0.5}
 phases.finetune.epochs: {low: 2, high: 4}          # ints: suggest_int (step 1 unless given)
 training.batch_size: [32, 64, 128]
 model.backbone.cut_at: [block5c, block6d, null]
+phases.finetune.schedule.name: [constant, cosine]
+phases.finetune.schedule.warmup: {low: 0.0, high: 0.3, when: {phases.finetune.schedule.name: cosine}}
 ```
+
+A key with ``when`` (``{KEY: value}`` or ``{KEY: [values]}``, KEY an earlier key of the space) is sampled
+only in trials where KEY took one of those values, and keeps the base recipe's value in the others;
+choices with a condition are written ``{choices: [...], when: {...}}``.
 
 Every problem is a one-line RecipeError naming the key, before any trial starts; every value a key can
 take is tried on the base recipe (through ``load_recipe``'s own ``--set`` path), so an unknown path or
@@ -22,7 +28,7 @@ from typing import Any
 
 from finetune.errors import FinetuneError, RecipeError, first_line
 
-_RANGE_KEYS = {"low", "high", "log", "step"}
+_RANGE_KEYS = {"low", "high", "log", "step", "when"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,12 @@ class Dimension:
     log: bool = False
     step: float | int | None = None
     choices: tuple | None = None
+    when: tuple[tuple[str, tuple], ...] = ()
+    """(earlier key, the values that key must take for this one to be sampled), all of them to hold"""
+
+    def applies(self, sampled: dict[str, Any]) -> bool:
+        """Whether this key is sampled, given the values of the earlier keys in this trial."""
+        return all(key in sampled and sampled[key] in allowed for key, allowed in self.when)
 
     @property
     def integer(self) -> bool:
@@ -78,11 +90,19 @@ def read_space(source: str | Path | dict) -> list[Dimension]:
             raise RecipeError(f"search space {path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(raw, dict) or not raw:
         raise RecipeError("the search space must map recipe keys to a range {low, high} or a list of choices")
-    return [_dimension(str(key), spec) for key, spec in raw.items()]
+    dimensions: list[Dimension] = []
+    for key, spec in raw.items():
+        dimensions.append(_dimension(str(key), spec, {dimension.key: dimension for dimension in dimensions}))
+    return dimensions
 
 
-def _dimension(key: str, spec: Any) -> Dimension:
+def _dimension(key: str, spec: Any, earlier: dict[str, Dimension]) -> Dimension:
     where = f"search space {key}"
+    if isinstance(spec, dict) and "choices" in spec:
+        if set(spec) - {"choices", "when"} or not isinstance(spec["choices"], list):
+            raise RecipeError(f"{where}: conditional choices are {{choices: [...], when: {{KEY: value}}}}")
+        plain = _dimension(key, spec["choices"], earlier)
+        return Dimension(key, choices=plain.choices, when=_condition(where, spec.get("when"), earlier))
     if isinstance(spec, list):
         if not spec:
             raise RecipeError(f"{where}: an empty list of choices")
@@ -106,7 +126,34 @@ def _dimension(key: str, spec: Any) -> Dimension:
         raise RecipeError(f"{where}: step must be positive, and cannot go with log")
     if isinstance(low, int) != isinstance(high, int):
         raise RecipeError(f"{where}: low {low!r} and high {high!r} must both be integers or both be decimals")
-    return Dimension(key, low=low, high=high, log=log, step=step)
+    return Dimension(key, low=low, high=high, log=log, step=step, when=_condition(where, spec.get("when"), earlier))
+
+
+def _condition(where: str, when: Any, earlier: dict[str, Dimension]) -> tuple[tuple[str, tuple], ...]:
+    """``when: {KEY: value or [values]}`` checked: KEY an earlier key of the space, each value one it can take."""
+    if when is None:
+        return ()
+    if not isinstance(when, dict) or not when:
+        raise RecipeError(f"{where}: when takes {{KEY: value}} or {{KEY: [values]}}, not {when!r}")
+    condition = []
+    for other, values in when.items():
+        parent = earlier.get(str(other))
+        if parent is None:
+            raise RecipeError(f"{where}: when names {other!r}, which is not an earlier key of the space")
+        allowed = tuple(values) if isinstance(values, list) else (values,)
+        if not allowed:
+            raise RecipeError(f"{where}: when {other}: an empty list of values")
+        for value in allowed:
+            inside = value in parent.choices if parent.choices is not None else _within(parent, value)
+            if not inside:
+                raise RecipeError(f"{where}: when {other}: {value!r} is not a value {other} can take")
+        condition.append((str(other), allowed))
+    return tuple(condition)
+
+
+def _within(dimension: Dimension, value: Any) -> bool:
+    assert dimension.low is not None and dimension.high is not None
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and dimension.low <= value <= dimension.high
 
 
 def check_against(dimensions: list[Dimension], base: str | Path, fixed: list[str]) -> None:
@@ -115,9 +162,11 @@ def check_against(dimensions: list[Dimension], base: str | Path, fixed: list[str
     from finetune.plan import load_recipe
 
     for dimension in dimensions:
+        # A conditional key is tried with the keys it depends on set to a value that samples it.
+        context = [override(key, allowed[0]) for key, allowed in dimension.when]
         for value in dimension.edge_values():
             try:
-                load_recipe(base, [*fixed, override(dimension.key, value)])
+                load_recipe(base, [*fixed, *context, override(dimension.key, value)])
             except FinetuneError as error:
                 raise RecipeError(f"search space {dimension.key}: {first_line(error)}") from None
 

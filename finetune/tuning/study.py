@@ -204,7 +204,10 @@ def run_trial(trial, dimensions: list[Dimension], base: Path, settings: TuneSett
     from finetune.runner.folder import RunFolder
     from finetune.runner.pipeline import run
 
-    values = {dimension.key: dimension.suggest(trial) for dimension in dimensions}
+    values: dict[str, Any] = {}
+    for dimension in dimensions:  # in the space's order: a conditional key after the keys it depends on
+        if dimension.applies(values):
+            values[dimension.key] = dimension.suggest(trial)
     run_dir = out / "trials" / f"{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir))
     try:
