@@ -96,6 +96,10 @@ def test_a_trial_reporting_the_worst_value_is_pruned():
     keeper = ReportToTrial(study.ask(), "val_accuracy")
     keeper.on_epoch_end(0, {"val_accuracy": 0.95})  # better than the median: goes on
     assert keeper.values == [0.95]
+    finishing = ReportToTrial(study.ask(), "val_accuracy")
+    finishing.set_params({"epochs": 1})
+    finishing.on_epoch_end(0, {"val_accuracy": 0.1})  # as bad, but the run's last epoch: kept, with its value
+    assert finishing.values == [0.1]
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ class TrialPruned(Exception):
 
 class ReportToTrial(RunCallback):
     """``metric`` from each epoch's logs; those of the run's last phase go to ``trial`` (step = that phase's
-    epoch, 1-based), where the pruner may stop it.
+    epoch, 1-based), where the pruner may stop it before its last epoch.
 
     Earlier phases are not judged: a head trained on a frozen backbone ranks trials otherwise than their end
     does (in the quick start's study, the 80 px trials had the lowest head-phase accuracy, and the best final
@@ -53,5 +53,7 @@ class ReportToTrial(RunCallback):
             return  # a diverged epoch: the run's own divergence watch stops it
         self.judged += 1
         self.trial.report(value, self.judged)
-        if self.trial.should_prune():
+        # The run's last epoch is never pruned: stopping it saves nothing, and would lose the trial's value.
+        last = epoch + 1 >= (self.params or {}).get("epochs", epoch + 2)
+        if not last and self.trial.should_prune():
             raise TrialPruned(self.epochs, value)
