@@ -250,63 +250,6 @@ def test_a_ctrl_c_inside_a_gc_callback_is_not_raised_there_but_stops_the_fit(mon
     assert swallowed == []
 
 
-_ASYNC_CHECK = """
-import copy, json, sys
-sys.path.insert(0, "tests")
-import keras, numpy as np
-from keras.src.callbacks import callback_list
-from conftest import TINY_RECIPE
-import finetune
-from finetune.errors import TrainingDiverged
-from finetune.training.history import HistoryCSV
-from finetune.training.train import StopOnNaN
-
-dispatch = []
-configure = callback_list.CallbackList._configure_async_dispatch
-
-def spy(self, callbacks):
-    configure(self, callbacks)
-    if any(isinstance(callback, (HistoryCSV, StopOnNaN)) for callback in callbacks or []):
-        dispatch.append(self._async_train)
-
-callback_list.CallbackList._configure_async_dispatch = spy
-recipe = copy.deepcopy(TINY_RECIPE)
-recipe["export"] = {"formats": ["keras"]}
-finetune.run(finetune.load_recipe(recipe), out=sys.argv[1], log=lambda _: None)
-model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-model.compile(keras.optimizers.SGD(1e30), "mse")
-x = np.ones((400, 3), "float32")
-try:
-    model.fit(x, x[:, :2] * 1e20, batch_size=4, epochs=1, verbose=0, callbacks=[StopOnNaN("train", 0)])
-    stopped = None
-except TrainingDiverged as error:
-    stopped = str(error)
-print(json.dumps({"dispatch": dispatch, "stopped": stopped}))
-"""
-
-
-@pytest.mark.slow
-def test_on_jax_keras_runs_the_batch_end_hooks_on_a_thread_and_a_nan_loss_still_stops_the_fit(tmp_path):
-    """TensorFlow's Keras calls batch hooks in line; JAX's dispatches them on a thread when every callback allows
-    it, so a step no longer waits for the last one's logs (what a GPU needs). finetune's callbacks allow it."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    pytest.importorskip("jax")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", _ASYNC_CHECK, str(tmp_path / "run")],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["dispatch"] and all(report["dispatch"]), report  # every phase's fit and the NaN fit
-    assert report["stopped"] and report["stopped"].startswith("loss became"), report
-
-
 # --- BatchNorm statistics recomputed after a phase ------------------------------------------------------------
 
 
