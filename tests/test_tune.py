@@ -60,7 +60,7 @@ def trials_of(out: Path):
 
 def test_a_study_runs_its_trials_as_run_folders_and_writes_a_best_recipe_that_validates(files, tmp_path):
     base, space = files
-    result = finetune.tune(base, space, out=tmp_path / "study", trials=3, pruner="none")
+    result = finetune.tune(base, space, out=tmp_path / "study", trials=3, pruner="none", in_process=True)
     trials = trials_of(tmp_path / "study")
     assert len(trials) == 3 and all(trial.state.name == "COMPLETE" for trial in trials)
     folders = sorted((tmp_path / "study" / "trials").iterdir())
@@ -145,10 +145,10 @@ def test_a_recipe_without_a_validation_split_is_refused_for_tuning(files, tmp_pa
 def test_the_seed_makes_the_sampled_values_repeat(files, tmp_path):
     base, space = files
     for name in ("a", "b"):
-        finetune.tune(base, space, out=tmp_path / name, trials=1, pruner="none", seed=7)
+        finetune.tune(base, space, out=tmp_path / name, trials=1, pruner="none", seed=7, in_process=True)
     first, second = trials_of(tmp_path / "a"), trials_of(tmp_path / "b")
     assert [trial.params for trial in first] == [trial.params for trial in second]
-    finetune.tune(base, space, out=tmp_path / "c", trials=1, pruner="none", seed=8)
+    finetune.tune(base, space, out=tmp_path / "c", trials=1, pruner="none", seed=8, in_process=True)
     assert trials_of(tmp_path / "c")[0].params != first[0].params  # another seed, other values
 
 
@@ -157,7 +157,7 @@ def test_a_resumed_study_draws_values_of_its_own_not_the_first_process_values_ag
 
     base, space = files
     out = tmp_path / "study"
-    finetune.tune(base, space, out=out, trials=1, pruner="none", seed=0)
+    finetune.tune(base, space, out=out, trials=1, pruner="none", seed=0, in_process=True)
     settings = json.loads((out / SETTINGS_FILE).read_text())
     (out / SETTINGS_FILE).write_text(json.dumps({**settings, "trials": 2}))  # as if the first process had stopped
     work(out, log_trial=False)
@@ -171,7 +171,7 @@ def test_only_the_last_phase_is_reported_to_the_pruner(files, tmp_path):
     head = {"name": "head", "epochs": 1, "trainable": "none", "optimizer": {"name": "adam", "learning_rate": 1e-3}}
     recipe["phases"] = [head, {**recipe["phases"][0], "epochs": 2}]
     base.write_text(yaml.safe_dump(recipe))
-    finetune.tune(base, space, out=tmp_path / "s", trials=1, pruner="median")
+    finetune.tune(base, space, out=tmp_path / "s", trials=1, pruner="median", in_process=True)
     (trial,) = trials_of(tmp_path / "s")
     rows = list(csv.DictReader((tmp_path / "s" / "trials" / "0000" / "history.csv").open()))
     assert [row["phase"] for row in rows] == ["head", "train", "train"]
@@ -193,7 +193,7 @@ def test_a_conditional_key_is_sampled_only_in_trials_where_its_condition_holds(f
             sort_keys=False,
         )
     )
-    finetune.tune(base, space, out=tmp_path / "s", trials=4, pruner="none", seed=1)
+    finetune.tune(base, space, out=tmp_path / "s", trials=4, pruner="none", seed=1, in_process=True)
     base_recipe = finetune.load_recipe(base)
     seen = set()
     for trial in trials_of(tmp_path / "s"):
@@ -209,6 +209,24 @@ def test_a_conditional_key_is_sampled_only_in_trials_where_its_condition_holds(f
             assert recipe.model.head.dropout == base_recipe.model.head.dropout
             assert recipe.phases[0].optimizer.learning_rate in (0.01, 0.02)
     assert seen == {True, False}  # both branches ran: the checks above mean something
+
+
+def test_by_default_each_trial_runs_in_a_process_of_its_own_and_reports_through_the_storage(files, tmp_path):
+    base, space = files
+    result = finetune.tune(base, space, out=tmp_path / "s", trials=2, pruner="none")
+    trials = trials_of(tmp_path / "s")
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
+    processes = {trial.user_attrs["process"] for trial in trials}
+    assert len(processes) == 2 and os.getpid() not in processes  # what a trial's process kept ended with it
+    for trial in trials:
+        rows = list(csv.DictReader((tmp_path / "s" / "trials" / f"{trial.number:04d}" / "history.csv").open()))
+        assert trial.value == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)
+        assert trial.intermediate_values[len(rows)] == pytest.approx(trial.value)  # reported from that process
+        assert trial.user_attrs["rss_mb"] > 100
+    assert (
+        finetune.load_recipe(result.best_recipe).training.batch_size
+        == trials[result.best_trial].params["training.batch_size"]
+    )
 
 
 def _tune_process(*arguments: str) -> subprocess.Popen:
@@ -270,7 +288,9 @@ def test_two_workers_on_one_sqlite_study_finish_distinct_trials(files, tmp_path)
 
 def test_tuning_on_validation_macro_f1_logs_it_in_every_trial_and_a_metric_no_epoch_logs_is_one_line(files, tmp_path):
     base, space = files
-    result = finetune.tune(base, space, out=tmp_path / "f1", trials=2, pruner="none", metric="val_macro_f1")
+    result = finetune.tune(
+        base, space, out=tmp_path / "f1", trials=2, pruner="none", metric="val_macro_f1", in_process=True
+    )
     for trial in trials_of(tmp_path / "f1"):
         rows = list(csv.DictReader((tmp_path / "f1" / "trials" / f"{trial.number:04d}" / "history.csv").open()))
         assert trial.value == pytest.approx(float(rows[-1]["val_macro_f1"]), abs=1e-6)

@@ -200,10 +200,19 @@ def started_process():
 @click.option(
     "--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue the study in DIR."
 )
+@click.option(
+    "--in-process",
+    is_flag=True,
+    help="Run the trials in this process (each starts faster; memory grows trial by trial). "
+    "Default: a process per trial.",
+)
 @click.option("--join", is_flag=True, hidden=True, help="A worker process of --workers.")
 @QUIET
 @reported
-def tune(recipe, space, trials, budget, out, workers, storage, seed, metric, pruner, fidelity, resume_dir, join, quiet):
+def tune(
+    recipe, space, trials, budget, out, workers, storage, seed, metric, pruner, fidelity, in_process, resume_dir,
+    join, quiet,
+):  # fmt: skip
     """Search for the best values of RECIPE's keys in --space with Optuna; every trial is a run folder.
 
     \b
@@ -234,7 +243,7 @@ def tune(recipe, space, trials, budget, out, workers, storage, seed, metric, pru
             out = out or str(Path("runs") / f"tune-{Path(recipe).stem}")
             settings = TuneSettings(
                 out=out, trials=trials, budget_seconds=parse_budget(budget), metric=metric, pruner=pruner,
-                seed=seed, storage=storage, fidelity=list(fidelity),
+                seed=seed, storage=storage, fidelity=list(fidelity), in_process=in_process,
             )  # fmt: skip
             result = start(recipe, space, settings, workers=workers)
     if join:

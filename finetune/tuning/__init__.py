@@ -27,9 +27,10 @@ def tune(
     storage: str | None = None,
     fidelity: tuple[str, ...] = (),
     workers: int = 1,
+    in_process: bool = False,
 ) -> TuneResult:
     """Search ``space`` around the recipe file ``recipe`` into ``out``; the study's best value, trial
-    folder and ``best_recipe.yaml``."""
+    folder and ``best_recipe.yaml``. Each trial runs in a process of its own unless ``in_process``."""
     settings = TuneSettings(
         out=str(out),
         trials=trials,
@@ -39,5 +40,6 @@ def tune(
         seed=seed,
         storage=storage,
         fidelity=list(fidelity),
+        in_process=in_process,
     )
     return start(recipe, space, settings, workers=workers)

@@ -57,6 +57,9 @@ class TuneSettings:
     storage: str | None = None
     study_name: str = "finetune"
     fidelity: list[str] = field(default_factory=list)
+    in_process: bool = False
+    """Trials in the study's own process; by default each runs in a process of its own, whose memory ends
+    with it (one process kept about 100 MB of each EfficientNet-Lite0 trial)."""
 
     @property
     def direction(self) -> str:
@@ -156,14 +159,16 @@ def work(out: str | Path, *, workers: int = 1, joined: bool = False, log_trial: 
     helpers = [_spawn_worker(out, index) for index in range(1, workers)]
     try:
         with _terminated_as_interrupt(out):
-            _trial_loop(study, settings, base, dimensions, out)
+            _trial_loop(study, settings, base, dimensions, out, _worker_index(joined))
     finally:
         for helper in helpers:
             helper.wait()
     return _conclude(study, settings, base, out)
 
 
-def _trial_loop(study, settings: TuneSettings, base: Path, dimensions: list[Dimension], out: Path) -> None:
+def _trial_loop(
+    study, settings: TuneSettings, base: Path, dimensions: list[Dimension], out: Path, worker: int = 0
+) -> None:
     import optuna
 
     while True:
@@ -176,12 +181,16 @@ def _trial_loop(study, settings: TuneSettings, base: Path, dimensions: list[Dime
         trial = study.ask()
         began = time.time()
         try:
-            state, value = run_trial(trial, dimensions, base, settings, out)
+            if settings.in_process:
+                state, value = run_trial(trial, dimensions, base, settings, out)
+            else:
+                state, value = _trial_in_a_process(trial, out, worker)
         except KeyboardInterrupt:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise TuneInterrupted(out) from None
         trial.set_user_attr("seconds", round(time.time() - began, 1))
-        trial.set_user_attr("rss_mb", _resident_mb())
+        if settings.in_process:  # a trial's own process records its memory itself
+            trial.set_user_attr("rss_mb", _resident_mb())
         study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
         done, spent = _progress(study)
         best = _best(study)
@@ -237,6 +246,27 @@ def run_trial(trial, dimensions: list[Dimension], base: Path, settings: TuneSett
         return optuna.trial.TrialState.FAIL, None
     trial.set_user_attr("test_accuracy", result.test_accuracy)
     return optuna.trial.TrialState.COMPLETE, reporter.values[-1]
+
+
+def _trial_in_a_process(trial, out: Path, worker: int) -> tuple[Any, Any]:
+    """``trial`` run by ``python -m finetune.tuning.child`` (it suggests the values, reports its epochs to the
+    pruner through the storage, and answers its state and value on its last line of output)."""
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    command = [sys.executable, "-m", "finetune.tuning.child", str(out), str(trial._trial_id), str(worker)]
+    env = {**os.environ, "FINETUNE_TUNE_PARENT": str(os.getpid())}
+    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+    lines = finished.stdout.strip().splitlines()
+    if finished.returncode != 0 or not lines:
+        trial.set_user_attr("error", f"the trial's process exited with {finished.returncode}")
+        logger.warning(f"trial {trial.number}: its process exited with {finished.returncode}")
+        return optuna.trial.TrialState.FAIL, None
+    answer = json.loads(lines[-1])
+    return optuna.trial.TrialState[answer["state"]], answer["value"]
 
 
 def _resident_mb() -> float | None:
