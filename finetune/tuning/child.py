@@ -38,8 +38,10 @@ def main(arguments: list[str]) -> int:
     out, trial_id, worker = Path(arguments[0]), int(arguments[1]), int(arguments[2])
     import logging
 
+    from finetune.progress import LineFormatter
+
     handler = logging.StreamHandler(sys.stderr)  # the trial's warnings, as the study's own lines look
-    handler.setFormatter(logging.Formatter("[finetune] warning: %(message)s"))
+    handler.setFormatter(LineFormatter())
     handler.setLevel(logging.WARNING)
     logging.getLogger("finetune").addHandler(handler)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
