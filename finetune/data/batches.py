@@ -66,9 +66,10 @@ class FileBatches(keras.utils.PyDataset):
             raise ValueError("balanced batches need labels")
         self.balanced = balanced
         self.class_weights = None if class_weights is None else np.asarray(class_weights, dtype=np.float32)
-        self._order = self._order_for(epoch)
+        self._order = self.order_for(epoch)
 
-    def _order_for(self, epoch: int) -> np.ndarray:
+    def order_for(self, epoch: int) -> np.ndarray:
+        """The rows epoch ``epoch`` reads, in its order (from the seed and the epoch alone)."""
         if self.balanced:
             assert self.labels is not None
             return balanced_order(self.labels, self.rows, np.random.default_rng([self.seed, epoch]))
@@ -97,15 +98,20 @@ class FileBatches(keras.utils.PyDataset):
         return x, labels, self.class_weights[labels]
 
     def on_epoch_end(self) -> None:
-        self.epoch += 1
-        if self.shuffle:
-            self._order = self._order_for(self.epoch)
+        self.go_to_epoch(self.epoch + 1)
+
+    def go_to_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch``'s batches from now on."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            if self.shuffle or self.balanced:
+                self._order = self.order_for(epoch)
 
     def at_epoch(self, epoch: int) -> FileBatches:
         """A copy that reads epoch ``epoch``'s batches, leaving this one where it is."""
         other = copy.copy(self)
         other.epoch = epoch
-        other._order = other._order_for(epoch)
+        other._order = other.order_for(epoch)
         return other
 
 
@@ -135,8 +141,8 @@ class ViewBatches(FileBatches):
         self.views = [list(view) if isinstance(view, (list, tuple)) else [view] for view in views]
         self.inputs = self.views[epoch % len(self.views)]
 
-    def on_epoch_end(self) -> None:
-        super().on_epoch_end()
+    def go_to_epoch(self, epoch: int) -> None:
+        super().go_to_epoch(epoch)
         self.inputs = self.views[self.epoch % len(self.views)]
 
     def at_epoch(self, epoch: int) -> ViewBatches:

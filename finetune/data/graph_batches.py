@@ -1,0 +1,85 @@
+"""The same batches as a :class:`~finetune.data.batches.FileBatches`, read inside TensorFlow's input pipeline.
+
+Keras feeds a ``PyDataset`` to TensorFlow through a Python generator, one call per batch; on a small
+model (a head on cached features) that call was a sixth of each step. Arrays that are already in
+memory can instead be handed to ``tf.data`` once and gathered there, as Keras's own array input
+does. The epoch's row order still comes from :meth:`FileBatches.order_for` (seed and epoch alone),
+so a resumed run reads what an uninterrupted one would; :class:`EpochOrder` tells the pipeline which
+epoch Keras begins. Only for the TensorFlow backend (the JAX and torch backends read the
+``PyDataset``), only for in-memory arrays (a memory-mapped cache is read a batch at a time, never
+copied), and only up to :data:`MAX_COPY_BYTES`: TensorFlow copies the arrays it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from finetune.data.arrays import MappedImages
+from finetune.data.batches import FileBatches
+
+MAX_COPY_BYTES = 2 * 2**30  # above this, a second copy of the arrays costs more than the steps save
+
+__all__ = ["MAX_COPY_BYTES", "EpochOrder", "fit_feed"]
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Sets the epoch whose row order an in-graph pipeline reads, as Keras begins it (before its first batch)."""
+
+    def __init__(self, batches: FileBatches) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.batches.go_to_epoch(epoch)
+
+
+def can_read_in_graph(batches: FileBatches) -> bool:
+    """Plain batches of in-memory arrays, small enough to copy, on the TensorFlow backend."""
+    if keras.backend.backend() != "tensorflow" or type(batches) is not FileBatches:
+        return False  # views and mixed batches change their arrays or pixels per epoch or batch
+    arrays = [*batches.inputs, *([] if batches.labels is None else [batches.labels])]
+    if any(isinstance(array, (np.memmap, MappedImages)) or not isinstance(array, np.ndarray) for array in arrays):
+        return False
+    if batches.class_weights is not None and (batches.labels is None or batches.labels.ndim != 1):
+        return False
+    return sum(array.nbytes for array in arrays) <= MAX_COPY_BYTES
+
+
+def fit_feed(batches: FileBatches) -> tuple[Any, list[keras.callbacks.Callback]]:
+    """What ``fit`` reads for ``batches``, and the callbacks that keep it in step with Keras's epochs.
+
+    A ``tf.data.Dataset`` with the batches' rows, order and weights where :func:`can_read_in_graph`;
+    otherwise the batches themselves and no callback.
+    """
+    if not can_read_in_graph(batches):
+        return batches, []
+    import tensorflow as tf  # only on the TensorFlow backend
+
+    rows = batches.rows
+
+    def order() -> np.ndarray:
+        return np.asarray(batches.order_for(batches.epoch), dtype=np.int64)
+
+    def epoch_rows(_: Any) -> Any:
+        return tf.ensure_shape(tf.numpy_function(order, [], tf.int64, stateful=True), [rows])
+
+    inputs = [tf.constant(array) for array in batches.inputs]
+    labels = None if batches.labels is None else tf.constant(batches.labels)
+    weights = None if batches.class_weights is None else tf.constant(batches.class_weights)
+
+    def gather(batch_rows: Any) -> Any:
+        images = [tf.gather(array, batch_rows) for array in inputs]
+        x = images[0] if batches.single else tuple(images)
+        if labels is None:
+            return x
+        y = tf.gather(labels, batch_rows)
+        if weights is None:
+            return x, y
+        return x, y, tf.gather(weights, y)
+
+    pipeline = tf.data.Dataset.from_tensors(0).map(epoch_rows).unbatch().batch(batches.batch_size)
+    pipeline = pipeline.map(gather).prefetch(2)
+    return pipeline, [EpochOrder(batches)]
