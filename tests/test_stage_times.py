@@ -104,3 +104,33 @@ def test_the_command_line_counts_its_start_up(tiny_recipe_dict, tmp_path):
     stages = json.loads((tmp_path / "run" / "metrics.json").read_text())["seconds_by_stage"]
     assert next(iter(stages)) == "start-up" and stages["start-up"] > 1.0  # the interpreter, click, Keras
     assert "where the time went" in done.stderr
+
+
+def test_with_fewer_than_four_interop_threads_the_exports_follow_evaluation(tiny_recipe_dict, tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "2")  # a user's choice: a pool of 2 could stall the evaluation
+    tiny_recipe_dict["phases"] = tiny_recipe_dict["phases"][:1]
+    result = finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=None)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    stages = list(metrics["seconds_by_stage"])
+    assert stages[stages.index("evaluation") + 1 :] == [
+        "model.keras",
+        "export keras",
+        "export (shared work)",
+        "pictures and report",
+    ]
+    assert "seconds_beside" not in metrics and metrics["export"]["keras"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("chosen", [None, "3"])
+def test_importing_finetune_asks_for_four_interop_threads_on_a_small_machine(chosen):
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TF_NUM_INTEROP_THREADS"}
+    if chosen is not None:
+        env["TF_NUM_INTEROP_THREADS"] = chosen
+    probe = "import os, finetune; print(os.environ.get('TF_NUM_INTEROP_THREADS'))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    expected = chosen or ("4" if (os.cpu_count() or 1) < 4 else "None")
+    assert done.stdout.strip() == expected, done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from finetune import MIN_INTEROP_THREADS
 from finetune import model as model_stage
 from finetune.data import Dataset
 from finetune.data.input_spec import describe_input, write_input_spec, write_thresholds
@@ -65,7 +67,7 @@ def conclude(session: RunSession) -> RunResult:
     history = read_history(folder.path / "history.csv")
     times = session.times
     beside = StageTimes()  # the export thread's own clock
-    twin = evaluation_twin(session.model)
+    twin = evaluation_twin(session.model) if room_beside_evaluation() else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-export") as pool:
         exported = pool.submit(with_callers_policy(save_model_and_exports), session, beside) if twin else None
         live(f"evaluating on {len(session.dataset.test):,} test images", force=True)
@@ -89,6 +91,16 @@ def conclude(session: RunSession) -> RunResult:
         logger.info(line)
     logger.info(stage_line(metrics["seconds_by_stage"], metrics.get("seconds_beside")))
     return RunResult(folder.path, metrics, session.model, session.recipe, history)
+
+
+def room_beside_evaluation() -> bool:
+    """Whether the exports may run beside the evaluation: on TensorFlow, a pool of at least 4 threads for
+    independent operations (``finetune`` asks for it when imported before TensorFlow starts; with one thread
+    per core on a 2-core machine the export's work sometimes held the pool and stalled the evaluation)."""
+    if keras.backend.backend() != "tensorflow":
+        return True
+    threads = int(os.environ.get("TF_NUM_INTEROP_THREADS") or 0) or (os.cpu_count() or 1)
+    return threads >= MIN_INTEROP_THREADS
 
 
 def evaluation_twin(model: keras.Model) -> keras.Model | None:
