@@ -23,26 +23,19 @@ from finetune.recipe import Recipe
 __version__ = "0.2.0"
 
 
-def _tensorflow_defaults() -> None:
-    """TensorFlow settings finetune prefers unless the user chose (read when TensorFlow starts; nothing changes
-    once it has, or on another backend).
+def _prefer_onednn() -> None:
+    """Turn on TensorFlow's oneDNN CPU kernels on x86-64 unless the user chose (read when TensorFlow loads).
 
-    * oneDNN's CPU kernels on x86-64: TensorFlow enables them by default only on CPUs with AVX-512 VNNI or
-      newer; without them a separable convolution's gradient runs about 4x slower on other x86 CPUs (AMD
-      EPYC, older Intel), which is most of a fine-tuning step for Xception's top blocks (docs/performance.md,
-      measured with scripts/onednn_bench.py).
-    * At least 4 threads for running independent operations (TensorFlow's default is one per core): a run
-      writes its exports on a second thread while it evaluates, and on a 2-core machine a pool of 2 was
-      sometimes held by the export's work, stalling the evaluation for 18 s (docs/performance.md).
+    TensorFlow enables them by default only on CPUs with AVX-512 VNNI or newer; without them a
+    separable convolution's gradient runs about 4x slower on other x86 CPUs (AMD EPYC, older Intel),
+    which is most of a fine-tuning step for Xception's top blocks (docs/performance.md, measured
+    with scripts/onednn_bench.py). It changes nothing once TensorFlow is imported, or on another backend.
     """
     if platform.machine().lower() in ("x86_64", "amd64"):
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-    if (os.cpu_count() or 1) < MIN_INTEROP_THREADS:
-        os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(MIN_INTEROP_THREADS))
 
 
-MIN_INTEROP_THREADS = 4
-_tensorflow_defaults()
+_prefer_onednn()
 
 __all__ = [
     "FinetuneError",

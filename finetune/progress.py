@@ -204,7 +204,6 @@ class StageTimes:
     def __init__(self) -> None:
         self._seconds: dict[str, float] = {}
         self._inner: list[float] = []  # per open stage: seconds already charged to stages inside it
-        self._beside: dict[str, dict[str, float]] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -232,17 +231,6 @@ class StageTimes:
     def as_dict(self) -> dict[str, float]:
         """``{stage: seconds}``, rounded to 10 ms, in the order the stages first ran."""
         return {name: round(seconds, 2) for name, seconds in self._seconds.items()}
-
-    def add_beside(self, stage: str, seconds_by_stage: dict[str, float]) -> None:
-        """Record what another thread did while ``stage`` ran here: not charged (those seconds are ``stage``'s),
-        kept apart as :meth:`beside`."""
-        kept = self._beside.setdefault(stage, {})
-        for name, seconds in seconds_by_stage.items():
-            kept[name] = round(kept.get(name, 0.0) + seconds, 2)
-
-    def beside(self) -> dict[str, dict[str, float]]:
-        """``{stage: {work done beside it on another thread: seconds}}``."""
-        return {stage: dict(work) for stage, work in self._beside.items()}
 
     def __bool__(self) -> bool:
         return bool(self._seconds)

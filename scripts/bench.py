@@ -215,9 +215,6 @@ def whole_process(args, scratch_root: Path) -> None:
             print(f"| {round_index + 1} | {way} | {wall:.1f} | {accuracy:.4f} |", flush=True)
         stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in metrics["seconds_by_stage"].items())
         print(f"|  | finetune's stages, s | {stages} |  |", flush=True)
-        for stage, work in metrics.get("seconds_beside", {}).items():
-            beside = ", ".join(f"{name} {seconds:.1f}" for name, seconds in work.items())
-            print(f"|  | beside {stage}, s | {beside} |  |", flush=True)
         ratios.append(baseline_wall / finetune_wall)
     print(f"\nwhole process, Keras guide / finetune run: {_spread(ratios)}")
 

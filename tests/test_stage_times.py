@@ -58,7 +58,10 @@ def test_a_run_says_where_its_time_went(tiny_recipe_dict, tmp_path):
         "head: training",
         "finetune: training",
         "evaluation",
-        "exports, after evaluation",  # what was left of them when the evaluation ended
+        "model.keras",
+        "export keras",
+        "export saved_model",
+        "export (shared work)",
         "pictures and report",
     ]
     assert list(stages) == expected
@@ -66,13 +69,9 @@ def test_a_run_says_where_its_time_went(tiny_recipe_dict, tmp_path):
     # Each second counted once: the stages add up to the run's time, nothing double-counted.
     assert sum(stages.values()) <= wall + 0.1
     assert sum(stages.values()) >= 0.9 * wall - 0.5
-    # The saved model and the formats were written on a second thread while the test split was evaluated.
-    beside = metrics["seconds_beside"]["evaluation"]
-    assert list(beside) == ["model.keras", "export keras", "export saved_model", "export (shared work)"]
-    assert beside["export saved_model"] == pytest.approx(metrics["export"]["saved_model"]["seconds"], abs=0.01)
-    assert sum(beside.values()) <= stages["evaluation"] + stages["exports, after evaluation"] + 0.1
+    assert stages["export saved_model"] == pytest.approx(metrics["export"]["saved_model"]["seconds"], abs=0.01)
     page = (result.run_dir / "report.html").read_text()
-    assert 'id="stage-bar"' in page and "Beside evaluation, on a second thread: model.keras" in page
+    assert 'id="stage-bar"' in page and "export saved_model" in page
 
 
 def test_the_closing_line_and_the_bar_show_every_stage_with_its_share():
@@ -83,12 +82,6 @@ def test_the_closing_line_and_the_bar_show_every_stage_with_its_share():
     html = stage_bar(stages)
     assert html.count('<div style="width:') == 3
     assert "width:85.000%" in html and "head: training: 85.0 s (85.0%)" in html
-    # Work a second thread did beside a stage is listed after it, not added to the bar (its seconds are the stage's).
-    beside = {"head: training": {"model.keras": 1.25, "export saved_model": 4.0}}
-    assert stage_line(stages, beside).endswith("; beside head: training: model.keras 1.2s, export saved_model 4.0s")
-    html = stage_bar(stages, beside)
-    assert html.count('<div style="width:') == 3
-    assert "Beside head: training, on a second thread: model.keras 1.2 s, export saved_model 4.0 s" in html
 
 
 def test_the_command_line_counts_its_start_up(tiny_recipe_dict, tmp_path):
@@ -104,33 +97,3 @@ def test_the_command_line_counts_its_start_up(tiny_recipe_dict, tmp_path):
     stages = json.loads((tmp_path / "run" / "metrics.json").read_text())["seconds_by_stage"]
     assert next(iter(stages)) == "start-up" and stages["start-up"] > 1.0  # the interpreter, click, Keras
     assert "where the time went" in done.stderr
-
-
-def test_with_fewer_than_four_interop_threads_the_exports_follow_evaluation(tiny_recipe_dict, tmp_path, monkeypatch):
-    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "2")  # a user's choice: a pool of 2 could stall the evaluation
-    tiny_recipe_dict["phases"] = tiny_recipe_dict["phases"][:1]
-    result = finetune.run(finetune.load_recipe(tiny_recipe_dict), out=tmp_path / "run", log=None)
-    metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    stages = list(metrics["seconds_by_stage"])
-    assert stages[stages.index("evaluation") + 1 :] == [
-        "model.keras",
-        "export keras",
-        "export (shared work)",
-        "pictures and report",
-    ]
-    assert "seconds_beside" not in metrics and metrics["export"]["keras"]["top1_agreement"] == 1.0
-
-
-@pytest.mark.parametrize("chosen", [None, "3"])
-def test_importing_finetune_asks_for_four_interop_threads_on_a_small_machine(chosen):
-    import os
-    import subprocess
-    import sys
-
-    env = {key: value for key, value in os.environ.items() if key != "TF_NUM_INTEROP_THREADS"}
-    if chosen is not None:
-        env["TF_NUM_INTEROP_THREADS"] = chosen
-    probe = "import os, finetune; print(os.environ.get('TF_NUM_INTEROP_THREADS'))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
-    expected = chosen or ("4" if (os.cpu_count() or 1) < 4 else "None")
-    assert done.stdout.strip() == expected, done.stderr

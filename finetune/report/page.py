@@ -146,11 +146,8 @@ def per_class_table(test: dict) -> str:
     return table + _table(["over the classes", "value"], summary, "class-averages")
 
 
-def stage_bar(
-    seconds_by_stage: Mapping[str, float], seconds_beside: Mapping[str, Mapping[str, float]] | None = None
-) -> str:
-    """Where the run's time went: one bar split by stage (a title on each part), a table of the same, and what
-    a second thread did beside a stage."""
+def stage_bar(seconds_by_stage: Mapping[str, float]) -> str:
+    """Where the run's time went: one bar split by stage (a title on each part), and a table of the same."""
     total = sum(seconds_by_stage.values())
     if total <= 0:
         return ""
@@ -163,15 +160,9 @@ def stage_bar(
         swatch = f'<span class="swatch" style="background:{colour}"></span>'
         rows.append(f"<tr><td>{swatch}{escape(name)}</td><td>{seconds:.1f}</td><td>{share:.1f}%</td></tr>")
     rows.append(f"<tr><th>all</th><th>{total:.1f}</th><th>100%</th></tr>")
-    beside = "".join(
-        f'<p class="beside">Beside {escape(stage)}, on a second thread: '
-        + ", ".join(f"{escape(name)} {seconds:.1f} s" for name, seconds in work.items())
-        + "</p>"
-        for stage, work in (seconds_beside or {}).items()
-    )
     return (
         f'<div class="stages" id="stage-bar">{"".join(parts)}</div>'
-        f'<table id="stages"><tr><th>stage</th><th>seconds</th><th>share</th></tr>{"".join(rows)}</table>{beside}'
+        f'<table id="stages"><tr><th>stage</th><th>seconds</th><th>share</th></tr>{"".join(rows)}</table>'
     )
 
 
@@ -216,7 +207,7 @@ def render(
     parts += ["<h2>Test metrics</h2>", metrics_table(metrics)]
     parts += ["<h2>Phases</h2>", phase_table(spans, metrics.get("train_images"))]
     if metrics.get("seconds_by_stage"):
-        parts += ["<h2>Where the time went</h2>", stage_bar(metrics["seconds_by_stage"], metrics.get("seconds_beside"))]
+        parts += ["<h2>Where the time went</h2>", stage_bar(metrics["seconds_by_stage"])]
     parts.append("<h2>Pictures</h2>")
     for picture in pictures:
         caption = {**CAPTIONS, **(captions or {})}.get(picture.name, "")

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +12,6 @@ from typing import Any
 import keras
 import numpy as np
 
-from finetune import MIN_INTEROP_THREADS
 from finetune import model as model_stage
 from finetune.data import Dataset
 from finetune.data.input_spec import describe_input, write_input_spec, write_thresholds
@@ -26,7 +22,7 @@ from finetune.export.tflite import calibration_sample
 from finetune.files import write_atomically
 from finetune.inference.explain import overlays_for
 from finetune.plan import RunPlan
-from finetune.progress import StageTimes, live
+from finetune.progress import live
 from finetune.recipe import Recipe
 from finetune.report.write import write_pictures_and_report
 from finetune.runner.folder import RunFolder
@@ -56,73 +52,24 @@ class RunResult:
 def conclude(session: RunSession) -> RunResult:
     """Evaluation and export of the trained model, then the folder marked finished.
 
-    The saved model and its export formats are written and checked on a second thread while the test
-    split is evaluated (they need only the trained weights; the evaluation keeps the cores busy in
-    TensorFlow, the exports mostly in Python and on disk); their seconds are on record as run beside
-    the evaluation. Outside the distribution's scope: a SavedModel traced inside a tf.distribute scope
-    cannot run outside one.
+    Outside the distribution's scope: a SavedModel traced inside a tf.distribute scope cannot run outside one.
     """
     folder = session.folder
     assert folder is not None, "only a run with a folder concludes"
     history = read_history(folder.path / "history.csv")
-    times = session.times
-    beside = StageTimes()  # the export thread's own clock
-    twin = evaluation_twin(session.model) if room_beside_evaluation() else None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-export") as pool:
-        exported = pool.submit(with_callers_policy(save_model_and_exports), session, beside) if twin else None
-        live(f"evaluating on {len(session.dataset.test):,} test images", force=True)
-        with times.stage("evaluation"):
-            metrics, probabilities = evaluate(session, history, twin or session.model)
-        metrics.update(session.facts)
-        warnings = read_warnings(folder.path)
-        if warnings:
-            metrics["warnings"] = warnings
-        # Written before waiting for the exports: a run killed while exporting still has its test metrics.
-        folder.write_json("metrics.json", metrics)
-        if exported is None:
-            metrics["export"] = save_model_and_exports(session, times)
-        else:
-            with times.stage("exports, after evaluation"):
-                metrics["export"] = exported.result()
-            times.add_beside("evaluation", beside.as_dict())
+    live(f"evaluating on {len(session.dataset.test):,} test images", force=True)
+    with session.times.stage("evaluation"):
+        metrics, probabilities = evaluate(session, history)
+    metrics.update(session.facts)
+    warnings = read_warnings(folder.path)
+    if warnings:
+        metrics["warnings"] = warnings
     save(session, metrics, probabilities, history)
     folder.finish()
     for line in summary_lines(history, metrics, folder.path):
         logger.info(line)
-    logger.info(stage_line(metrics["seconds_by_stage"], metrics.get("seconds_beside")))
+    logger.info(stage_line(metrics["seconds_by_stage"]))
     return RunResult(folder.path, metrics, session.model, session.recipe, history)
-
-
-def room_beside_evaluation() -> bool:
-    """Whether the exports may run beside the evaluation: on TensorFlow, a pool of at least 4 threads for
-    independent operations (``finetune`` asks for it when imported before TensorFlow starts; with one thread
-    per core on a 2-core machine the export's work sometimes held the pool and stalled the evaluation)."""
-    if keras.backend.backend() != "tensorflow":
-        return True
-    threads = int(os.environ.get("TF_NUM_INTEROP_THREADS") or 0) or (os.cpu_count() or 1)
-    return threads >= MIN_INTEROP_THREADS
-
-
-def evaluation_twin(model: keras.Model) -> keras.Model | None:
-    """A second model object over the same layers and weights, for evaluating while another thread saves and
-    exports ``model`` (Keras keeps each model's predict state on the model object); None where there is none
-    to build (then the two run one after the other)."""
-    try:
-        return keras.Model(model.inputs, model.outputs, name=model.name)
-    except (AttributeError, ValueError, TypeError):  # a subclassed or unbuilt model
-        return None
-
-
-def with_callers_policy(work: Callable[..., Any]) -> Callable[..., Any]:
-    """``work`` run with this thread's Keras dtype policy (Keras keeps it per thread; a mixed precision run's
-    replaced augmentation layers must be built under it)."""
-    policy = keras.config.dtype_policy()
-
-    def run_with_policy(*args: Any) -> Any:
-        keras.config.set_dtype_policy(policy)
-        return work(*args)
-
-    return run_with_policy
 
 
 def evaluate_test_split(
@@ -147,13 +94,10 @@ def evaluate_test_split(
     )
 
 
-def evaluate(
-    session: RunSession, history: list[dict[str, Any]], model: keras.Model
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Test metrics of the trained model (``model``: the session's, or its twin), with the run's context
-    (validation from its last epoch), and its class probabilities for each test image (for the pictures; too
-    big for metrics.json)."""
-    plan, dataset = session.plan, session.dataset
+def evaluate(session: RunSession, history: list[dict[str, Any]]) -> tuple[dict[str, Any], np.ndarray]:
+    """Test metrics of the trained model, with the run's context (validation from its last epoch),
+    and its class probabilities for each test image (for the pictures; too big for metrics.json)."""
+    model, plan, dataset = session.model, session.plan, session.dataset
     test, probabilities = evaluate_test_split(model, plan, dataset)
     metrics = {
         "test": test,
@@ -182,17 +126,23 @@ def evaluate(
     return metrics, probabilities
 
 
-def save_model_and_exports(session: RunSession, times: StageTimes) -> dict[str, Any]:
-    """``model.keras``, ``input.json``, the check images and the export formats (each reloaded and checked
-    against the model); returns ``metrics.json``'s ``export`` part. Needs only the trained model."""
-    model, plan, dataset = session.model, session.plan, session.dataset
+def save(
+    session: RunSession, metrics: dict[str, Any], probabilities: np.ndarray, history: list[dict[str, Any]]
+) -> None:
+    """``model.keras``, ``input.json``, ``metrics.json``, the export formats (each reloaded and checked against
+    the model), then the pictures and ``report.html``."""
+    model, plan, dataset, times = session.model, session.plan, session.dataset, session.times
     folder: RunFolder | None = session.folder
     assert folder is not None
     with times.stage("model.keras"):
         folder.save_model(model)
+    if "thresholds" in metrics["test"]:  # multi-label: the tags' thresholds go wherever the model goes
+        write_thresholds(folder.path, metrics["test"]["thresholds"], metrics["test"]["thresholds_chosen_on"])
     # What `finetune predict` needs to turn any picture into this model's input (shape, resize, background).
     input_spec = describe_input(dataset.train.images, dataset.class_names, plan.data.resize)
     write_input_spec(folder.path, input_spec)
+    # Written before the exports as well: a run killed while exporting still has its test metrics.
+    folder.write_json("metrics.json", metrics)
     images = np.asarray(dataset.test.images[: plan.export.verify_images])
     # Kept with the run (a few dozen small images): `finetune export` checks later formats on them
     # wherever the folder goes, without the training data.
@@ -202,31 +152,12 @@ def save_model_and_exports(session: RunSession, times: StageTimes) -> dict[str, 
     if "tflite" in formats and quantization == "int8":  # the activations' ranges, from the training split
         calibration = calibration_sample(dataset.train.images, plan.export.calibration_images, plan.seed)
     with times.stage("export (shared work)"):  # reference predictions, labels.txt; each format on its own
-        exported = export_all(
+        metrics["export"] = export_all(
             model, folder.path, formats, quantization, dataset.class_names, images,
             calibration=calibration, tflite_io=plan.export.tflite_io,
         )  # fmt: skip
-        for key, result in exported.items():
+        for key, result in metrics["export"].items():
             times.add(f"export {key}", result["seconds"])
-    if "saved_model" in formats and (folder.path / "saved_model").is_dir():
-        write_input_spec(folder.path / "saved_model", input_spec)  # predict reads it beside labels.txt
-    return exported
-
-
-def save(
-    session: RunSession, metrics: dict[str, Any], probabilities: np.ndarray, history: list[dict[str, Any]]
-) -> None:
-    """The multi-label thresholds beside the saved model, ``metrics.json`` with the exports' results and
-    seconds, then the pictures and ``report.html``."""
-    model, plan, dataset, times = session.model, session.plan, session.dataset, session.times
-    folder: RunFolder | None = session.folder
-    assert folder is not None
-    formats = plan.export.formats
-    if "thresholds" in metrics["test"]:  # multi-label: the tags' thresholds go wherever the model goes
-        thresholds, chosen_on = metrics["test"]["thresholds"], metrics["test"]["thresholds_chosen_on"]
-        write_thresholds(folder.path, thresholds, chosen_on)
-        if "saved_model" in formats and (folder.path / "saved_model").is_dir():
-            write_thresholds(folder.path / "saved_model", thresholds, chosen_on)
     for key, reason in failures(metrics["export"]).items():
         # The trained model is never held hostage by a format: the run finishes, the failure is on record.
         failed = metrics["export"][key]
@@ -234,7 +165,13 @@ def save(
         if failed["quantization"] != "none":
             retry += f" --quantization {failed['quantization']}"
         logger.warning(f"{reason}; the run is finished and model.keras saved; retry with: {retry}")
-    write_times(metrics, times)
+    if "saved_model" in formats:
+        write_input_spec(folder.path / "saved_model", input_spec)  # predict reads it beside labels.txt
+        if "thresholds" in metrics["test"]:
+            write_thresholds(
+                folder.path / "saved_model", metrics["test"]["thresholds"], metrics["test"]["thresholds_chosen_on"]
+            )
+    metrics["seconds_by_stage"] = times.as_dict()
     folder.write_json("metrics.json", metrics)
     with times.stage("pictures and report"):
         problems = write_pictures_and_report(
@@ -242,13 +179,5 @@ def save(
         )
         for problem in problems:
             logger.warning(f"picture not drawn: {problem}")
-    write_times(metrics, times)
-    folder.write_json("metrics.json", metrics)  # with the pictures' own seconds
-
-
-def write_times(metrics: dict[str, Any], times: StageTimes) -> None:
-    """``seconds_by_stage`` (one after the other: they add up to the run) and ``seconds_beside`` (what a second
-    thread did while a stage ran) into ``metrics``."""
     metrics["seconds_by_stage"] = times.as_dict()
-    if times.beside():
-        metrics["seconds_beside"] = times.beside()
+    folder.write_json("metrics.json", metrics)  # with the pictures' own seconds

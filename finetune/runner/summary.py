@@ -31,9 +31,8 @@ def summary_lines(history: list[dict], metrics: dict, run_dir: Path) -> list[str
     return lines
 
 
-def stage_line(seconds_by_stage: dict[str, float], seconds_beside: dict[str, dict[str, float]] | None = None) -> str:
-    """Where the run's time went, in the order the stages ran, with each stage's share; then the work a
-    second thread did beside a stage (its seconds are that stage's)."""
+def stage_line(seconds_by_stage: dict[str, float]) -> str:
+    """Where the run's time went, in the order the stages ran, with each stage's share."""
     total = sum(seconds_by_stage.values()) or 1.0
     parts = [
         f"{name} {seconds:.1f}s ({100 * seconds / total:.0f}%)"
@@ -41,7 +40,4 @@ def stage_line(seconds_by_stage: dict[str, float], seconds_beside: dict[str, dic
         else f"{name} {duration(seconds)} ({100 * seconds / total:.0f}%)"
         for name, seconds in seconds_by_stage.items()
     ]
-    line = f"where the time went ({duration(total)}): {', '.join(parts)}"
-    for stage, work in (seconds_beside or {}).items():
-        line += f"; beside {stage}: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in work.items())
-    return line
+    return f"where the time went ({duration(total)}): {', '.join(parts)}"
