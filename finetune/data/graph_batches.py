@@ -80,6 +80,11 @@ def fit_feed(batches: FileBatches) -> tuple[Any, list[keras.callbacks.Callback]]
             return x, y
         return x, y, tf.gather(weights, y)
 
-    pipeline = tf.data.Dataset.from_tensors(0).map(epoch_rows).unbatch().batch(batches.batch_size)
+    size, count = batches.batch_size, len(batches)
+
+    def in_batches(order: Any) -> Any:  # slices of the epoch's order: one element per batch, not per row
+        return tf.data.Dataset.range(count).map(lambda index: order[index * size : (index + 1) * size])
+
+    pipeline = tf.data.Dataset.from_tensors(0).map(epoch_rows).flat_map(in_batches)
     pipeline = pipeline.map(gather).prefetch(2)
     return pipeline, [EpochOrder(batches)]
