@@ -86,5 +86,6 @@ def fit_feed(batches: FileBatches) -> tuple[Any, list[keras.callbacks.Callback]]
         return tf.data.Dataset.range(count).map(lambda index: order[index * size : (index + 1) * size])
 
     pipeline = tf.data.Dataset.from_tensors(0).map(epoch_rows).flat_map(in_batches)
-    pipeline = pipeline.map(gather).prefetch(2)
+    # Known length: Keras then runs each epoch's steps without waiting for the pipeline's end.
+    pipeline = pipeline.map(gather).apply(tf.data.experimental.assert_cardinality(count)).prefetch(2)
     return pipeline, [EpochOrder(batches)]
