@@ -66,10 +66,14 @@ class FileBatches(keras.utils.PyDataset):
             raise ValueError("balanced batches need labels")
         self.balanced = balanced
         self.class_weights = None if class_weights is None else np.asarray(class_weights, dtype=np.float32)
-        self._order = self.order_for(epoch)
+        self._order = self._order_for(epoch)
 
-    def order_for(self, epoch: int) -> np.ndarray:
-        """The rows epoch ``epoch`` reads, in its order (from the seed and the epoch alone)."""
+    @property
+    def order(self) -> np.ndarray:
+        """The rows the current epoch reads, in its order (drawn from the seed and the epoch alone)."""
+        return self._order
+
+    def _order_for(self, epoch: int) -> np.ndarray:
         if self.balanced:
             assert self.labels is not None
             return balanced_order(self.labels, self.rows, np.random.default_rng([self.seed, epoch]))
@@ -105,13 +109,13 @@ class FileBatches(keras.utils.PyDataset):
         if epoch != self.epoch:
             self.epoch = epoch
             if self.shuffle or self.balanced:
-                self._order = self.order_for(epoch)
+                self._order = self._order_for(epoch)
 
     def at_epoch(self, epoch: int) -> FileBatches:
         """A copy that reads epoch ``epoch``'s batches, leaving this one where it is."""
         other = copy.copy(self)
         other.epoch = epoch
-        other._order = other.order_for(epoch)
+        other._order = other._order_for(epoch)
         return other
 
 

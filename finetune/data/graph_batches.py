@@ -1,9 +1,10 @@
 """The same batches as a :class:`~finetune.data.batches.FileBatches`, read inside TensorFlow's input pipeline.
 
 Keras feeds a ``PyDataset`` to TensorFlow through a Python generator, one call per batch; on a small
-model (a head on cached features) that call was a sixth of each step. Arrays that are already in
+model (a head on cached features) that made an epoch about a third longer than Keras's own array input
+(``scripts/feed_bench.py``). Arrays that are already in
 memory can instead be handed to ``tf.data`` once and gathered there, as Keras's own array input
-does. The epoch's row order still comes from :meth:`FileBatches.order_for` (seed and epoch alone),
+does. The epoch's row order is still :attr:`FileBatches.order` (drawn from the seed and the epoch alone),
 so a resumed run reads what an uninterrupted one would; :class:`EpochOrder` tells the pipeline which
 epoch Keras begins. Only for the TensorFlow backend (the JAX and torch backends read the
 ``PyDataset``), only for in-memory arrays (a memory-mapped cache is read a batch at a time, never
@@ -17,7 +18,6 @@ from typing import Any
 import keras
 import numpy as np
 
-from finetune.data.arrays import MappedImages
 from finetune.data.batches import FileBatches
 
 MAX_COPY_BYTES = 2 * 2**30  # above this, a second copy of the arrays costs more than the steps save
@@ -41,7 +41,7 @@ def can_read_in_graph(batches: FileBatches) -> bool:
     if keras.backend.backend() != "tensorflow" or type(batches) is not FileBatches:
         return False  # views and mixed batches change their arrays or pixels per epoch or batch
     arrays = [*batches.inputs, *([] if batches.labels is None else [batches.labels])]
-    if any(isinstance(array, (np.memmap, MappedImages)) or not isinstance(array, np.ndarray) for array in arrays):
+    if any(isinstance(array, np.memmap) or not isinstance(array, np.ndarray) for array in arrays):  # files
         return False
     if batches.class_weights is not None and (batches.labels is None or batches.labels.ndim != 1):
         return False
@@ -61,7 +61,7 @@ def fit_feed(batches: FileBatches) -> tuple[Any, list[keras.callbacks.Callback]]
     rows = batches.rows
 
     def order() -> np.ndarray:
-        return np.asarray(batches.order_for(batches.epoch), dtype=np.int64)
+        return np.asarray(batches.order, dtype=np.int64)  # drawn when EpochOrder moved the batches there
 
     def epoch_rows(_: Any) -> Any:
         return tf.ensure_shape(tf.numpy_function(order, [], tf.int64, stateful=True), [rows])

@@ -283,8 +283,8 @@ def _fit(
     for callback in callbacks:
         if isinstance(callback, RunCallback):
             callback.set_run(fit)
-    # In-memory arrays go to TensorFlow's input pipeline whole (a generator call per batch costs a small model
-    # a sixth of its step); the epoch's order is still the batches' own.
+    # In-memory arrays go to TensorFlow's input pipeline whole (a generator call per batch made a small model's
+    # epoch a third longer); the epoch's order is still the batches' own.
     train_feed, keep_in_step = fit_feed(train)
     validation_feed = None
     if validation is not None:
