@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.data.arrays import chunks, on_disk
+from finetune.data.arrays import chunks, even_batch_size, on_disk, predict_in_steady_batches
 
 # Keras clips probabilities by this epsilon in its cross-entropy.
 _EPSILON = 1e-7
@@ -74,17 +74,22 @@ def predict_views(model, images, batch_size: int, tta: Sequence[str] = ()) -> np
 
 def predict_view(model, images, batch_size: int, view: str = "none") -> np.ndarray:
     """Class probabilities of ``images`` as they are (``none``) or mirrored left to right (``flip``)."""
-    if view == "flip":
-        parts = [model.predict(chunk[:, :, ::-1], batch_size=batch_size, verbose=0) for chunk in chunks(images, 4096)]
-        return np.concatenate(parts).astype(np.float64)
-    if view != "none":
+    if view not in ("none", "flip"):
         raise ValueError(f"unknown test-time view {view!r}")
-    if on_disk(images):  # read a batch at a time rather than copying the file into one tensor
+    if view == "none" and on_disk(images):  # read a batch at a time rather than copying the file into one tensor
         # Imported here: only a memory-mapped test split needs batched reads.
         from finetune.data.batches import FileBatches
 
         return np.asarray(model.predict(FileBatches(images, batch_size=batch_size), verbose=0), dtype=np.float64)
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
+    # One batch shape for every view and chunk: the model is traced once, not again for a last short batch.
+    steady = even_batch_size(len(images), batch_size)
+    if view == "none":
+        return np.asarray(predict_in_steady_batches(model, images, steady), dtype=np.float64)
+    parts = [
+        predict_in_steady_batches(model, chunk[:, :, ::-1], steady)
+        for chunk in chunks(images, steady * max(1, 4096 // steady))
+    ]
+    return np.concatenate(parts).astype(np.float64)
 
 
 def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, class_names) -> dict:

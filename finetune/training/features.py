@@ -32,6 +32,7 @@ import numpy as np
 from finetune import progress
 from finetune.backbones.spec import BackboneLayout
 from finetune.catalog.augment import augmentation_layers
+from finetune.data.arrays import even_batch_size, predict_in_steady_batches
 from finetune.errors import RecipeError
 from finetune.progress import StageTimes
 from finetune.recipe import PhaseConfig, TrainingConfig
@@ -108,10 +109,12 @@ def extract(
             )
         else:
             arrays.append(np.empty(shape, dtype=dtype))
-    chunk = max(batch_size, 1024)  # bounds what predict holds before it is written out
+    # One batch shape throughout (the last batch padded): the bottom is traced once, not again for a short batch.
+    steady = even_batch_size(rows, batch_size)
+    chunk = steady * max(1, 1024 // steady)  # bounds what predict holds before it is written out
     for start in range(0, rows, chunk):
-        block = [array[start : start + chunk] for array in inputs]
-        produced = _as_list(bottom.predict(block if len(block) > 1 else block[0], batch_size=batch_size, verbose=0))
+        block = [np.asarray(array[start : start + chunk]) for array in inputs]
+        produced = _as_list(predict_in_steady_batches(bottom, block, steady))
         for array, values in zip(arrays, produced, strict=True):
             array[start : start + len(values)] = keras.ops.convert_to_numpy(values).astype(dtype, copy=False)
         rows_done(min(start + chunk, rows), rows)
