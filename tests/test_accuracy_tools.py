@@ -317,6 +317,52 @@ def test_augmented_views_cache_k_different_copies_and_plain_validation(tiny_reci
     assert any("3 augmented views" in note for note in notes)
 
 
+def test_an_augmented_copy_is_the_same_whenever_it_is_drawn(tiny_recipe_dict):
+    from finetune.training.checkpoints import seed_generator_states
+    from finetune.training.features import augmented_copy
+
+    _, dataset, model, _ = _augmented_store(tiny_recipe_dict, 2)
+    images = dataset.train.images
+    states = [np.array(state) for state in seed_generator_states(model)]
+    first = augmented_copy(model, images, 32, view=0)
+    other = augmented_copy(model, images, 32, view=1)
+    again = augmented_copy(model, images, 32, view=0)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other) and not np.array_equal(first, images)
+    for before, after in zip(states, seed_generator_states(model), strict=True):
+        np.testing.assert_array_equal(before, np.array(after))  # the model's random state goes on as before
+
+
+def test_augmented_views_are_drawn_and_computed_once_for_a_head_and_a_top_block_phase(tiny_recipe_dict, monkeypatch):
+    from finetune.training import features as features_module
+
+    plan, dataset, model, store = _augmented_store(tiny_recipe_dict, 2)
+    real_copy, drawn = features_module.augmented_copy, []
+
+    def counted(*args, **kwargs):
+        drawn.append(kwargs["view"])
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(features_module, "augmented_copy", counted)
+    from finetune.training.phases import configure_phase
+
+    with logged_lines() as notes:
+        configure_phase(model, store.layout, plan.phases[0])
+        head = store.features(model, plan.phases[0], dataset, 32)
+        configure_phase(model, store.layout, plan.phases[1])  # the top blocks train: below them stays frozen
+        top = store.features(model, plan.phases[1], dataset, 32)
+    assert drawn == [0, 1], "each copy is drawn once, for both phases"
+    assert sum("2 augmented views" in note for note in notes) == 1
+    assert any("frozen part reused" in note for note in notes)
+    for features, phase in ((head, plan.phases[0]), (top, plan.phases[1])):
+        bottom = store.plan(model, phase).bottom
+        assert features is not None and len(features.views) == 2
+        for view, computed in enumerate(features.views):
+            expected = bottom.predict(real_copy(model, dataset.train.images, 32, view=view), verbose=0)
+            np.testing.assert_allclose(computed, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(features.validation, bottom.predict(dataset.validation.images, verbose=0), atol=1e-4)
+
+
 def test_view_batches_read_the_next_view_each_epoch():
     from finetune.data.batches import ViewBatches
 

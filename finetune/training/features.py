@@ -124,18 +124,29 @@ def extract(
     return arrays
 
 
-def augmented_copy(model: keras.Model, images: Any, batch_size: int) -> np.ndarray:
+def augmented_copy(model: keras.Model, images: Any, batch_size: int, view: int = 0) -> np.ndarray:
     """``images`` through the model's augmentation layers in training mode, stored again as uint8.
 
-    The copy is held in memory (the stored size of the training images, 47 MB for Fashion-MNIST).
+    Copy ``view`` is drawn from the layers' seeds and ``view`` alone (their random state is set for it and
+    put back after), so a later phase or a resumed run that draws it again gets the same copy. The copy is
+    held in memory (the stored size of the training images, 47 MB for Fashion-MNIST).
     """
     layers = augmentation_layers(model)
+    states = [v for layer in layers for v in layer.variables if v.path.endswith("seed_generator_state")]
+    before = [keras.ops.convert_to_numpy(state) for state in states]
+    for state, value in zip(states, before, strict=True):
+        # [seed, counter]: each draw moves the counter by one; copies start a million draws apart.
+        state.assign(np.array([value[0], (view + 1) * 1_000_000]).astype(value.dtype))
     copies = np.empty(images.shape, dtype=np.uint8)
-    for start in range(0, len(images), max(batch_size, 1024)):
-        x = np.asarray(images[start : start + max(batch_size, 1024)])
-        for layer in layers:
-            x = layer(x, training=True)
-        copies[start : start + len(x)] = np.clip(np.rint(keras.ops.convert_to_numpy(x)), 0, 255).astype(np.uint8)
+    try:
+        for start in range(0, len(images), max(batch_size, 1024)):
+            x = np.asarray(images[start : start + max(batch_size, 1024)])
+            for layer in layers:
+                x = layer(x, training=True)
+            copies[start : start + len(x)] = np.clip(np.rint(keras.ops.convert_to_numpy(x)), 0, 255).astype(np.uint8)
+    finally:
+        for state, value in zip(states, before, strict=True):
+            state.assign(value)
     return copies
 
 
@@ -216,27 +227,32 @@ class FeatureStore:
         cut = self.plan(model, phase)
         if cut is None:
             return None
-        if self._views(model):
-            return self._augmented_features(model, cut, phase, dataset, batch_size)
-        splits = {"train": dataset.train.images}
-        if dataset.validation is not None:
-            splits["validation"] = dataset.validation.images
-        images = sum(len(split) for split in splits.values())
+        views = self._views(model)
         if self.kept is None or not self.kept.frozen <= cut.frozen:
             source = self._lowest_shared_cut(model, phase, cut)
+            images = (max(views, 1) * len(dataset.train)) + (
+                len(dataset.validation) if dataset.validation is not None else 0
+            )
             if source is not cut and self._storage(source.bottom, images) == "off":
                 source = cut
             shared = "" if source is cut else ", kept for the later phases"
+            what = f"frozen part computed for {views} augmented views" if views else "frozen part computed once"
             self.kept, self.splits = None, {}  # what was kept is of no use here: free it first
             kept = self._compute(
                 source.bottom,
-                splits,
+                self._inputs(model, dataset, batch_size, views),
                 phase,
                 batch_size,
                 f"frozen_{phase.name}",
-                f"frozen part computed once ({source.where}{shared})",
+                f"{what} ({source.where}{shared})",
             )
             if kept is None:
+                if views:
+                    raise RecipeError(
+                        f"training.augmented_views: {views} augmented copies of the frozen part's outputs fit "
+                        "neither in memory nor on disk; lower augmented_views, or set it to 0 to run the whole "
+                        "model each step"
+                    )
                 return None
             self.kept, self.kept_from, self.splits = source, phase.name, kept
         elif self.kept.key == cut.key:
@@ -254,35 +270,29 @@ class FeatureStore:
             if derived is None:
                 return None
             own = derived
-        return PhaseFeatures(cut.top, single(own["train"]), single(own["validation"]) if "validation" in own else None)
+        validation = single(own["validation"]) if "validation" in own else None
+        if views:
+            copies = [single(own[f"train_view{index}"]) for index in range(views)]
+            return PhaseFeatures(cut.top, copies[0], validation, views=copies)
+        return PhaseFeatures(cut.top, single(own["train"]), validation)
 
     def _views(self, model: keras.Model) -> int:
         return self.settings.augmented_views if augmentation_layers(model) else 0
 
-    def _augmented_features(
-        self, model: keras.Model, cut: CutModels, phase: PhaseConfig, dataset: Any, batch_size: int
-    ) -> PhaseFeatures:
-        """The frozen part's outputs for K augmented copies of the training images, and the plain validation ones."""
-        views = self._views(model)
-        splits = {
-            f"train_view{index}": augmented_copy(model, dataset.train.images, batch_size) for index in range(views)
-        }
+    @staticmethod
+    def _inputs(model: keras.Model, dataset: Any, batch_size: int, views: int) -> dict:
+        """The images the frozen part sees: the training images (or ``views`` augmented copies of them; the
+        same copies whichever phase draws them) and the validation images, never augmented."""
+        if views:
+            splits = {
+                f"train_view{index}": augmented_copy(model, dataset.train.images, batch_size, view=index)
+                for index in range(views)
+            }
+        else:
+            splits = {"train": dataset.train.images}
         if dataset.validation is not None:
             splits["validation"] = dataset.validation.images
-        computed = self._compute(
-            cut.bottom, splits, phase, batch_size, phase.name, f"frozen part computed for {views} augmented views"
-        )
-        if computed is None:
-            raise RecipeError(
-                f"training.augmented_views: {views} augmented copies of the frozen part's outputs fit neither in "
-                "memory nor on disk; lower augmented_views, or set it to 0 to run the whole model each step"
-            )
-        return PhaseFeatures(
-            cut.top,
-            single(computed["train_view0"]),
-            single(computed["validation"]) if "validation" in computed else None,
-            views=[single(computed[f"train_view{index}"]) for index in range(views)],
-        )
+        return splits
 
     def close(self) -> None:
         """Forget what is kept and delete temporary files."""
