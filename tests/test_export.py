@@ -197,6 +197,23 @@ def test_an_artifact_that_disagrees_fails_in_one_line_and_is_not_kept(run_copy, 
     assert not (run_copy / "model.onnx").exists()
 
 
+def test_the_evaluations_answers_are_the_checks_reference_where_the_served_model_is_the_model(run_copy):
+    from finetune.export.formats import export_all
+
+    images, class_names = _test_images(32)
+    model = finetune.load_model(run_copy / "model.keras")
+    right = model.predict(images, verbose=0)
+    calls: list = []
+    (run_copy / "right").mkdir()
+    (run_copy / "wrong").mkdir()
+    model.predict = lambda *args, **kwargs: calls.append(1) or right  # type: ignore[method-assign]
+    results = export_all(model, run_copy / "right", ["keras"], "none", class_names, images, reference=right)
+    assert "error" not in results["keras"] and not calls  # the reference given, no prediction of its own
+    wrong = np.roll(right, 1, axis=-1)  # a reference that is not the model's: the check must say so
+    results = export_all(model, run_copy / "wrong", ["keras"], "none", class_names, images, reference=wrong)
+    assert "disagrees with the Keras model" in results["keras"]["error"]
+
+
 def test_tolerances_are_tight_for_float32_and_looser_for_quantized_weights():
     from finetune.export.verify import DYNAMIC_RANGE, FLOAT16, FLOAT32, agreement, check
 

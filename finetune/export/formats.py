@@ -144,6 +144,7 @@ def export_all(
     keep_existing_keras: bool = True,
     calibration: np.ndarray | None = None,
     tflite_io: str = "float32",
+    reference: np.ndarray | None = None,
 ) -> dict[str, dict]:
     """Write each format into ``run_dir``, verified against ``model`` on ``images``; ``labels.txt`` beside them.
 
@@ -155,12 +156,15 @@ def export_all(
     "quantization", "error"}`` instead (nothing is left under its name; see :func:`failures`). An
     existing ``model.keras`` (the run's own) is verified, not rewritten,
     unless ``keep_existing_keras`` is false. ``calibration`` (uint8 training images) and ``tflite_io`` go to
-    an ``int8`` quantization.
+    an ``int8`` quantization. ``reference``: the model's probabilities for ``images`` when the caller has
+    them (the evaluation's); used only where the served model is the model itself.
     """
     run_dir = Path(run_dir)
     images = np.asarray(images)
-    model = for_serving(model)
-    reference = model.predict(images, batch_size=len(images), verbose=0)
+    serving = for_serving(model)
+    if reference is None or serving is not model or len(reference) != len(images):
+        reference = serving.predict(images, batch_size=len(images), verbose=0)
+    model = serving
     half_precision = model.dtype_policy.compute_dtype in ("float16", "bfloat16")  # a mixed precision run
     results: dict[str, dict] = {}
     for name in names:

@@ -151,10 +151,14 @@ def save(
     calibration = None
     if "tflite" in formats and quantization == "int8":  # the activations' ranges, from the training split
         calibration = calibration_sample(dataset.train.images, plan.export.calibration_images, plan.seed)
+    # The evaluation's answers for these images are the model's own unless views or MC passes were averaged:
+    # then no second prediction (and no trace of the model for its batch size) is needed.
+    plain = not plan.evaluation.tta and not plan.evaluation.mc_samples
+    reference = probabilities[: len(images)].astype(np.float32) if plain else None
     with times.stage("export (shared work)"):  # reference predictions, labels.txt; each format on its own
         metrics["export"] = export_all(
             model, folder.path, formats, quantization, dataset.class_names, images,
-            calibration=calibration, tflite_io=plan.export.tflite_io,
+            calibration=calibration, tflite_io=plan.export.tflite_io, reference=reference,
         )  # fmt: skip
         for key, result in metrics["export"].items():
             times.add(f"export {key}", result["seconds"])
