@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.data.arrays import chunks, even_batch_size, on_disk, predict_in_steady_batches
+from finetune.data.arrays import chunks, even_batch_size, predict_in_steady_batches
 
 # Keras clips probabilities by this epsilon in its cross-entropy.
 _EPSILON = 1e-7
@@ -76,12 +76,8 @@ def predict_view(model, images, batch_size: int, view: str = "none") -> np.ndarr
     """Class probabilities of ``images`` as they are (``none``) or mirrored left to right (``flip``)."""
     if view not in ("none", "flip"):
         raise ValueError(f"unknown test-time view {view!r}")
-    if view == "none" and on_disk(images):  # read a batch at a time rather than copying the file into one tensor
-        # Imported here: only a memory-mapped test split needs batched reads.
-        from finetune.data.batches import FileBatches
-
-        return np.asarray(model.predict(FileBatches(images, batch_size=batch_size), verbose=0), dtype=np.float64)
     # One batch shape for every view and chunk: the model is traced once, not again for a last short batch.
+    # A memory-mapped split is read a batch (or a flipped chunk) at a time, never copied whole.
     steady = even_batch_size(len(images), batch_size)
     if view == "none":
         return np.asarray(predict_in_steady_batches(model, images, steady), dtype=np.float64)
