@@ -39,8 +39,8 @@ def test_flagship_recipe_has_head_then_lower_rate_finetune():
     head, tune = recipe.phase("head"), recipe.phase("finetune")
     assert recipe.model.backbone.name == "xception" and recipe.model.backbone.weights == "imagenet"
     assert head.trainable == "none"
-    assert tune.trainable.top_blocks >= 1
-    assert tune.optimizer.learning_rate <= head.optimizer.learning_rate / 10
+    assert tune.trainable.top_blocks >= 1 and not tune.train_bn  # BatchNorm stays in inference mode
+    assert tune.optimizer.learning_rate <= head.optimizer.learning_rate / 5  # the top blocks at a lower rate
 
 
 def test_overrides_address_phases_by_name_and_parse_yaml(tiny_recipe_dict):
