@@ -76,3 +76,20 @@ def test_feature_extraction_traces_the_bottom_once(tmp_path):
     expected = model.predict(images, batch_size=2500, verbose=0)
     for features in extracted:
         np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_under_a_distribution_strategy_is_predicted_through_keras_predict():
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = _model()
+    images = np.random.default_rng(3).random((1000, 4, 3)).astype("float32")
+    calls: list[int] = []
+    original = model.predict_on_batch
+    model.predict_on_batch = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)  # type: ignore[method-assign]
+    got = predict_in_steady_batches(model, images, 32)
+    assert not calls  # Keras's predict, which shards batches over the replicas
+    with strategy.scope():
+        expected = model.predict(images, batch_size=1000, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
