@@ -155,25 +155,34 @@ def predict_in_steady_batches(model: Any, inputs: Any, batch_size: int) -> Any:
     arrays = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
     rows = len(arrays[0])
     size = max(1, min(batch_size, rows))
-    if _distributed(model):  # Keras's predict shards each batch over the replicas; predict_on_batch would not
-        short = -rows % size
-        padded = [np.concatenate([np.asarray(a), np.repeat(np.asarray(a[-1:]), short, axis=0)]) for a in arrays]
-        produced = model.predict(padded if len(padded) > 1 else padded[0], batch_size=size, verbose=0)
-        if isinstance(produced, list | tuple):
-            return [output[:rows] for output in produced]
-        return produced[:rows]
-    parts: list = []
+    if rows == 0 or _distributed(model):  # Keras's predict shards batches over replicas; predict_on_batch would not
+        padded = _padded_to_multiple([np.asarray(array) for array in arrays], size)
+        return _first_rows(model.predict(_one_or_list(padded), batch_size=size, verbose=0), rows)
+    parts = []
     for start in range(0, rows, size):
-        batch = [np.asarray(array[start : start + size]) for array in arrays]
-        short = size - len(batch[0])
-        if short:
-            batch = [np.concatenate([part, np.repeat(part[-1:], short, axis=0)]) for part in batch]
-        produced = model.predict_on_batch(batch if len(batch) > 1 else batch[0])
+        batch = _padded_to_multiple([np.asarray(array[start : start + size]) for array in arrays], size)
+        produced = model.predict_on_batch(_one_or_list(batch))
         parts.append(list(produced) if isinstance(produced, list | tuple) else [produced])
-    if not parts:
-        return model.predict(inputs, verbose=0)  # no rows: Keras's own empty answer
-    outputs = [np.concatenate([np.asarray(part[index]) for part in parts])[:rows] for index in range(len(parts[0]))]
-    return outputs if isinstance(parts[0], list) and len(outputs) > 1 else outputs[0]
+    outputs = [np.concatenate([np.asarray(part[index]) for part in parts]) for index in range(len(parts[0]))]
+    return _first_rows(_one_or_list(outputs), rows)
+
+
+def _padded_to_multiple(arrays: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """Each array with copies of its last row appended up to a multiple of ``size`` rows."""
+    short = -len(arrays[0]) % size
+    if not short:
+        return arrays
+    return [np.concatenate([array, np.repeat(array[-1:], short, axis=0)]) for array in arrays]
+
+
+def _one_or_list(arrays: list) -> Any:
+    return arrays if len(arrays) > 1 else arrays[0]
+
+
+def _first_rows(outputs: Any, rows: int) -> Any:
+    if isinstance(outputs, list | tuple):
+        return [output[:rows] for output in outputs]
+    return outputs[:rows]
 
 
 def _distributed(model: Any) -> bool:
