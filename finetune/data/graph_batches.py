@@ -8,7 +8,14 @@ does. The epoch's row order is still :attr:`FileBatches.order` (drawn from the s
 so a resumed run reads what an uninterrupted one would; :class:`EpochOrder` tells the pipeline which
 epoch Keras begins. Only for the TensorFlow backend (the JAX and torch backends read the
 ``PyDataset``), only for in-memory arrays (a memory-mapped cache is read a batch at a time, never
-copied), and only up to :data:`MAX_COPY_BYTES`: TensorFlow copies the arrays it is given.
+copied), and only up to :data:`MAX_COPY_BYTES`: TensorFlow copies the arrays it is given. Other batches on
+TensorFlow (augmented views, mixed batches, memory-mapped arrays) are read through a generator, as Keras
+would, but in a pipeline finetune sets up itself.
+
+Every pipeline here runs with ``tf.data``'s autotuning off (:func:`steady_options`): on this project's
+2-core CPU, with it on, an epoch or a prediction took either its usual time or far longer at random, the
+longer ones using one core for the same CPU seconds (``scripts/autotune_bench.py``). Nothing here needs
+tuning: batches are gathered in one step and two are kept ready.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from finetune.data.batches import FileBatches
 
 MAX_COPY_BYTES = 2 * 2**30  # above this, a second copy of the arrays costs more than the steps save
 
-__all__ = ["MAX_COPY_BYTES", "EpochOrder", "fit_feed"]
+__all__ = ["MAX_COPY_BYTES", "EpochOrder", "fit_feed", "steady_options"]
 
 
 class EpochOrder(keras.callbacks.Callback):
@@ -36,7 +43,7 @@ class EpochOrder(keras.callbacks.Callback):
         self.batches.go_to_epoch(epoch)
 
 
-def can_read_in_graph(batches: FileBatches) -> bool:
+def can_read_in_graph(batches: keras.utils.PyDataset) -> bool:
     """Plain batches of in-memory arrays, small enough to copy, on the TensorFlow backend."""
     if keras.backend.backend() != "tensorflow" or type(batches) is not FileBatches:
         return False  # views and mixed batches change their arrays or pixels per epoch or batch
@@ -48,15 +55,27 @@ def can_read_in_graph(batches: FileBatches) -> bool:
     return sum(array.nbytes for array in arrays) <= MAX_COPY_BYTES
 
 
-def fit_feed(batches: FileBatches) -> tuple[Any, list[keras.callbacks.Callback]]:
+def steady_options() -> Any:
+    """``tf.data`` options with autotuning off (see the module's docstring for why)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
+
+
+def fit_feed(batches: keras.utils.PyDataset) -> tuple[Any, list[keras.callbacks.Callback]]:
     """What ``fit`` reads for ``batches``, and the callbacks that keep it in step with Keras's epochs.
 
-    A ``tf.data.Dataset`` with the batches' rows, order and weights where :func:`can_read_in_graph`;
-    otherwise the batches themselves and no callback.
+    On TensorFlow, a ``tf.data.Dataset`` with the batches' rows, order and weights: gathered in the graph
+    where :func:`can_read_in_graph`, read through a generator otherwise (any ``PyDataset`` read in one
+    epoch, such as the learning-rate sweep's); on other backends the batches themselves and no callback.
     """
-    if not can_read_in_graph(batches):
+    if keras.backend.backend() != "tensorflow":
         return batches, []
-    import tensorflow as tf  # only on the TensorFlow backend
+    if not can_read_in_graph(batches):
+        return _generated(batches), ([EpochOrder(batches)] if isinstance(batches, FileBatches) else [])
+    import tensorflow as tf
 
     rows = batches.rows
 
@@ -88,4 +107,26 @@ def fit_feed(batches: FileBatches) -> tuple[Any, list[keras.callbacks.Callback]]
     pipeline = tf.data.Dataset.from_tensors(0).map(epoch_rows).flat_map(in_batches)
     # Known length: Keras then runs each epoch's steps without waiting for the pipeline's end.
     pipeline = pipeline.map(gather).apply(tf.data.experimental.assert_cardinality(count)).prefetch(2)
-    return pipeline, [EpochOrder(batches)]
+    return pipeline.with_options(steady_options()), [EpochOrder(batches)]
+
+
+def _generated(batches: keras.utils.PyDataset) -> Any:
+    """The batches of the epoch :class:`EpochOrder` moved them to, read one call at a time, as Keras would."""
+    import tensorflow as tf
+
+    def spec(value: Any) -> Any:  # any batch length: the last batch may be short
+        if isinstance(value, (tuple, list)):
+            return tuple(spec(part) for part in value)
+        array = np.asarray(value)
+        return tf.TensorSpec((None, *array.shape[1:]), tf.as_dtype(array.dtype))
+
+    def as_tuples(value: Any) -> Any:  # the structure the signature names
+        return tuple(as_tuples(part) for part in value) if isinstance(value, (tuple, list)) else value
+
+    def epoch() -> Any:
+        for index in range(len(batches)):
+            yield as_tuples(batches[index])
+
+    pipeline = tf.data.Dataset.from_generator(epoch, output_signature=spec(batches[0]))
+    pipeline = pipeline.apply(tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
+    return pipeline.with_options(steady_options())

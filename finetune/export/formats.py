@@ -58,7 +58,7 @@ def _predict_keras(path: Path, images: np.ndarray) -> np.ndarray:
     # Imported here, as Keras is: this module's import stays light for the CLI's format checks.
     from finetune.model import load_model
 
-    return for_serving(load_model(path, compile=False)).predict(images, batch_size=len(images), verbose=0)
+    return for_serving(load_model(path, compile=False)).predict_on_batch(images)
 
 
 def _keras_runtime() -> str:
@@ -163,7 +163,7 @@ def export_all(
     images = np.asarray(images)
     serving = for_serving(model)
     if reference is None or serving is not model or len(reference) != len(images):
-        reference = serving.predict(images, batch_size=len(images), verbose=0)
+        reference = serving.predict_on_batch(images)  # one batch: no input pipeline
     model = serving
     half_precision = model.dtype_policy.compute_dtype in ("float16", "bfloat16")  # a mixed precision run
     results: dict[str, dict] = {}

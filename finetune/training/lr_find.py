@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from finetune.data.batches import FileBatches
+from finetune.data.graph_batches import fit_feed
 from finetune.recipe import PhaseConfig
 from finetune.training.context import RunContext
 from finetune.training.features import FeatureStore
@@ -212,7 +213,8 @@ def sweep(
     rates = sweep_rates(settings.start, settings.end, settings.steps)
     recorder = LRSweep(rates, data.sizes, settings.smoothing, settings.stop_factor)
     try:
-        model.fit(data, epochs=1, shuffle=False, verbose=0, callbacks=[recorder, *(callbacks or [])])
+        feed, _ = fit_feed(data)  # one epoch: no order to keep in step
+        model.fit(feed, epochs=1, shuffle=False, verbose=0, callbacks=[recorder, *(callbacks or [])])
     finally:
         restore.set_weights(weights)
         for variable, value in zip(optimizer.variables, state, strict=True):
