@@ -3,6 +3,7 @@
     python3 scripts/bench.py [--train 2000] [--test 1000] [--sizes 71 96] [--cases head finetune both]
                              [--precisions float32 mixed_bfloat16] [--repeat 3]
     python3 scripts/bench.py --cases whole [--weights XCEPTION_NOTOP.h5] [--repeat 3]
+    python3 scripts/bench.py --cases step [--repeat 3]
 
 For each image size and case, runs the same work twice, one process after the
 other: a baseline written as the Keras transfer-learning guide writes it
@@ -16,7 +17,9 @@ Cases: head (10 epochs, backbone frozen), finetune (top 2 blocks, 5 epochs, from
 the same starting weights), both (head then finetune); whole (alone): the
 head case as two whole processes timed from outside, `finetune run` with its
 default exports against the guide's script, 1,000 training and 2,000 test
-images at 71 px, batch 32, no validation hold-out. Both sides start from
+images at 71 px, batch 32, no validation hold-out; step (alone): finetune's training
+epoch against plain ``model.fit`` on the same arrays and compiled model, for the cached head and the
+quick start's whole-backbone phase (``scripts/step_overhead.py``, --repeat rounds). Both sides start from
 the same Xception weights: random, with BatchNorm statistics calibrated on
 Fashion-MNIST images (no ImageNet weights can be downloaded here), so the
 frozen features carry signal and the accuracies can be compared.
@@ -261,7 +264,8 @@ def main() -> int:
         "--cases",
         nargs="+",
         default=["head", "finetune", "both"],
-        help="head, finetune, both; or whole alone: issue #24's job as two whole processes (--train 1000 --test 2000)",
+        help="head, finetune, both; or whole alone: issue #24's job as two whole processes (--train 1000 --test 2000); "
+        "or step alone: per-step overhead (scripts/step_overhead.py)",
     )
     parser.add_argument(
         "--set",
@@ -308,6 +312,16 @@ def main() -> int:
         print(json.dumps(report))
         return 0
 
+    if args.cases == ["step"]:
+        command = [
+            sys.executable,
+            str(ROOT / "scripts" / "step_overhead.py"),
+            "--rounds",
+            str(args.repeat),
+            "--epochs",
+            "6",
+        ]
+        return subprocess.run([*command, *(f"--set={override}" for override in args.overrides)]).returncode
     whole = args.cases == ["whole"]
     args.train = args.train or (1000 if whole else 2000)
     args.test = args.test or (2000 if whole else 1000)

@@ -13,11 +13,13 @@ first epoch (tracing):
 * ``quickstart``: the quick start's whole-backbone phase on 3,000 training images at 64 px.
 
 For each case and round, finetune's training (``finetune.training.train``, the run's own loop with
-its callbacks) and then plain ``fit_model.fit(x, y, batch_size, shuffle=True, validation_data=...)``
-on the same arrays and the same compiled model, each epoch timed by a callback that does nothing
-per batch (after finetune's own), in wall seconds and in CPU seconds of the whole process (every
-thread; a shared machine's stolen time does not count there, so the CPU ratio is the steadier one).
-Prints the median epoch of each, each round's ratios and their median over the rounds.
+its callbacks), and after each of its epochs one epoch of plain ``fit(x, y, batch_size, shuffle=True,
+validation_data=...)`` on a twin of the model it trains (a copy compiled as the run compiles it) and the
+same inputs as in-memory arrays: the two ways alternate epoch by epoch, so both meet the same state of a
+shared machine (run one after the other, rounds of the same measurement spread from 0.70x to 1.41x).
+Each epoch is timed in wall seconds and in CPU seconds of the whole process (every thread; a shared
+machine's stolen time does not count there). Prints the median epoch of each after the first (tracing),
+each round's ratios and their median over the rounds.
 """
 
 from __future__ import annotations
@@ -58,19 +60,46 @@ class EpochClock:
         self.callback = Callback()
 
 
-def epoch_seconds_plain(fit_model, train_x, train_y, val, batch_size: int, epochs: int) -> EpochClock:
-    clock = EpochClock()
-    fit_model.fit(
-        train_x,
-        train_y,
-        batch_size=batch_size,
-        shuffle=True,
-        epochs=epochs,
-        validation_data=val,
-        callbacks=[clock.callback],
-        verbose=0,
-    )
-    return clock
+class PlainTwin:
+    """A Keras callback's factory: after each of finetune's epochs, one epoch of plain ``fit`` on a twin.
+
+    The twin is a copy of the model finetune's fit trains (the cached top for the head), compiled as the run
+    compiles it, fitted on the same inputs as in-memory arrays. Alternating epoch by epoch, both ways see
+    the same state of a shared, noisy machine; one process after the other, they did not.
+    """
+
+    def __init__(self, ours: EpochClock, train_x, train_y, val, batch_size: int, settings) -> None:
+        import keras
+
+        from finetune.training.phases import compile_model
+
+        self.clock = EpochClock()
+        twin_state: dict = {}
+        plain = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                ours.callback.on_epoch_begin(epoch, logs)
+
+            def on_epoch_end(self, epoch, logs=None):
+                ours.callback.on_epoch_end(epoch, logs)
+                if "model" not in twin_state:
+                    twin = keras.models.clone_model(self.model)
+                    optimizer = type(self.model.optimizer).from_config(self.model.optimizer.get_config())
+                    compile_model(twin, optimizer, settings, self.model.steps_per_execution)
+                    twin_state["model"] = twin
+                twin_state["model"].fit(
+                    train_x,
+                    train_y,
+                    batch_size=batch_size,
+                    shuffle=True,
+                    epochs=1,
+                    validation_data=val,
+                    callbacks=[plain.clock.callback],
+                    verbose=0,
+                )
+
+        self.callback = Callback()
 
 
 def one_case(case: str, epochs: int, extra: list[str]) -> tuple[EpochClock, EpochClock]:
@@ -82,7 +111,6 @@ def one_case(case: str, epochs: int, extra: list[str]) -> tuple[EpochClock, Epoc
     from finetune.plan import resolve
     from finetune.training.context import RunContext
     from finetune.training.features import FeatureStore
-    from finetune.training.phases import fit_inputs
     from finetune.training.train import train
 
     # The recipe's own callbacks (TensorBoard and gradient health included), its progress line on.
@@ -101,20 +129,22 @@ def one_case(case: str, epochs: int, extra: list[str]) -> tuple[EpochClock, Epoc
     model = finetune.build_model(recipe)
     parts = layout(model, plan.model)
     folder = Path(tempfile.mkdtemp(prefix="step-overhead-"))
+    # The same inputs as in-memory arrays: the cached top's features for the head, the images otherwise.
+    store = FeatureStore([phase], plan.training, parts)
+    cached = store.features(model, phase, dataset, plan.training.batch_size_for(phase))
+    train_x = np.array(cached.train if cached is not None else dataset.train.images)
+    val_x = (
+        None if dataset.validation is None else (cached.validation if cached is not None else dataset.validation.images)
+    )
+    val = None if val_x is None else (np.array(val_x), dataset.validation.labels)
+    store.close()
     ours = EpochClock()  # told of each epoch after finetune's own callbacks
+    plain = PlainTwin(ours, train_x, dataset.train.labels, val, plan.training.batch_size_for(phase), plan.training)
     run = RunContext(
-        model, parts, dataset, (phase,), plan.training, seed=plan.seed, run_dir=folder, observers=(ours.callback,)
+        model, parts, dataset, (phase,), plan.training, seed=plan.seed, run_dir=folder, observers=(plain.callback,)
     )
     train(run)
-    # The same compiled model (the cached top for the head), on the same inputs as in-memory arrays.
-    store = FeatureStore([phase], plan.training, parts)
-    inputs = fit_inputs(model, phase, dataset, plan.training, store)
-    val = (np.asarray(inputs.val_x), dataset.validation.labels) if dataset.validation is not None else None
-    batch_size = plan.training.batch_size_for(phase)
-    train_x = np.asarray(inputs.train_x)
-    plain = epoch_seconds_plain(inputs.fit_model, train_x, dataset.train.labels, val, batch_size, epochs)
-    store.close()
-    return ours, plain
+    return ours, plain.clock
 
 
 def main() -> int:

@@ -312,3 +312,32 @@ def test_a_phase_that_trains_batch_norm_saves_recalibrated_statistics(tmp_path, 
     after = [np.array(layer.moving_variance) for layer in trainable_batch_norm(saved)]
     for old, new in zip(before, after, strict=True):
         np.testing.assert_allclose(old, new, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorBoard's summaries are TensorFlow's")
+def test_epoch_tensorboard_writes_each_epoch_and_calls_no_summary_per_batch(tmp_path):
+    """Keras's own hook calls ``tf.summary.scalar`` for every log of every batch even at update_freq="epoch"."""
+    import tensorflow.summary as summary  # the module Keras's callback writes through
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from finetune.training.train import EpochTensorBoard
+
+    calls: list[str] = []
+
+    class CountingSummary:
+        def __getattr__(self, name):
+            if name != "scalar":
+                return getattr(summary, name)
+            return lambda tag, *args, **kwargs: calls.append(tag) or summary.scalar(tag, *args, **kwargs)
+
+    board = EpochTensorBoard(log_dir=str(tmp_path), write_graph=False)
+    board._summary_module = CountingSummary()  # Keras's callback looks its summary module up here
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    x, y = np.random.default_rng(0).normal(size=(160, 4)).astype("float32"), np.arange(160) % 3
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[board])
+    assert calls and all(name.startswith("epoch_") for name in calls)  # 20 batches x 2 epochs: none per batch
+    assert len(calls) <= 2 * 4  # loss, accuracy, learning rate (and steps/s) per epoch
+    events = EventAccumulator(str(tmp_path / "train"))
+    events.Reload()
+    assert [event.step for event in events.Tensors("epoch_loss")] == [0, 1]

@@ -147,6 +147,12 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
 
     async_safe = True
 
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        # Keras's hook still calls tf.summary.scalar for every log of every batch, written nowhere at
+        # update_freq="epoch": a fifth of a small head's epoch (scripts/step_overhead.py --case head).
+        if self.update_freq != "epoch" or getattr(self, "_should_trace", False):
+            super().on_train_batch_end(batch, logs)
+
 
 class StopOnNaN(keras.callbacks.Callback):
     """Stops the run at the first step whose loss is NaN or infinite, naming the phase, epoch and step."""
