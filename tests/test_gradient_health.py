@@ -4,6 +4,7 @@ import json
 
 import keras
 import numpy as np
+import pytest
 from conftest import logged_lines
 
 from finetune.training.gradient_health import GradientHealth, layer_gradient_norms
@@ -65,7 +66,10 @@ def test_layer_norms_are_the_norms_of_the_real_gradient():
     def loss(truth, predicted):
         return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(truth, predicted))
 
+    compiled: dict = {}
     norms = layer_gradient_norms(model, x[:8], y[:8], loss)
+    for _ in range(2):  # traced once, then reused: the same norms as the eager computation
+        assert layer_gradient_norms(model, x[:8], y[:8], loss, compiled) == pytest.approx(norms, rel=1e-5)
     # The output layer's bias gradient of softmax cross-entropy is mean(p - onehot): check it by hand.
     probabilities = keras.ops.convert_to_numpy(model(x[:8]))
     bias_gradient = (probabilities - np.eye(2)[y[:8]]).mean(axis=0)
