@@ -457,6 +457,7 @@ def test_mixed_batches_repeat_per_seed_and_change_every_epoch():
     assert not np.array_equal(x, first[0][0])
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_a_phase_trains_on_mixed_batches_and_validates_on_plain_labels(tiny_recipe_dict):
     from conftest import compile_phase, fit
 

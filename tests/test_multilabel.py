@@ -127,7 +127,7 @@ def test_thresholds_maximise_each_tags_validation_f1():
     assert choose_thresholds(scores, np.zeros_like(truth)).tolist() == [DEFAULT_THRESHOLD]
 
 
-def multi_label_recipe(csv_path, epochs=12, formats=("keras",), **data):
+def multi_label_recipe(csv_path, epochs=12, formats=("keras",), learning_rate=3e-3, **data):
     import finetune
 
     return finetune.load_recipe(
@@ -144,7 +144,7 @@ def multi_label_recipe(csv_path, epochs=12, formats=("keras",), **data):
                     "name": "all",
                     "epochs": epochs,
                     "trainable": "all",
-                    "optimizer": {"name": "adam", "learning_rate": 3e-3},
+                    "optimizer": {"name": "adam", "learning_rate": learning_rate},
                 }
             ],
         }
@@ -161,7 +161,9 @@ def tagged_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tags")
     os.environ["FINETUNE_CACHE_DIR"] = str(root / "cache")
     csv_path, truth = make_tagged_csv(root / "images", count=200)
-    recipe = multi_label_recipe(csv_path, formats=("keras", "saved_model"))
+    # At 3e-3 whether brightness is learned in 12 epochs depended on the seed and the batch order (2 of 4
+    # seeds stayed near an F1 of 0.77); at 1e-2 each of 6 seeds reached 1.0.
+    recipe = multi_label_recipe(csv_path, formats=("keras", "saved_model"), learning_rate=1e-2)
     result = finetune.run(recipe, out=root / "run", log=lambda line: None)
     return result, csv_path, truth
 

@@ -68,6 +68,7 @@ def _deterministic():
     tf.config.experimental.enable_op_determinism()
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_a_run_interrupted_in_its_second_phase_resumes_to_the_same_weights(tmp_path, tiny_recipe_dict, monkeypatch):
     """Tolerance: rtol 1e-5, atol 1e-6 on every weight, with TensorFlow's op determinism on.
 
@@ -118,6 +119,7 @@ class SlowStart(keras.callbacks.Callback):
         time.sleep(2)
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_a_kill_during_evaluation_redoes_only_evaluation_and_export(tmp_path, tiny_recipe_dict, monkeypatch):
     """And the run's time counts the first process's training (2 s of sleep in it), not only the resumed one."""
     from finetune.runner import conclude as run_end
@@ -351,6 +353,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_says_
     assert result.test_accuracy >= 0 and len(_rows(tmp_path / "run")) == 3
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_a_kill_during_export_leaves_no_half_saved_model_and_resume_writes_it(tmp_path, tiny_recipe_dict, monkeypatch):
     from finetune.export import saved_model
 

@@ -84,6 +84,7 @@ def test_the_closing_line_and_the_bar_show_every_stage_with_its_share():
     assert "width:85.000%" in html and "head: training: 85.0 s (85.0%)" in html
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_the_command_line_counts_its_start_up(tiny_recipe_dict, tmp_path):
     import yaml
 

@@ -293,6 +293,7 @@ def test_recalibrated_on_one_batch_inference_computes_what_training_mode_compute
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images)), training, atol=2e-3)
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_a_phase_that_trains_batch_norm_saves_recalibrated_statistics(tmp_path, tiny_recipe_dict):
     from finetune.data import load_dataset
     from finetune.plan import resolve

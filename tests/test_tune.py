@@ -58,6 +58,7 @@ def trials_of(out: Path):
     return optuna.load_study(study_name="finetune", storage=f"sqlite:///{out.resolve() / 'study.db'}").get_trials()
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_a_study_runs_its_trials_as_run_folders_and_writes_a_best_recipe_that_validates(files, tmp_path):
     base, space = files
     result = finetune.tune(base, space, out=tmp_path / "study", trials=3, pruner="none", in_process=True)
@@ -142,6 +143,7 @@ def test_a_recipe_without_a_validation_split_is_refused_for_tuning(files, tmp_pa
     assert result.returncode == 2 and "tuning needs a validation split" in result.stderr
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_the_seed_makes_the_sampled_values_repeat(files, tmp_path):
     base, space = files
     for name in ("a", "b"):
@@ -178,6 +180,7 @@ def test_only_the_last_phase_is_reported_to_the_pruner(files, tmp_path):
     assert trial.intermediate_values == {1: float(rows[1]["val_accuracy"]), 2: float(rows[2]["val_accuracy"])}
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_a_conditional_key_is_sampled_only_in_trials_where_its_condition_holds(files, tmp_path):
     base, space = files
     space.write_text(
@@ -211,6 +214,7 @@ def test_a_conditional_key_is_sampled_only_in_trials_where_its_condition_holds(f
     assert seen == {True, False}  # both branches ran: the checks above mean something
 
 
+@pytest.mark.slow  # an end-to-end run: moved out of the fast suite (kept under 10 minutes)
 def test_by_default_each_trial_runs_in_a_process_of_its_own_and_reports_through_the_storage(files, tmp_path):
     base, space = files
     result = finetune.tune(base, space, out=tmp_path / "s", trials=2, pruner="none")
