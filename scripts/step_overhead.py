@@ -74,7 +74,7 @@ class PlainTwin:
         from finetune.training.phases import compile_model
 
         self.clock = EpochClock()
-        twin_state: dict = {}
+        self.twin: keras.Model | None = None  # made at finetune's first epoch end, from the model it fits
         plain = self
 
         class Callback(keras.callbacks.Callback):
@@ -83,12 +83,11 @@ class PlainTwin:
 
             def on_epoch_end(self, epoch, logs=None):
                 ours.callback.on_epoch_end(epoch, logs)
-                if "model" not in twin_state:
-                    twin = keras.models.clone_model(self.model)
+                if plain.twin is None:
+                    plain.twin = keras.models.clone_model(self.model)
                     optimizer = type(self.model.optimizer).from_config(self.model.optimizer.get_config())
-                    compile_model(twin, optimizer, settings, self.model.steps_per_execution)
-                    twin_state["model"] = twin
-                twin_state["model"].fit(
+                    compile_model(plain.twin, optimizer, settings, self.model.steps_per_execution)
+                plain.twin.fit(
                     train_x,
                     train_y,
                     batch_size=batch_size,

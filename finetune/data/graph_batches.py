@@ -105,9 +105,7 @@ def fit_feed(batches: keras.utils.PyDataset) -> tuple[Any, list[keras.callbacks.
         return tf.data.Dataset.range(count).map(lambda index: order[index * size : (index + 1) * size])
 
     pipeline = tf.data.Dataset.from_tensors(0).map(epoch_rows).flat_map(in_batches)
-    # Known length: Keras then runs each epoch's steps without waiting for the pipeline's end.
-    pipeline = pipeline.map(gather).apply(tf.data.experimental.assert_cardinality(count)).prefetch(2)
-    return pipeline.with_options(steady_options()), [EpochOrder(batches)]
+    return _steady(pipeline.map(gather), count), [EpochOrder(batches)]
 
 
 def _generated(batches: keras.utils.PyDataset) -> Any:
@@ -127,6 +125,13 @@ def _generated(batches: keras.utils.PyDataset) -> Any:
         for index in range(len(batches)):
             yield as_tuples(batches[index])
 
-    pipeline = tf.data.Dataset.from_generator(epoch, output_signature=spec(batches[0]))
-    pipeline = pipeline.apply(tf.data.experimental.assert_cardinality(len(batches))).prefetch(2)
+    return _steady(tf.data.Dataset.from_generator(epoch, output_signature=spec(batches[0])), len(batches))
+
+
+def _steady(pipeline: Any, count: int) -> Any:
+    """``pipeline`` with its length stated, two batches kept ready and no autotuning."""
+    import tensorflow as tf
+
+    # Known length: Keras then runs each epoch's steps without waiting for the pipeline's end.
+    pipeline = pipeline.apply(tf.data.experimental.assert_cardinality(count)).prefetch(2)
     return pipeline.with_options(steady_options())

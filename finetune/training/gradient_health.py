@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,18 +90,19 @@ def layer_gradient_norms(
     return {layer: math.sqrt(total) for layer, total in squares.items()}
 
 
-_PROBES: weakref.WeakKeyDictionary[keras.Model, tuple[list, keras.Model | None]] = weakref.WeakKeyDictionary()
-
-
-def unit_health(model: keras.Model, x: Any) -> dict[str, dict[str, float]]:
+def unit_health(
+    model: keras.Model, x: Any, probe: tuple[list, keras.Model | None] | None = None
+) -> dict[str, dict[str, float]]:
     """For each dense layer on batch ``x``: the share of dead units (zero for every image) and of saturated
-    sigmoid/tanh outputs (within 0.01 of a limit, where the slope is nearly zero)."""
-    if model not in _PROBES:  # built once per model: building it took longer than running it
-        _PROBES[model] = _dense_probe(model)
-    dense, probe = _PROBES[model]
-    if probe is None:
+    sigmoid/tanh outputs (within 0.01 of a limit, where the slope is nearly zero).
+
+    ``probe``: :func:`dense_probe` of ``model``, when the caller keeps it (building it took longer than
+    running it).
+    """
+    dense, probe_model = probe if probe is not None else dense_probe(model)
+    if probe_model is None:
         return {}
-    outputs = probe(x, training=False)
+    outputs = probe_model(x, training=False)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     health = {}
     for layer, output in zip(dense, outputs, strict=True):
@@ -119,7 +119,7 @@ def unit_health(model: keras.Model, x: Any) -> dict[str, dict[str, float]]:
     return health
 
 
-def _dense_probe(model: keras.Model) -> tuple[list, keras.Model | None]:
+def dense_probe(model: keras.Model) -> tuple[list, keras.Model | None]:
     """The model's dense layers and a model from its inputs to their outputs (None: no dense layer)."""
     dense, tensors = [], []
     functional = isinstance(model, keras.Model) and not isinstance(model, keras.Sequential)
@@ -174,7 +174,12 @@ class GradientHealth(RunCallback):
         self.samples: list[dict] = []
         self.warnings: list[str] = []
         self._step = 0
-        self._compiled: dict[int, dict] = {}
+        self._probe: tuple[list, keras.Model | None] | None = None  # both kept for the model Keras fits
+        self._gradients: dict = {}
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        self._probe, self._gradients = None, {}
 
     def set_run(self, fit: PhaseFit) -> None:
         super().set_run(fit)
@@ -212,9 +217,11 @@ class GradientHealth(RunCallback):
                 x,
                 y,
                 lambda truth, predicted: keras.ops.mean(loss(truth, predicted)),
-                self._compiled.setdefault(id(self.model), {}),  # one fit's model and loss
+                self._gradients,
             )
-            health = unit_health(self.model, x)
+            if self._probe is None:
+                self._probe = dense_probe(self.model)
+            health = unit_health(self.model, x, self._probe)
         finally:
             for variable, value in zip(state, saved, strict=True):
                 variable.assign(value)
