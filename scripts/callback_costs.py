@@ -6,8 +6,9 @@ Runs the head phase of ``recipes/quickstart_lite0.yaml`` (EfficientNet-Lite0 at 
 augmentation so the head trains on cached features: 57,000 images, 446 steps per epoch) through
 finetune's own training, with every hook of every callback finetune adds wrapped in a timer. Batch-end
 hooks may run on Keras's callback thread; the time is what the hook itself took wherever it ran. Prints
-each hook's milliseconds per epoch and its number of calls, the costliest first: the part of the
-per-step overhead (``scripts/step_overhead.py``) that is finetune's own Python.
+each hook's milliseconds per epoch, its number of calls and its slowest call (a first call that traces a
+function shows there), the costliest first: the part of the per-step overhead
+(``scripts/step_overhead.py``) that is finetune's own Python.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> int:
 
     spent: dict[str, float] = collections.defaultdict(float)
     calls: collections.Counter[str] = collections.Counter()
+    slowest: dict[str, float] = collections.defaultdict(float)
 
     def timed(callback: keras.callbacks.Callback, hook: str) -> None:
         method = getattr(callback, hook)
@@ -54,8 +56,10 @@ def main() -> int:
             try:
                 return method(*positional, **named)
             finally:
-                spent[name] += time.perf_counter() - began
+                took = time.perf_counter() - began
+                spent[name] += took
                 calls[name] += 1
+                slowest[name] = max(slowest[name], took)
 
         setattr(callback, hook, hook_timed)
 
@@ -83,10 +87,13 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="callback-costs-"))
     run = RunContext(model, layout(model, plan.model), dataset, (phase,), plan.training, seed=plan.seed, run_dir=folder)
     training.train(run)
-    print("| hook | ms per epoch | calls |")
-    print("| --- | --- | --- |")
+    print("| hook | ms per epoch | calls | slowest call, ms | ms per epoch without it |")
+    print("| --- | --- | --- | --- | --- |")
     for name, seconds in sorted(spent.items(), key=lambda item: -item[1]):
-        print(f"| {name} | {seconds / args.epochs * 1000:.1f} | {calls[name]} |")
+        print(
+            f"| {name} | {seconds / args.epochs * 1000:.1f} | {calls[name]} | {slowest[name] * 1000:.1f} "
+            f"| {(seconds - slowest[name]) / args.epochs * 1000:.1f} |"
+        )
     return 0
 
 

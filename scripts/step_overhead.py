@@ -154,12 +154,19 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     rows = []
+    pairs: dict[str, list[tuple[float, float]]] = {case: [] for case in args.case}
     for case in args.case:
         for round_number in range(args.rounds):
             ours, plain = one_case(case, args.epochs, args.overrides)
             # After the first epoch (tracing): the median epoch, in wall seconds and in CPU seconds.
             row = [statistics.median(values[1:]) for values in (ours.wall, plain.wall, ours.cpu, plain.cpu)]
             rows.append((case, round_number + 1, *row))
+            pairs[case] += [
+                (wall / plain_wall, cpu / plain_cpu)
+                for wall, plain_wall, cpu, plain_cpu in list(
+                    zip(ours.wall, plain.wall, ours.cpu, plain.cpu, strict=True)
+                )[1:]
+            ]
             print(
                 f"{case} round {round_number + 1}: wall {row[0]:.2f} against {row[1]:.2f} s/epoch "
                 f"({row[0] / row[1]:.3f}x), "
@@ -182,6 +189,20 @@ def main() -> int:
         print(
             f"{case}: median ratio over {len(ratios)} rounds, wall {statistics.median(r[0] for r in ratios):.3f}x, "
             f"CPU {statistics.median(r[1] for r in ratios):.3f}x"
+        )
+        if len(ratios) > 1:  # how far the mean of the rounds could move: resampled rounds, fixed seed
+            draws = np.random.default_rng(0).choice(np.array(ratios), (10_000, len(ratios))).mean(axis=1)
+            low, high = np.percentile(draws, [2.5, 97.5], axis=0)
+            mean = np.mean(ratios, axis=0)
+            print(
+                f"{case}: mean of the rounds, wall {mean[0]:.3f}x (95% bootstrap interval {low[0]:.3f}-{high[0]:.3f}), "
+                f"CPU {mean[1]:.3f}x ({low[1]:.3f}-{high[1]:.3f})"
+            )
+        wall_q = statistics.quantiles([pair[0] for pair in pairs[case]], n=4)
+        cpu_q = statistics.quantiles([pair[1] for pair in pairs[case]], n=4)
+        print(
+            f"{case}: {len(pairs[case])} epoch pairs pooled, median wall {wall_q[1]:.3f}x "
+            f"(quartiles {wall_q[0]:.3f}-{wall_q[2]:.3f}), CPU {cpu_q[1]:.3f}x ({cpu_q[0]:.3f}-{cpu_q[2]:.3f})"
         )
     return 0
 

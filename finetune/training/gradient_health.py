@@ -36,13 +36,11 @@ VANISHING_RATIO = 1e-4  # lowest layer's norm against the largest layer's
 EXPLODING_NORM = 1e3
 
 
-def layer_gradient_norms(
-    model: keras.Model, x: Any, y: Any, loss_fn: Callable[[Any, Any], Any], compiled: dict | None = None
-) -> dict[str, float]:
+def layer_gradient_norms(model: keras.Model, x: Any, y: Any, loss_fn: Callable[[Any, Any], Any]) -> dict[str, float]:
     """The L2 norm of the loss's gradient over each layer's trainable weights, in the model's layer order.
 
-    ``compiled``: a caller's dict, kept for one model and loss, where TensorFlow's gradient function is
-    traced once and reused (eager, a sample took about 24 ms of a small head's 2 ms steps).
+    Computed eagerly, one way per backend: the reference :class:`HealthSampler`'s traced sample is checked
+    against, and the way a distributed model is sampled.
     """
     variables = list(model.trainable_variables)
     backend = keras.backend.backend()
@@ -60,8 +58,6 @@ def layer_gradient_norms(
             strategy = tf.distribute.get_strategy()
             per_replica = strategy.run(tf.function(replica_gradients), args=(x, y))
             raw = [None if g is None else strategy.experimental_local_results(g)[0] for g in per_replica]
-        elif compiled is not None:
-            raw = compiled.setdefault("tensorflow", tf.function(replica_gradients))(x, y)
         else:
             raw = replica_gradients(x, y)
         gradients = [None if g is None else np.asarray(g) for g in raw]
@@ -82,12 +78,17 @@ def layer_gradient_norms(
         gradients = [None if v.value.grad is None else v.value.grad.detach().cpu().numpy() for v in variables]
     else:  # pragma: no cover - Keras has no other training backend
         return {}
-    squares: dict[str, float] = {}
-    for variable, gradient in zip(variables, gradients, strict=True):
+    squares = [0.0 if g is None else float(np.sum(np.square(g.astype(np.float64)))) for g in gradients]
+    return _per_layer(variables, squares)
+
+
+def _per_layer(variables: list, squares: list[float]) -> dict[str, float]:
+    """Each layer's norm from its variables' sums of squared gradients, in the variables' order."""
+    totals: dict[str, float] = {}
+    for variable, square in zip(variables, squares, strict=True):
         layer = variable.path.rsplit("/", 1)[0]
-        value = 0.0 if gradient is None else float(np.sum(np.square(gradient.astype(np.float64))))
-        squares[layer] = squares.get(layer, 0.0) + value
-    return {layer: math.sqrt(total) for layer, total in squares.items()}
+        totals[layer] = totals.get(layer, 0.0) + float(square)
+    return {layer: math.sqrt(total) for layer, total in totals.items()}
 
 
 def unit_health(
@@ -103,10 +104,15 @@ def unit_health(
     if probe_model is None:
         return {}
     outputs = probe_model(x, training=False)
-    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return _units(dense, _as_list(outputs))
+
+
+def _units(dense: list, outputs: list) -> dict[str, dict[str, float]]:
+    """Dead and saturated shares of each dense layer's outputs on one batch."""
     health = {}
     for layer, output in zip(dense, outputs, strict=True):
-        values = keras.ops.convert_to_numpy(output).astype(np.float64).reshape(len(x), -1)
+        values = keras.ops.convert_to_numpy(output).astype(np.float64)
+        values = values.reshape(len(values), -1)
         activation = getattr(layer.activation, "__name__", "")
         dead = float(np.mean(np.all(values == 0.0, axis=0)))
         if activation == "sigmoid":  # the share of outputs where the slope is nearly zero
@@ -151,6 +157,119 @@ def _side_effect_variables(model: keras.Model) -> list:
     return list({id(variable): variable for variable in found}.values())
 
 
+class HealthSampler:
+    """Gradient norms and unit health of one model on one batch: traced once, then one call per sample.
+
+    A sample calls the model in training mode (for the gradient), which moves BatchNorm statistics and
+    dropout's random state; the sample puts them back, so a run with samples draws what one without them
+    draws. On TensorFlow the whole sample (unit outputs, gradient, its sums of squares, the restore) is
+    one traced call; on JAX a jitted pure function (nothing moves, nothing to restore); on torch and under
+    a tf.distribute strategy, the eager way. For a small head, where a sample every 200 steps was most of
+    what finetune's callbacks add to an epoch, one call halved a sample's time after the first (which
+    traces): ``scripts/callback_costs.py``.
+    """
+
+    def __init__(self, model: keras.Model, loss_fn: Callable[[Any, Any], Any]):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.variables = list(model.trainable_variables)
+        self.dense, self.probe = dense_probe(model)
+        self._traced: Callable | None = None
+
+    def __call__(self, x: Any, y: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """(each layer's gradient norm, each dense layer's dead and saturated shares) on ``(x, y)``."""
+        backend = keras.backend.backend()
+        if not self.variables or backend not in ("tensorflow", "jax") or _distributed():
+            return self._eager(x, y)
+        if self._traced is None:
+            self._traced = self._tensorflow() if backend == "tensorflow" else self._jax()
+        squares, outputs = self._traced(x, y)
+        squares = keras.ops.convert_to_numpy(squares).astype(np.float64)
+        return _per_layer(self.variables, list(squares)), _units(self.dense, list(outputs))
+
+    def _eager(self, x: Any, y: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        state = _side_effect_variables(self.model)
+        saved = [keras.ops.convert_to_numpy(variable) for variable in state]
+        try:
+            units = unit_health(self.model, x, (self.dense, self.probe))
+            return layer_gradient_norms(self.model, x, y, self.loss_fn), units
+        finally:
+            for variable, value in zip(state, saved, strict=True):
+                variable.assign(value)
+
+    def _tensorflow(self) -> Callable:
+        import tensorflow as tf
+
+        model, probe, variables, loss_fn = self.model, self.probe, self.variables, self.loss_fn
+        state = _side_effect_variables(model)
+
+        def sample(x: Any, y: Any) -> tuple[Any, list]:
+            outputs = _as_list(probe(x, training=False)) if probe is not None else []
+            saved = [tf.identity(variable.value) for variable in state]  # read before the call moves them
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            gradients = tape.gradient(loss, variables)
+            squares = tf.stack(
+                [
+                    tf.zeros((), tf.float64)
+                    if gradient is None
+                    else tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(gradient), tf.float64)))
+                    for gradient in gradients
+                ]
+            )
+            for variable, value in zip(state, saved, strict=True):  # after the call: ordered by the graph
+                variable.assign(value)
+            return squares, outputs
+
+        return tf.function(sample)
+
+    def _jax(self) -> Callable:
+        import jax
+        import jax.numpy as jnp
+
+        model, probe, loss_fn = self.model, self.probe, self.loss_fn
+
+        def pure(values: list, x: Any, y: Any) -> tuple[Any, list]:
+            trainable, frozen, probe_trainable, probe_frozen = values
+
+            def loss_of(weights: list) -> Any:
+                outputs, _ = model.stateless_call(weights, frozen, x, training=True)
+                return loss_fn(y, outputs)
+
+            gradients = jax.grad(loss_of)(trainable)
+            squares = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in gradients])
+            if probe is None:
+                return squares, []
+            outputs, _ = probe.stateless_call(probe_trainable, probe_frozen, x, training=False)
+            return squares, _as_list(outputs)
+
+        jitted = jax.jit(pure)
+
+        def sample(x: Any, y: Any) -> tuple[Any, list]:
+            values = [
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+                [] if probe is None else [v.value for v in probe.trainable_variables],
+                [] if probe is None else [v.value for v in probe.non_trainable_variables],
+            ]
+            return jitted(values, x, y)
+
+        return sample
+
+
+def _as_list(outputs: Any) -> list:
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def _distributed() -> bool:
+    """Whether a tf.distribute strategy holds the model's variables (read inside a replica)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context()
+
+
 class GradientHealth(RunCallback):
     """Samples gradient norms and unit health every ``every_steps`` steps; warns once per phase per problem.
 
@@ -174,12 +293,11 @@ class GradientHealth(RunCallback):
         self.samples: list[dict] = []
         self.warnings: list[str] = []
         self._step = 0
-        self._probe: tuple[list, keras.Model | None] | None = None  # both kept for the model Keras fits
-        self._gradients: dict = {}
+        self._sampler: HealthSampler | None = None  # kept for the model Keras fits
 
     def set_model(self, model: keras.Model) -> None:
         super().set_model(model)
-        self._probe, self._gradients = None, {}
+        self._sampler = None
 
     def set_run(self, fit: PhaseFit) -> None:
         super().set_run(fit)
@@ -205,26 +323,11 @@ class GradientHealth(RunCallback):
         else:
             x = inputs[: self.sample_size]
         y = labels[: self.sample_size]
-        loss = self.model.loss
-        loss = keras.losses.get(loss) if isinstance(loss, str) else loss
-        # A call in training mode moves BatchNorm statistics and dropout's random state: the sample
-        # must leave the run as it found it (a resumed run must draw what an uninterrupted one draws).
-        state = _side_effect_variables(self.model)
-        saved = [keras.ops.convert_to_numpy(variable) for variable in state]
-        try:
-            norms = layer_gradient_norms(
-                self.model,
-                x,
-                y,
-                lambda truth, predicted: keras.ops.mean(loss(truth, predicted)),
-                self._gradients,
-            )
-            if self._probe is None:
-                self._probe = dense_probe(self.model)
-            health = unit_health(self.model, x, self._probe)
-        finally:
-            for variable, value in zip(state, saved, strict=True):
-                variable.assign(value)
+        if self._sampler is None:
+            loss = self.model.loss
+            loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+            self._sampler = HealthSampler(self.model, lambda truth, predicted: keras.ops.mean(loss(truth, predicted)))
+        norms, health = self._sampler(x, y)
         self.samples.append({"step": self._step, "norms": norms, "units": health})
         self._check(norms, health)
 
