@@ -304,3 +304,50 @@ def test_tuning_on_validation_macro_f1_logs_it_in_every_trial_and_a_metric_no_ep
     )
     assert refused.returncode == 2 and "--metric 'val_f1': not an epoch log" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+_HOLD_FOLDER = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _held_for(run_dir: Path, seconds: float) -> subprocess.Popen:
+    """A process that holds ``run_dir`` as a run does (its lock) for ``seconds``, then exits."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text('{"status": "running"}')
+    (run_dir / "recipe.yaml").write_text("{}")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_FOLDER, str(run_dir / ".lock"), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_resume_waits_for_a_dying_trial_to_let_go_of_its_folder_and_leaves_a_live_one_running(tmp_path):
+    """A trial's process dies with its study's, a moment later: a resume right after a kill -9 must still
+    mark it failed (it found the folder held and left the trial running for good), but not a trial whose
+    folder a live process keeps holding (a worker that joined the study)."""
+    import optuna
+
+    from finetune.tuning.study import _fail_interrupted
+
+    study = optuna.create_study()
+    dying, live = study.ask(), study.ask()
+    study.ask()  # a third, whose process died before it made a folder
+    holders = []
+    for trial, seconds in ((dying, 1.0), (live, 30.0)):
+        run_dir = tmp_path / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        holders.append(_held_for(run_dir, seconds))
+    try:
+        _fail_interrupted(study, tmp_path, grace_seconds=3.0)
+        states = [trial.state.name for trial in study.get_trials()]
+        assert states == ["FAIL", "RUNNING", "FAIL"], states
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()

@@ -331,18 +331,40 @@ def _best(study):
     return study.best_trial if complete else None
 
 
-def _fail_interrupted(study, out: Path) -> None:
-    """Trials a killed process left ``RUNNING``, whose run folder no process holds, marked failed."""
+def _fail_interrupted(study, out: Path, grace_seconds: float = 10.0) -> None:
+    """Trials a killed process left ``RUNNING``, whose run folder no process holds, marked failed.
+
+    A trial's process dies with the study's, but not in the same instant: a resume started right after a
+    kill -9 found the dying trial still holding its folder and left the trial running for good. A held
+    folder is watched for up to ``grace_seconds``; one a live process keeps holding (a worker that joined
+    the study) is left alone.
+    """
     import optuna
 
     from finetune.runner.folder import RunFolder
 
+    held: dict[int, RunFolder] = {}
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         run_dir = Path(trial.user_attrs.get("run_dir", out / "trials" / f"{trial.number:04d}"))
-        if run_dir.is_dir() and (run_dir / "run.json").is_file() and RunFolder.existing(run_dir).in_use():
-            continue
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        logger.info(f"trial {trial.number} was interrupted: marked failed")
+        folder = RunFolder(run_dir)
+        if run_dir.is_dir() and (run_dir / "run.json").is_file() and folder.in_use():
+            held[trial.number] = folder
+        else:
+            _mark_interrupted(study, trial.number)
+    deadline = time.monotonic() + grace_seconds
+    while held and time.monotonic() < deadline:
+        time.sleep(0.1)
+        for number, folder in list(held.items()):
+            if not folder.in_use():
+                del held[number]
+                _mark_interrupted(study, number)
+
+
+def _mark_interrupted(study, number: int) -> None:
+    import optuna
+
+    study.tell(number, state=optuna.trial.TrialState.FAIL)
+    logger.info(f"trial {number} was interrupted: marked failed")
 
 
 def _conclude(study, settings: TuneSettings, base: Path, out: Path) -> TuneResult:
