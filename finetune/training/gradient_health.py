@@ -228,6 +228,13 @@ class HealthSampler:
         import jax.numpy as jnp
 
         model, probe, loss_fn = self.model, self.probe, self.loss_fn
+        # The variables' values are read at each sample (training moves them); which variables, once.
+        variables = [
+            self.variables,
+            model.non_trainable_variables,
+            [] if probe is None else probe.trainable_variables,
+            [] if probe is None else probe.non_trainable_variables,
+        ]
 
         def pure(values: list, x: Any, y: Any) -> tuple[Any, list]:
             trainable, frozen, probe_trainable, probe_frozen = values
@@ -246,13 +253,7 @@ class HealthSampler:
         jitted = jax.jit(pure)
 
         def sample(x: Any, y: Any) -> tuple[Any, list]:
-            values = [
-                [v.value for v in model.trainable_variables],
-                [v.value for v in model.non_trainable_variables],
-                [] if probe is None else [v.value for v in probe.trainable_variables],
-                [] if probe is None else [v.value for v in probe.non_trainable_variables],
-            ]
-            return jitted(values, x, y)
+            return jitted([[v.value for v in group] for group in variables], x, y)
 
         return sample
 
